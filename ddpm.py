@@ -1,0 +1,215 @@
+"""The diffusion process of Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models".
+
+    diffusion = Diffusion("linear", T=1000, target="eps")
+    loss = diffusion.training_loss(model, x0)                  # Algorithm 1
+    x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
+
+Schedules (linear, cosine), q(x_t | x_0), the training loss (eps / x0 / v targets, MSE / L1), immiscible
+noise assignment, and samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)) with classifier-free guidance.
+`model` is any callable model(x_t, t, y=None) -> prediction; y = -1 is the null label. Images are
+[N, C, H, W] in [-1, 1]; timesteps are integers in [0, T). Depends on torch and scipy only.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+
+def beta_schedule(name, T):
+    """Betas [T] in float64: 'linear' (Ho et al.: 1e-4 to 0.02 at T = 1000, scaled by 1000/T otherwise, as
+    Nichol & Dhariwal do) or 'cosine' (Nichol & Dhariwal 2021, eq. 17, s = 0.008)."""
+    if name == "linear":
+        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    if name == "cosine":
+        s = 0.008
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped to avoid a singular end
+    raise ValueError(f"unknown beta schedule {name!r}; choose 'linear' or 'cosine'")
+
+
+def immiscible_noise(x0, noise):
+    """Li et al. 2024 (arXiv 2406.12303): reorder the batch's noise so that the total L2 distance between
+    each image and its noise is minimal (a linear assignment on the [N, N] distance matrix)."""
+    cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float())
+    _, cols = linear_sum_assignment(cost.cpu().numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
+def spaced_timesteps(T, steps):
+    """`steps` timesteps from T-1 down, evenly spaced ("trailing", Lin et al. 2024), so the first step
+    starts from pure noise: T=1000, steps=4 -> [999, 749, 499, 249]."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+
+class Diffusion:
+    """The fixed forward process and everything derived from it. Per-timestep tensors are computed once in
+    float64 and named after the paper's symbols; `target` is what the network predicts ('eps', 'x0' or
+    'v') and `loss` how it is scored ('mse' or 'l1')."""
+
+    def __init__(self, schedule="linear", T=1000, target="eps", loss="mse"):
+        if target not in ("eps", "x0", "v") or loss not in ("mse", "l1"):
+            raise ValueError(f"target must be eps, x0 or v and loss mse or l1, got {target!r}, {loss!r}")
+        self.schedule, self.T, self.target, self.loss = schedule, T, target, loss
+        self.betas = beta_schedule(schedule, T)
+        self.alphas = 1 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # alpha-bar_t
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t I), eqs. 6-7
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+
+    def to(self, device):
+        """Move the per-timestep tensors to a device (kept in float64 where the device has it)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
+    def config(self):
+        return dict(schedule=self.schedule, T=self.T, target=self.target, loss=self.loss)
+
+    @staticmethod
+    def _at(a, t, x):
+        """a[t] as x's dtype and device, shaped to broadcast over [N, C, H, W]."""
+        return a.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
+
+    # --- the forward process ---------------------------------------------------------------------------
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), eq. 4."""
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
+        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+    def v_target(self, x0, t, noise):
+        """Salimans & Ho 2022: v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0."""
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    # --- training ----------------------------------------------------------------------------------------
+    def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False):
+        """Algorithm 1 (eq. 14 for target 'eps'): a scalar loss averaged over the batch and pixels.
+        t defaults to uniform in [0, T), noise to N(0, I); with `immiscible` the noise is first reassigned
+        to the images, and that reassigned noise is both the input's noise and the regression target."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if immiscible:
+            noise = immiscible_noise(x0, noise)
+        x_t = self.q_sample(x0, t, noise)
+        if self.target == "eps":
+            target = noise
+        elif self.target == "x0":
+            target = x0
+        else:
+            target = self.v_target(x0, t, noise)
+        pred = model(x_t, t, y).float()
+        return F.mse_loss(pred, target) if self.loss == "mse" else F.l1_loss(pred, target)
+
+    # --- the reverse process -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model, x_t, t, y=None, guidance=0.0):
+        """(eps, x0) at x_t, with x0 clipped to [-1, 1] and eps made consistent with it, as in the paper's
+        sampler. Classifier-free guidance (Ho & Salimans 2022, eq. 6) when guidance w != 0:
+        eps = (1 + w) eps(x_t, y) - w eps(x_t, null), with both halves in one batched forward pass."""
+        t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        if guidance:
+            out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)])).float()
+            cond, uncond = out.chunk(2)
+            out = (1 + guidance) * cond - guidance * uncond  # linear, so guiding x0 or v is the same as eps
+        else:
+            out = model(x_t, t, y).float()
+        if self.target == "eps":
+            x0 = self.predict_x0_from_eps(x_t, t, out)
+        elif self.target == "x0":
+            x0 = out
+        else:  # v: x_0 = sqrt(alpha-bar) x_t - sqrt(1 - alpha-bar) v
+            x0 = self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
+        x0 = x0.clamp(-1, 1)
+        return self.predict_eps_from_x0(x_t, t, x0), x0
+
+    def ddpm_loop(self, model, x, y=None, guidance=0.0, variance="beta", generator=None):
+        """Algorithm 2, ancestral sampling over all T steps, yielding (t, x_{t-1}, predicted x_0).
+        sigma_t^2 = beta_t ('beta') or beta-tilde_t ('beta_tilde'); the paper found both similar."""
+        var = self.betas if variance == "beta" else self.posterior_variance
+        for t in range(self.T - 1, -1, -1):
+            _, x0 = self.predict(model, x, t, y, guidance)
+            mean, _ = self.q_posterior_mean_variance(x0, x, t)
+            if t > 0:  # no noise is added at the last step
+                mean = mean + var[t].sqrt().item() * torch.randn(x.shape, generator=generator, device=x.device)
+            x = mean
+            yield t, x, x0
+
+    def ddim_loop(self, model, x, steps=50, eta=0.0, y=None, guidance=0.0, generator=None):
+        """DDIM (Song et al. 2021, eq. 12) on `steps` spaced timesteps; eta=0 is deterministic, eta=1 is
+        DDPM-like. Yields (t, x_prev, predicted x_0)."""
+        ts = spaced_timesteps(self.T, steps)
+        for i, t in enumerate(ts):
+            eps, x0 = self.predict(model, x, t, y, guidance)
+            a_t = self.alphas_cumprod[t].item()
+            a_prev = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            yield t, x, x0
+
+    def dpm_solver_loop(self, model, x, steps=20, y=None, guidance=0.0):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order in the data prediction
+        x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM), and so is the
+        last when steps < 15 (the authors' advice for stability at few steps). Yields (t, x, predicted x_0)."""
+        if steps >= self.T:
+            raise ValueError(f"dpm++ needs fewer steps than T={self.T}, got {steps}")
+        ts = spaced_timesteps(self.T, steps) + [0]
+        alpha = self.sqrt_alphas_cumprod
+        sigma = self.sqrt_one_minus_alphas_cumprod
+        lam = (alpha / sigma).log()
+        x0_prev, h_prev = None, None
+        for i in range(steps):
+            s, t = ts[i], ts[i + 1]
+            _, x0 = self.predict(model, x, s, y, guidance)
+            h = (lam[t] - lam[s]).item()
+            if x0_prev is None or (i == steps - 1 and steps < 15):
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sigma[t] / sigma[s]).item() * x - (alpha[t] * math.expm1(-h)).item() * d
+            x0_prev, h_prev = x0, h
+            yield s, x, x0
+
+    def loop(self, model, x, sampler="ddim", steps=50, eta=0.0, variance="beta", y=None, guidance=0.0, generator=None):
+        """The named sampler's step iterator from x_T = x."""
+        if sampler == "ddpm":
+            return self.ddpm_loop(model, x, y, guidance, variance, generator)
+        if sampler == "ddim":
+            return self.ddim_loop(model, x, steps, eta, y, guidance, generator)
+        if sampler == "dpm++":
+            return self.dpm_solver_loop(model, x, steps, y, guidance)
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
+
+    @torch.no_grad()
+    def sample(self, model, shape, device="cpu", generator=None, **kwargs):
+        """Draw x_T ~ N(0, I) of `shape` and run a sampler (see `loop` for the options) to x_0 in [-1, 1]."""
+        x = torch.randn(shape, generator=generator, device=device)
+        for _, x, _ in self.loop(model, x, generator=generator, **kwargs):
+            pass
+        return x.clamp(-1, 1)

@@ -1,0 +1,508 @@
+"""Train a DDPM (Ho, Jain & Abbeel 2020) on a folder of images, or on the built-in `shapes` dataset.
+
+    python train.py --data shapes --size 32 --model tiny --steps 2000 --out runs/shapes   # CPU, minutes
+    python train.py --data ./images --size 128 --out runs/mine                           # paper network
+    python train.py --out runs/mine --resume --steps 200000                              # continue a run
+    torchrun --nproc_per_node=4 train.py --data ./images --size 128 --batch 128          # data parallel
+
+Everything of a run lands in --out: config.json (give it back with --config to repeat a run), ckpt.pt,
+samples/ (EMA sample grids over time), metrics.jsonl and loss.png. Ctrl-C saves a checkpoint and exits.
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageOps
+
+import ddpm
+import unet
+from sample import DEFAULT_SAMPLER, DEFAULT_STEPS, fastest_precision, load_checkpoint, save_grid
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+FORMAT = 1  # checkpoint format version
+# Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; the CPU presets
+# were chosen by measuring quality per CPU-minute (README, "Choosing the CPU presets").
+PRESET_DEFAULTS = {
+    "paper": dict(lr=2e-4, batch=128, warmup=5000, ema=0.9999),
+    "small": dict(lr=1e-3, batch=64, warmup=200, ema=0.999),
+    "tiny": dict(lr=2e-3, batch=64, warmup=100, ema=0.995),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--data", default="shapes", help="image folder (recursive), or 'shapes' for the built-in dataset")
+    a("--size", default="32", help="image size: 128 or HxW like 64x128 (resize shorter side, centre crop)")
+    a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
+    a("--no-flip", action="store_true", help="disable random horizontal flips")
+    a("--cond", action="store_true", help="class-conditional: labels from first-level subfolder names")
+    a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance (Ho & Salimans)")
+    a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
+    # network and diffusion
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size)")
+    a("--schedule", default="linear", choices=("linear", "cosine"), help="beta schedule")
+    a("--T", type=int, default=1000, help="number of diffusion steps")
+    a("--target", default="eps", choices=("eps", "x0", "v"), help="what the network predicts")
+    a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
+    a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
+    # optimisation (None: the --model preset's value)
+    a("--steps", type=int, default=10000, help="optimizer steps of the whole run")
+    a("--batch", type=int, help="global batch size (over all processes and accumulation)")
+    a("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
+    a("--lr", type=float, help="peak learning rate")
+    a("--warmup", type=int, help="linear learning-rate warm-up steps")
+    a("--cosine", action="store_true", help="cosine-anneal the learning rate to --lr-min after warm-up")
+    a("--lr-min", type=float, default=0.0, help="final learning rate with --cosine")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: Adam, as in the paper)")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (paper: 1.0); 0 disables")
+    a("--ema", type=float, help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+      help="autocast precision; auto: bf16 where it is measured faster than fp32 (README), else fp32")
+    a("--compile", action="store_true", help="torch.compile the network (README: when it pays)")
+    a("--seed", type=int, default=0, help="seed of data order, noise, timesteps and dropout")
+    # run folder
+    a("--out", default="runs/run", help="run folder")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--config", help="a run's config.json; flags given on the command line override it")
+    a("--log-every", type=int, default=50, help="steps between metrics lines")
+    a("--sample-every", type=int, default=1000, help="steps between EMA sample grids (0: only at the end)")
+    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--device", help="cuda, cpu, ... (default: cuda if available)")
+    return p
+
+
+def fail(msg):
+    """A user error: one line on stderr, exit status 2."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_checkpoint(path):
+    try:
+        return load_checkpoint(path)
+    except ValueError as e:
+        fail(str(e))
+
+
+def parse_size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+    except ValueError:
+        fail(f"--size {text!r} is not a size: give 128 or HxW like 64x128")
+    if h < 8 or w < 8:
+        fail(f"--size {text!r} is too small: at least 8")
+    return h, w
+
+
+def parse_args(argv=None):
+    """Flags over a config (--config FILE, or the checkpoint's own with --resume) over the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                base = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--config {args.config}: cannot read it as JSON ({e})")
+    if args.resume:
+        base = read_checkpoint(os.path.join(args.out, "ckpt.pt"))["config"]
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        fail(f"--config {args.config}: unknown settings {', '.join(unknown)}")
+    base = {k: v for k, v in base.items() if k not in ("resume", "config", "out")}
+    parser.set_defaults(**base)
+    args = parser.parse_args(argv)
+    for k, v in PRESET_DEFAULTS[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# --- data ------------------------------------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def make_shapes(n, size, seed=0):
+    """The built-in dataset: one coloured shape per image on a plain background, drawn 4x larger and
+    downsampled for smooth edges. Returns uint8 [n, H, W, 3] and the shape index of each as its label."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
+    for i in range(n):
+        bg = rng.integers(0, 256, 3)
+        fg = (bg + rng.integers(96, 160, 3)) % 256  # keep the shape visible against its background
+        im = Image.new("RGB", (4 * w, 4 * h), tuple(int(c) for c in bg))
+        r = rng.uniform(0.22, 0.4) * 4 * min(h, w)
+        cx, cy = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
+        draw, colour = ImageDraw.Draw(im), tuple(int(c) for c in fg)
+        if labels[i] == 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        elif labels[i] == 1:
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
+        elif labels[i] == 2:
+            draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)], fill=colour)
+        else:
+            t = r * 0.3
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
+            draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
+        images[i] = np.asarray(im.resize((w, h), Image.Resampling.LANCZOS))
+    return images, labels
+
+
+def find_images(root):
+    """Image files under root, recursively and sorted, following symlinked folders but never twice."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirnames.clear()
+            continue
+        seen.add(real)
+        found += [os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    return sorted(found)
+
+
+def load_image(path, size):
+    """One file as uint8 [H, W, 3]: EXIF orientation applied, first frame only, alpha composited on white,
+    resized on the shorter side (Lanczos) and centre-cropped. Returns (array, None) or (None, reason)."""
+    h, w = size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (w, h))  # JPEG: decode at the smallest scale that still covers the size
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: to 8 bits
+                    im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                    rgba = im.convert("RGBA")
+                    im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im.alpha_composite(rgba)
+                im = ImageOps.fit(im.convert("RGB"), (w, h), Image.Resampling.LANCZOS)
+                return np.asarray(im), None
+    except Exception as e:  # any decoder failure is a skipped file, never a crash
+        return None, f"{type(e).__name__}: {e}"
+
+
+def load_folder(root, size, cond):
+    """Decode every image under root once, in parallel: uint8 [N, H, W, 3], labels, class names."""
+    if not os.path.isdir(root):
+        fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
+    paths = find_images(root)
+    if not paths:
+        fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
+    classes = []
+    if cond:
+        rel = [os.path.relpath(p, root).split(os.sep) for p in paths]
+        classes = sorted({r[0] for r in rel if len(r) > 1})
+        if len(classes) < 2:
+            fail(f"--cond: --data {root} needs at least two class subfolders, found {len(classes)}")
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        results = list(pool.map(functools.partial(load_image, size=size), paths))
+    bad = [(p, why) for p, (arr, why) in zip(paths, results) if arr is None]
+    if bad:
+        print(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0][0]} ({bad[0][1]})")
+    keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
+    if not keep:
+        fail(f"--data {root}: none of the {len(paths)} image files could be read")
+    labels = np.zeros(len(keep), np.int64)
+    if cond:
+        index = {c: i for i, c in enumerate(classes)}
+        tops = [os.path.relpath(paths[i], root).split(os.sep) for i in keep]
+        loose = [paths[k] for k, r in zip(keep, tops) if len(r) == 1]
+        if loose:
+            fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
+        labels = np.array([index[r[0]] for r in tops], np.int64)
+    return np.stack([results[i][0] for i in keep]), labels, classes
+
+
+def load_dataset(args, size):
+    """The training images as uint8 [N, C, H, W], labels [N] and class names; decoded once and cached."""
+    if args.data == "shapes":
+        images, labels = make_shapes(8192, size)
+        classes = list(SHAPES)
+    else:
+        root = os.path.abspath(args.data)
+        cache = None
+        if not args.no_cache and os.path.isdir(root):
+            # keyed by every file's name, size and mtime, so a changed folder is noticed
+            stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in find_images(root)]
+            key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
+            cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
+            cache = os.path.join(cache_dir, f"data-{key}.npz")
+        if cache and os.path.exists(cache):
+            with np.load(cache) as f:
+                images, labels, classes = f["images"], f["labels"], list(f["classes"])
+        else:
+            images, labels, classes = load_folder(root, size, args.cond)
+            if cache:
+                os.makedirs(cache_dir, exist_ok=True)
+                tmp = f"{cache}.{os.getpid()}.tmp.npz"
+                np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
+                os.replace(tmp, cache)
+    channels = args.channels or (1 if (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all() else 3)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    images = images[:, :1].contiguous() if channels == 1 else images.contiguous()
+    return images, torch.from_numpy(labels), classes
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step, batch, n, seed):
+    """The global batch of a step: positions [step*batch, (step+1)*batch) in a sequence of per-epoch
+    permutations. A function of the step alone, so resuming (with any number of processes) is exact."""
+    parts, pos, end = [], step * batch, (step + 1) * batch
+    while pos < end:
+        epoch, offset = divmod(pos, n)
+        take = min(n - offset, end - pos)
+        parts.append(epoch_order(n, seed, epoch)[offset:offset + take])
+        pos += take
+    return torch.cat(parts)
+
+
+# --- pictures and logs -----------------------------------------------------------------------------------
+def draw_loss_curve(metrics, path):
+    """loss (log scale) against step as a PNG, drawn with Pillow."""
+    steps = [m["step"] for m in metrics]
+    losses = [math.log10(max(m["loss"], 1e-12)) for m in metrics]
+    if len(steps) < 2:
+        return
+    W, H, L, B = 640, 360, 70, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1
+    sx = lambda s: L + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - L - 20)
+    sy = lambda v: 20 + (hi - v) / (hi - lo) * (H - 20 - B)
+    d.rectangle([L, 20, W - 20, H - B], outline="black")
+    d.line([(sx(s), sy(v)) for s, v in zip(steps, losses)], fill=(31, 119, 180), width=2)
+    for v in (lo, (lo + hi) / 2, hi):
+        d.text((4, sy(v) - 6), f"{10 ** v:.4g}", fill="black")
+    d.text((L, H - B + 6), str(steps[0]), fill="black")
+    d.text((W - 70, H - B + 6), str(steps[-1]), fill="black")
+    d.text((W // 2 - 60, H - 18), "step (loss on a log scale)", fill="black")
+    im.save(path)
+
+
+def format_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- training --------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    size = parse_size(args.size)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if args.batch % (world * args.accum):
+        fail(f"--batch {args.batch} must be divisible by processes x --accum = {world * args.accum}")
+    micro = args.batch // world // args.accum
+
+    # data: every process holds the decoded images and reads its own slice of each global batch
+    if distributed and not master:
+        dist.barrier()  # rank 0 decodes and caches first; the others then read its cache
+    images, labels, classes = load_dataset(args, size)
+    if distributed and master:
+        dist.barrier()
+    channels = images.shape[1]
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+
+    mcfg = unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
+    try:
+        model = unet.UNet(**mcfg).to(device)
+    except ValueError as e:
+        fail(f"--size {args.size}: {e}")
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    precision = fastest_precision(device) if args.precision == "auto" else args.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    start = 0
+    if args.resume:
+        ckpt = read_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["step"]
+        log(f"resumed {ckpt_path} at step {start}")
+    elif master and os.path.exists(ckpt_path):
+        fail(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+    if master:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    metrics = []
+    if master and os.path.exists(metrics_path):  # keep the history up to the checkpoint, drop the rest
+        with open(metrics_path) as f:
+            metrics = [m for m in map(json.loads, f) if m["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+
+    train_model = model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    def state(step):
+        return {"format": FORMAT, "step": step, "config": config, "model_config": mcfg,
+                "diffusion": diffusion.config(), "classes": classes, "model": model.state_dict(),
+                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+
+    def write_grid(step):
+        g = torch.Generator(device).manual_seed(args.seed)
+        n_classes = len(classes) if args.cond else 0
+        y = torch.arange(n_classes, device=device).repeat_interleave(8) if n_classes else None
+        n = len(y) if n_classes else 64
+        with autocast:
+            x = diffusion.sample(ema, (n, channels, *size), device=device, generator=g, sampler=DEFAULT_SAMPLER,
+                                 steps=DEFAULT_STEPS, y=y)
+        save_grid(x, os.path.join(args.out, "samples", f"step_{step:07d}.png"), nrow=8)
+
+    stop = []  # set by Ctrl-C: finish the step in flight, save, exit
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    log(f"{len(images)} images {channels}x{size[0]}x{size[1]}, {len(classes) if args.cond else 'no'} classes | "
+        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
+        f"batch {args.batch} = {world} process(es) x {args.accum} accumulation x {micro} | {precision} on {device}")
+    tty = sys.stdout.isatty()
+    t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
+    t_start, step = time.perf_counter(), start
+    for step in range(start, args.steps):
+        # the schedule, data and randomness are functions of the step: resume is exact
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        if args.cosine and step >= args.warmup:
+            lr = args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(args.steps - args.warmup, 1)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
+        idx = batch_indices(step, args.batch, len(images), args.seed)[rank::world]
+        x0 = images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1)
+        if not args.no_flip:
+            flip = torch.rand(len(idx), device=device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        y = None
+        if args.cond:
+            y = labels[idx].to(device, non_blocking=True)
+            y = torch.where(torch.rand(len(idx), device=device) < args.p_uncond, -1, y)
+
+        loss_step = 0.0
+        for k in range(args.accum):
+            part = slice(k * micro, (k + 1) * micro)
+            sync = contextlib.nullcontext() if not distributed or k == args.accum - 1 else train_model.no_sync()
+            with sync, autocast:
+                loss = diffusion.training_loss(train_model, x0[part], None if y is None else y[part], immiscible=args.immiscible)
+            scaler.scale(loss / args.accum).backward()
+            loss_step += loss.item() / args.accum
+        if not math.isfinite(loss_step):
+            good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            print(f"train.py: error: the loss became {loss_step} at step {step}; {good}. "
+                  f"Try a lower --lr or --precision fp32", file=sys.stderr)
+            raise SystemExit(1)
+        scaler.unscale_(opt)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+        loss_sum, n_loss, done = loss_sum + loss_step, n_loss + 1, step + 1
+        if master:
+            now = time.perf_counter()
+            if tty:
+                rate = (done - start) * args.batch / (now - t_start)
+                eta = (args.steps - done) * args.batch / max(rate, 1e-9)
+                print(f"\rstep {done}/{args.steps} | loss {loss_step:.4f} | {rate:.1f} img/s | ETA {format_time(eta)}  ",
+                      end="", flush=True)
+            if done % args.log_every == 0 or done == args.steps:
+                rate = n_loss * args.batch / (now - t_log)
+                m = {"step": done, "loss": loss_sum / n_loss, "lr": lr, "img_per_s": rate,
+                     "elapsed_s": now - t_start}
+                metrics.append(m)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                print(("\r" if tty else "") + f"step {done}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
+                      f"{rate:.1f} img/s | ETA {format_time((args.steps - done) * args.batch / max(rate, 1e-9))}")
+                t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
+            if args.sample_every and done % args.sample_every == 0 and done != args.steps:
+                write_grid(done)
+            if done % args.ckpt_every == 0 and done != args.steps:
+                save_checkpoint(ckpt_path, state(done))
+                draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
+        if distributed:  # every process must see the same Ctrl-C decision
+            flag = torch.tensor([float(len(stop))], device=device)
+            dist.all_reduce(flag)
+            if flag.item() and not stop:
+                stop.append(True)
+        if stop:
+            break
+    done = step + 1 if args.steps > start else start
+    if master:
+        save_checkpoint(ckpt_path, state(done))
+        draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
+        if stop:
+            print(f"\ninterrupted: saved {ckpt_path} at step {done}; continue with --out {args.out} --resume")
+        else:
+            write_grid(done)
+            print(f"done: {ckpt_path} (step {done}), samples in {os.path.join(args.out, 'samples')}")
+    signal.signal(signal.SIGINT, previous_handler)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

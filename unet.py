@@ -1,0 +1,216 @@
+"""The noise-prediction network of Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models".
+
+A U-Net on the PixelCNN++ backbone (Appendix B): ResNet blocks with GroupNorm and a sinusoidal timestep
+embedding added in every block, self-attention at 16x16, dropout, two ResNet blocks per resolution. The
+constructor's defaults are the paper's CIFAR-10 network (35.7M parameters). Weight names follow the
+paper's code as ported by pesser/pytorch_diffusion (`down[i].block[j]`, `mid.attn_1`, `norm_out`).
+
+    model = UNet(in_ch=3, image_size=(32, 32))
+    eps = model(x_t, t)          # x_t [N, C, H, W], t [N] integer timesteps in [0, T)
+    eps = model(x_t, t, y)       # with num_classes > 0: y [N] labels, -1 meaning the null label
+
+Depends on torch only.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Network settings per image size. The paper gives 32x32 (four resolutions, 32 to 4) and 256x256 (six,
+# 256 to 8); between them we follow Nichol & Dhariwal's choices (64: 1,2,3,4; 128: 1,1,2,3,4).
+PAPER_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+
+# Small networks for CPUs; the names are what `train.py --model` accepts.
+PRESETS = {
+    "paper": dict(ch=128, num_res_blocks=2, dropout=0.1),
+    "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1),
+    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0),
+}
+
+
+def model_config(preset, image_size, in_ch, num_classes=0):
+    """The UNet keyword arguments for a preset name at an image size (H, W), as plain Python types."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    if "ch_mult" not in cfg:  # the paper network grows with the image: bottom resolution 4 to 8
+        short = min(image_size)
+        cfg["ch_mult"] = PAPER_CH_MULT[min(PAPER_CH_MULT, key=lambda s: abs(math.log2(s / short)))]
+    cfg.update(in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
+    cfg["ch_mult"] = tuple(cfg["ch_mult"])
+    return cfg
+
+
+def check_size(image_size, ch_mult):
+    """Raise ValueError naming the nearest sizes that work if H or W cannot be halved len(ch_mult)-1 times."""
+    factor = 2 ** (len(ch_mult) - 1)
+    for side in image_size:
+        if side % factor or side < factor:
+            lower, upper = max(factor, side // factor * factor), (side // factor + 1) * factor
+            raise ValueError(f"size {side} is not divisible by {factor} (the network halves it "
+                             f"{len(ch_mult) - 1} times); nearest sizes that work: {lower} or {upper}")
+
+
+def timestep_embedding(t, dim):
+    """Transformer sinusoidal embedding of timesteps, as in the paper's code: t [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def norm(ch):
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and swish; the timestep embedding is added between them."""
+
+    def __init__(self, in_ch, out_ch, temb_ch, dropout):
+        super().__init__()
+        self.norm1 = norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # the paper's three NIN projections q, k, v in one
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # [n, 1, h*w, c], softmax(q k^T / sqrt(c)) v
+        return x + self.proj_out(a.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 convolution, padded on the bottom and right like TensorFlow's 'SAME'."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling followed by a 3x3 convolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Ho et al.'s U-Net. Defaults: the paper's CIFAR-10 model (ch 128, ch_mult 1,2,2,2, two ResNet blocks
+    per level, attention at 16x16, dropout 0.1). `image_size` (H, W) decides where attention goes
+    (levels whose shorter side is in `attn_res`). `num_classes` > 0 adds a class embedding with one extra
+    null row, selected by label -1, for classifier-free guidance."""
+
+    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
+                 image_size=(32, 32), num_classes=0):
+        super().__init__()
+        check_size(image_size, ch_mult)
+        self.ch, self.num_classes = ch, num_classes
+        temb_ch = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.class_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
+
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        skip_chs, block_in, res = [ch], ch, min(image_size)
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout))
+                block_in = ch * mult
+                down.attn.append(AttnBlock(block_in) if res in attn_res else nn.Identity())
+                skip_chs.append(block_in)
+            if level != len(ch_mult) - 1:
+                down.downsample = Downsample(block_in)
+                skip_chs.append(block_in)
+                res //= 2
+            self.down.append(down)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout))
+                block_in = ch * mult
+                up.attn.append(AttnBlock(block_in) if res in attn_res else nn.Identity())
+            if level != 0:
+                up.upsample = Upsample(block_in)
+                res *= 2
+            self.up.insert(0, up)  # stored in resolution order, like the down path
+
+        self.norm_out = norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, in_ch, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self):
+        # The paper's code: Xavier-uniform ("fan_avg") weights, zero biases, and zero-initialised final
+        # convolutions in every residual branch and at the output, so each block starts as the identity.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        nn.init.zeros_(self.conv_out.weight)
+
+    def forward(self, x, t, y=None):
+        """x [N, C, H, W], t [N] integers in [0, T), y [N] labels (-1: null) or None -> eps [N, C, H, W]."""
+        assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        if self.class_emb is not None:
+            y = torch.full_like(t, -1) if y is None else y
+            temb = temb + self.class_emb(torch.where(y < 0, self.num_classes, y))
+
+        hs = [self.conv_in(x)]
+        for down in self.down:
+            for block, attn in zip(down.block, down.attn):
+                hs.append(attn(block(hs[-1], temb)))
+            if hasattr(down, "downsample"):
+                hs.append(down.downsample(hs[-1]))
+
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+
+        for up in reversed(self.up):
+            for block, attn in zip(up.block, up.attn):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+        assert not hs
+        return self.conv_out(F.silu(self.norm_out(h)))
