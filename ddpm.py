@@ -174,26 +174,22 @@ class Diffusion:
 
     def dpm_solver_loop(self, model, x, steps=20, y=None, guidance=0.0):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order in the data prediction
-        x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM), and so is the
-        last when steps < 15 (the authors' advice for stability at few steps). Yields (t, x, predicted x_0)."""
-        if steps >= self.T:
-            raise ValueError(f"dpm++ needs fewer steps than T={self.T}, got {steps}")
-        ts = spaced_timesteps(self.T, steps) + [0]
-        alpha = self.sqrt_alphas_cumprod
-        sigma = self.sqrt_one_minus_alphas_cumprod
+        x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM); the last lands on
+        sigma = 0, where the first-order update is x_0 itself, as in DDIM. Yields (t, x, predicted x_0)."""
+        ts = spaced_timesteps(self.T, steps)
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = (alpha / sigma).log()
         x0_prev, h_prev = None, None
-        for i in range(steps):
-            s, t = ts[i], ts[i + 1]
+        for i, s in enumerate(ts):
             _, x0 = self.predict(model, x, s, y, guidance)
-            h = (lam[t] - lam[s]).item()
-            if x0_prev is None or (i == steps - 1 and steps < 15):
-                d = x0
+            if i == len(ts) - 1:
+                x = x0
             else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (sigma[t] / sigma[s]).item() * x - (alpha[t] * math.expm1(-h)).item() * d
-            x0_prev, h_prev = x0, h
+                t = ts[i + 1]
+                h = (lam[t] - lam[s]).item()
+                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev  # r = h_prev / h
+                x = (sigma[t] / sigma[s]).item() * x - (alpha[t] * math.expm1(-h)).item() * d
+                x0_prev, h_prev = x0, h
             yield s, x, x0
 
     def loop(self, model, x, sampler="ddim", steps=50, eta=0.0, variance="beta", y=None, guidance=0.0, generator=None):

@@ -355,6 +355,7 @@ def main(argv=None):
         images, labels = images.pin_memory(), labels.pin_memory()
 
     mcfg = unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
+    torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
         model = unet.UNet(**mcfg).to(device)
     except ValueError as e:

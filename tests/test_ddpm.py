@@ -1,0 +1,135 @@
+"""The diffusion maths against closed forms, and the samplers against an exact denoiser."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+
+
+def test_linear_alpha_bar_matches_closed_form():
+    d = ddpm.Diffusion("linear", 1000)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    for t in (0, 10, 499, 999):
+        assert d.alphas_cumprod[t].item() == pytest.approx(np.prod(1 - betas[: t + 1]), rel=1e-12)
+    # golden values, the paper's schedule: alpha-bar_999 is ~4.04e-5, so x_T is noise to 0.6% signal
+    assert d.alphas_cumprod[999].item() == pytest.approx(4.0358e-05, rel=1e-4)
+    assert d.betas.dtype == torch.float64
+
+
+def test_cosine_alpha_bar_matches_closed_form():
+    T, s = 1000, 0.008
+    d = ddpm.Diffusion("cosine", T)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (0, 250, 500, 900):  # betas are below the 0.999 clip here, so alpha-bar_t = f(t+1) / f(0)
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert d.betas.max().item() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_posterior_coefficients_are_consistent_with_the_marginals(schedule):
+    d = ddpm.Diffusion(schedule, 1000)
+    ab, ab_prev = d.alphas_cumprod[1:], d.alphas_cumprod_prev[1:]
+    # E[x_{t-1} | x_0] through the posterior must equal sqrt(alpha-bar_{t-1}) x_0 (eqs. 4, 6, 7) ...
+    torch.testing.assert_close(d.posterior_mean_coef1[1:] + d.posterior_mean_coef2[1:] * ab.sqrt(), ab_prev.sqrt())
+    # ... and Var[x_{t-1} | x_0] = coef2^2 (1 - alpha-bar_t) + beta-tilde_t must equal 1 - alpha-bar_{t-1}
+    torch.testing.assert_close(d.posterior_mean_coef2[1:] ** 2 * (1 - ab) + d.posterior_variance[1:], 1 - ab_prev)
+    assert d.posterior_variance[0].item() == 0.0  # x_0 is determined at the last step
+
+
+def test_x0_and_eps_recovered_from_x_t():
+    d = ddpm.Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 500, 999])
+    x_t = d.q_sample(x0, t, eps)
+    torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0)
+    torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps)
+
+
+def test_q_sample_statistics():
+    d = ddpm.Diffusion()
+    x0 = torch.full((200_000,), 0.5, dtype=torch.float64).view(-1, 1, 1, 1)
+    for t in (100, 700):
+        x_t = d.q_sample(x0, torch.full((len(x0),), t), torch.randn_like(x0, generator=None))
+        assert x_t.mean().item() == pytest.approx(0.5 * d.sqrt_alphas_cumprod[t].item(), abs=0.01)
+        assert x_t.std().item() == pytest.approx(d.sqrt_one_minus_alphas_cumprod[t].item(), rel=0.01)
+
+
+def oracle(d, x_star, target="eps"):
+    """The exact denoiser when the data is the single image x_star: x_0 is known, so eps follows from eq. 4."""
+    def model(x_t, t, y=None):
+        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        eps = (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt()
+        return {"eps": eps, "x0": x_star.expand_as(x_t), "v": ab.sqrt() * eps - (1 - ab).sqrt() * x_star}[target]
+    return model
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_training_loss_is_zero_for_the_exact_denoiser(target):
+    d = ddpm.Diffusion(target=target)
+    x_star = torch.rand(1, 1, 8, 8) * 1.6 - 0.8
+    x0 = x_star.expand(6, 1, 8, 8)
+    t = torch.tensor([1, 10, 200, 500, 900, 998])
+    assert d.training_loss(oracle(d, x_star, target), x0, t=t).item() < 1e-6
+    assert d.training_loss(lambda x, t, y=None: torch.zeros_like(x), x0, t=t).item() > 0.05
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 20), ("dpm++", 10), ("dpm++", 2)])
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_samplers_land_on_the_data_with_the_exact_denoiser(sampler, steps, target):
+    d = ddpm.Diffusion(target=target)
+    x_star = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    x = d.sample(oracle(d, x_star, target), (3, 3, 4, 4), sampler=sampler, steps=steps,
+                 generator=torch.Generator().manual_seed(0))
+    assert (x - x_star).abs().max().item() < 1e-4
+
+
+def test_guidance_combines_in_one_forward_pass():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(x))
+        return torch.where((y >= 0).view(-1, 1, 1, 1), 0.4 * torch.ones_like(x), -0.4 * torch.ones_like(x))
+
+    d = ddpm.Diffusion(target="x0")
+    x = torch.zeros(2, 1, 4, 4)
+    _, x0 = d.predict(model, x, 500, y=torch.tensor([0, 1]), guidance=0.25)
+    assert calls == [4]  # one batched call: conditional and null halves together
+    torch.testing.assert_close(x0, torch.full_like(x, (1 + 0.25) * 0.4 - 0.25 * -0.4))
+
+
+def test_immiscible_assignment_is_optimal():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 1, 3, 3, generator=g), torch.randn(6, 1, 3, 3, generator=g)
+    total = lambda n: (x0 - n).flatten(1).norm(dim=1).sum().item()
+    best = min(total(noise[list(p)]) for p in itertools.permutations(range(6)))
+    assigned = ddpm.immiscible_noise(x0, noise)
+    assert total(assigned) == pytest.approx(best, rel=1e-6)
+    assert sorted(map(tuple, assigned.flatten(1).tolist())) == sorted(map(tuple, noise.flatten(1).tolist()))
+
+
+def test_immiscible_noise_is_both_the_input_noise_and_the_target():
+    """With the exact denoiser of each image the loss is zero only if x_t was built from the same
+    reassigned noise that is regressed on; permuting only the input (a known bug) gives a large loss."""
+    d = ddpm.Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 1, 4, 4, generator=g) * 2 - 1
+    t = torch.full((8,), 300)
+
+    def exact(x_t, t, y=None):  # knows each row's x0, so returns exactly the noise inside x_t
+        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    noise = torch.randn(8, 1, 4, 4, generator=g)
+    assert not torch.equal(ddpm.immiscible_noise(x0, noise), noise)  # the assignment does reorder here
+    assert d.training_loss(exact, x0, t=t, noise=noise, immiscible=True).item() < 1e-8
+
+
+def test_spaced_timesteps():
+    assert ddpm.spaced_timesteps(1000, 4) == [999, 749, 499, 249]
+    assert ddpm.spaced_timesteps(1000, 1000) == list(range(999, -1, -1))
+    with pytest.raises(ValueError):
+        ddpm.spaced_timesteps(1000, 0)

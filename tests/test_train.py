@@ -1,0 +1,129 @@
+"""End to end through train.py and sample.py on tiny data, and the errors users see for bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+import sample
+import train
+import unet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--size", "16", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--ckpt-every", "3"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Twelve small RGB images in two class subfolders, one nested deeper, plus a stray text file."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        sub = tmp_path / "imgs" / ("red" if i % 2 else "blue") / ("deep" if i == 3 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    return tmp_path / "imgs"
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_tiny_network_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = unet.UNet(**unet.model_config("tiny", (16, 16), 1))
+    d = ddpm.Diffusion()
+    x0 = torch.rand(8, 1, 16, 16) * 2 - 1
+    t, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 1, 16, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        loss = d.training_loss(model, x0, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(["--data", str(folder), "--out", str(a), "--steps", "6", *TINY])
+    train.main(["--data", str(folder), "--out", str(b), "--steps", "3", *TINY])
+    train.main(["--out", str(b), "--resume", "--steps", "6"])
+    out = capsys.readouterr().out
+    assert "12 images 3x16x16" in out and "resumed" in out
+
+    ca = torch.load(a / "ckpt.pt", weights_only=True)
+    cb = torch.load(b / "ckpt.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):  # 3 + resume + 3 steps is the 6-step run, bit for bit on CPU
+        for name in ca[key]:
+            torch.testing.assert_close(ca[key][name], cb[key][name], rtol=0, atol=1e-6)
+    assert ca["config"]["size"] == "16" and "module." not in "".join(ca["model"])
+
+    metrics = [json.loads(line) for line in open(b / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert (b / "loss.png").exists() and (b / "config.json").exists()
+    assert list((b / "samples").glob("step_*.png"))
+
+    grid = tmp_path / "grid.png"
+    sample.main([str(b / "ckpt.pt"), "--n", "5", "--steps", "3", "--grid", str(grid), "--out-dir", str(tmp_path / "png")])
+    assert Image.open(grid).size == (8 * 18 + 2, 18 + 2)
+    assert len(list((tmp_path / "png").glob("*.png"))) == 5
+
+
+def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "5e-4", *TINY])
+    train.main(["--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--steps", "3"])
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["lr"] == 5e-4 and cfg["steps"] == 3 and cfg["model"] == "tiny"
+
+
+def test_grey_folder_trains_a_one_channel_model(tmp_path):
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    train.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model_config"]["in_ch"] == 1
+
+
+def test_corrupt_image_is_skipped_with_a_count(folder, tmp_path):
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = run("train.py", "--data", folder, "--out", tmp_path / "run", "--steps", "1", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable image file(s)" in r.stdout and "12 images" in r.stdout
+
+
+def one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    for w in words:
+        assert w in line, line
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("train.py", "--data", empty, "--out", tmp_path / "r"), "no images found", str(empty))
+    (empty / "a.txt").write_text("x")
+    one_line_error(run("train.py", "--data", empty, "--out", tmp_path / "r"), "no images found")
+    one_line_error(run("train.py", "--data", tmp_path / "missing", "--out", tmp_path / "r"), "no such folder")
+    one_line_error(run("train.py", "--data", "shapes", "--size", "28", "--out", tmp_path / "r"), "--size", "24 or 32")
+    one_line_error(run("sample.py", tmp_path / "nope.pt"), "no such checkpoint")
+    (tmp_path / "fake.pt").write_bytes(b"this is not a checkpoint")
+    one_line_error(run("sample.py", tmp_path / "fake.pt"), "not a loadable checkpoint")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    one_line_error(run("sample.py", tmp_path / "other.pt"), "not a train.py checkpoint")
+    one_line_error(run("train.py", "--out", tmp_path / "none", "--resume"), "no such checkpoint")
+
+
+def test_unreadable_images_only(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG garbage")
+    one_line_error(run("train.py", "--data", tmp_path, "--out", tmp_path / "r"), "none of the 2 image files")
