@@ -103,6 +103,9 @@ def main(argv=None):
     p.add_argument("--grid", help="grid PNG path (default: samples.png beside the checkpoint)")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p.add_argument("--out-dir", help="also write each image as a PNG in this folder")
+    p.add_argument("--fid", metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
+                   "fid.py statistics .npz; a folder uses its first --n images)")
+    p.add_argument("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32")
@@ -145,6 +148,15 @@ def main(argv=None):
         for i, im in enumerate(to_uint8(x)):
             Image.fromarray(im[..., 0] if channels == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
         print(f"wrote {args.n} PNGs to {args.out_dir}")
+    if args.fid:
+        import fid  # optional: only this flag needs fid.py
+
+        try:
+            value = fid.fid_from_samples(x, args.fid, args.n, weights=args.fid_weights, device=args.device)
+        except fid.FIDError as e:
+            fail(f"--fid: {e}")
+        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {args.sampler}"
+              f"{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed})")
 
 
 if __name__ == "__main__":

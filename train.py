@@ -81,6 +81,7 @@ def build_parser():
     a("--config", help="a run's config.json; flags given on the command line override it")
     a("--log-every", type=int, default=50, help="steps between metrics lines")
     a("--sample-every", type=int, default=1000, help="steps between EMA sample grids (0: only at the end)")
+    a("--sample-n", type=int, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     a("--device", help="cuda, cpu, ... (default: cuda if available)")
     return p
@@ -406,12 +407,13 @@ def main(argv=None):
     def write_grid(step):
         g = torch.Generator(device).manual_seed(args.seed)
         n_classes = len(classes) if args.cond else 0
-        y = torch.arange(n_classes, device=device).repeat_interleave(8) if n_classes else None
-        n = len(y) if n_classes else 64
+        per_class = min(8, args.sample_n)
+        y = torch.arange(n_classes, device=device).repeat_interleave(per_class) if n_classes else None
+        n = len(y) if n_classes else args.sample_n
         with autocast:
             x = diffusion.sample(ema, (n, channels, *size), device=device, generator=g, sampler=DEFAULT_SAMPLER,
                                  steps=DEFAULT_STEPS, y=y)
-        save_grid(x, os.path.join(args.out, "samples", f"step_{step:07d}.png"), nrow=8)
+        save_grid(x, os.path.join(args.out, "samples", f"step_{step:07d}.png"), nrow=per_class if n_classes else 8)
 
     stop = []  # set by Ctrl-C: finish the step in flight, save, exit
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))

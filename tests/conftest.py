@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -12,4 +11,3 @@ sys.path.insert(0, str(ROOT))
 def isolated_cache(tmp_path, monkeypatch):
     """Keep the decoded-image and FID caches out of the user's home folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -15,7 +15,7 @@ import train
 import unet
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "tiny", "--size", "16", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--ckpt-every", "3"]
+TINY = ["--model", "tiny", "--size", "16", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--sample-n", "8", "--ckpt-every", "3"]
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     assert ca["config"]["size"] == "16" and "module." not in "".join(ca["model"])
 
     metrics = [json.loads(line) for line in open(b / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert [m["step"] for m in metrics] == [2, 3, 4, 6]  # the 3-step run logged its last step
     assert (b / "loss.png").exists() and (b / "config.json").exists()
     assert list((b / "samples").glob("step_*.png"))
 
@@ -76,6 +76,12 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     sample.main([str(b / "ckpt.pt"), "--n", "5", "--steps", "3", "--grid", str(grid), "--out-dir", str(tmp_path / "png")])
     assert Image.open(grid).size == (8 * 18 + 2, 18 + 2)
     assert len(list((tmp_path / "png").glob("*.png"))) == 5
+
+    weights = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05.pth"
+    sample.main([str(b / "ckpt.pt"), "--n", "4", "--steps", "2", "--grid", str(grid), "--fid", str(tmp_path / "png"),
+                 "--fid-weights", str(weights)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("FID ") and "(n = 4, dpm++ 2 steps" in line and float(line.split()[1]) > 0
 
 
 def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
