@@ -1,0 +1,588 @@
+"""FID: the Fréchet Inception Distance between two sets of images (Heusel et al. 2017, arXiv:1706.08500).
+
+    python fid.py samples/ data/train/               # FID between two folders of images (searched recursively)
+    python fid.py samples/ train_stats.npz           # ... or against saved statistics (keys mu, sigma)
+    python fid.py data/train/ --save-stats train_stats.npz
+
+The network is the FID variant of Inception-v3, TensorFlow's inception-2015-12-05 graph as pytorch-fid ports
+it, built here by hand so that a weights file in pytorch-fid's key layout loads strictly. The numbers follow
+pytorch-fid's: PIL decoding to RGB, x / 255, bilinear resize to 299x299, scaling to [-1, 1], the 2048-d pool3
+features, float64 statistics and scipy's matrix square root. Statistics files are interchangeable with it.
+
+Folders are searched recursively for .png .jpg .jpeg .webp .bmp .tif .tiff .gif files, in sorted order (--n
+takes the first N). Other files are skipped and counted on stderr; an image file that PIL cannot read is an
+error (exit status 2), because dropping it would silently change n.
+
+Weights come from, in order: `--weights PATH` (or `weights=`), $FID_WEIGHTS, the cache file
+$XDG_CACHE_HOME/ddpm-toolkit/pt_inception-2015-12-05-6726825d.pth (~/.cache if unset), and finally a
+download of pytorch-fid's published file, checked against its sha256 before it is used.
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
+WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
+# sha256 of the file at WEIGHTS_URL (95,628,359 bytes), as pinned by public projects that download it; its
+# first 8 hex digits are the '6726825d' of the file name (torch.hub's naming convention).
+WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
+IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
+STATS_VERSION = 1  # part of the statistics cache key: change it when the preprocessing changes
+
+
+class FIDError(Exception):
+    """A problem the user can fix (a path, a file, a flag); the CLI prints it as one line and exits with 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The network. Attribute names are pytorch-fid's (torchvision's Inception3), so its state dict loads strictly.
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm (TF's eps 0.001; no scale, the weight is all ones), ReLU."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+    @torch.no_grad()
+    def fold_batchnorm(self):
+        """Folds the frozen batch norm into the convolution: the same function with one pass over memory less.
+        Computed in float64, it moves pool3 features by about 1e-5 (the parity tests allow 1e-4)."""
+        bn, conv = self.bn, self.conv
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        conv.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        conv.bias = nn.Parameter((bn.bias.double() - bn.running_mean.double() * scale).float())
+        self.bn = nn.Identity()
+
+
+def avg_pool_3x3(x):
+    # TF averages over the pixels inside the image only, hence count_include_pad=False (torchvision's differs).
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block (Mixed_5b, 5c, 5d): 1x1, 5x5, double 3x3 and pooled branches, concatenated."""
+
+    def __init__(self, in_ch, pool_ch):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
+        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(in_ch, pool_ch, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_3x3(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Reduction 35x35 -> 17x17 (Mixed_6a)."""
+
+    def __init__(self, in_ch):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block (Mixed_6b..6e): 7x7 convolutions factored into 1x7 and 7x1."""
+
+    def __init__(self, in_ch, mid):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
+        self.branch7x7_1 = BasicConv2d(in_ch, mid, 1)
+        self.branch7x7_2 = BasicConv2d(mid, mid, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(mid, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_ch, mid, 1)
+        self.branch7x7dbl_2 = BasicConv2d(mid, mid, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(mid, mid, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(mid, mid, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(mid, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_ch, 192, 1)
+
+    def forward(self, x):
+        dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x),
+                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)),
+                          self.branch_pool(avg_pool_3x3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Reduction 17x17 -> 8x8 (Mixed_7a)."""
+
+    def __init__(self, in_ch):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),
+                          self.branch7x7x3_4(self.branch7x7x3_3(b7)),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block (Mixed_7b, 7c) with 1x3 / 3x1 splits. The TF graph pools by average in Mixed_7b and by
+    maximum in Mixed_7c (`max_pool`), one of the places where it differs from torchvision's Inception-v3."""
+
+    def __init__(self, in_ch, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
+        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_ch, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+                          self.branch_pool(pool)], 1)
+
+
+class FIDInception(nn.Module):
+    """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_ch=32)
+        self.Mixed_5c = InceptionA(256, pool_ch=64)
+        self.Mixed_5d = InceptionA(288, pool_ch=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, mid=128)
+        self.Mixed_6c = InceptionC(768, mid=160)
+        self.Mixed_6d = InceptionC(768, mid=160)
+        self.Mixed_6e = InceptionC(768, mid=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+
+    def forward(self, x):
+        if x.shape[2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        x = 2 * x - 1                                                        # the TF graph's input range
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 147x147
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)                                     # 35x35
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        x = self.Mixed_6a(x)                                                 # 17x17
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # 8x8
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)                        # pool3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+def cache_dir():
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ddpm-toolkit'
+
+
+def find_weights(weights=None):
+    """Path of the weights file: `weights`, else $FID_WEIGHTS, else the cache file, else a verified download.
+    A local file is taken as it is: files with the same tensors but other bytes (a re-saved copy) are fine."""
+    for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS'), 'FID_WEIGHTS')):
+        if path:
+            if not Path(path).is_file():
+                raise FIDError(f'{source} {path}: no such file; give the path of {WEIGHTS_NAME}')
+            return Path(path)
+    cached = cache_dir() / WEIGHTS_NAME
+    if not cached.is_file():
+        download_weights(cached)
+    return cached
+
+
+def download_weights(dest):
+    """Downloads pytorch-fid's weights to a temporary file beside `dest`, checks the sha256, renames into
+    place: an interrupted or altered download never becomes the cache file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=WEIGHTS_NAME, suffix='.part')
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+        if digest.hexdigest() != WEIGHTS_SHA256:
+            raise FIDError(f'{WEIGHTS_URL}: sha256 {digest.hexdigest()} is not the expected {WEIGHTS_SHA256}; '
+                           'the download was deleted')
+        os.replace(tmp, dest)
+    except OSError as e:  # no network, HTTP errors (URLError is an OSError), a full disk
+        raise FIDError(f'no FID weights and the download failed ({e}): put {WEIGHTS_NAME} at {dest}, '
+                       'or set FID_WEIGHTS=PATH, or pass --weights PATH') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_inception(weights=None, device='cpu'):
+    """The FID Inception in eval mode on `device`: float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048].
+    Its batch norms are folded into the convolutions after a strict load, so its own state_dict is no longer
+    in pytorch-fid's layout. The `fc.*` tensors of the file (1008-way logits) are dropped: FID uses pool3."""
+    path = find_weights(weights)
+    model = FIDInception()
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')}, strict=True)
+    except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, missing or misshapen keys)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        raise FIDError(f'{path}: not FID Inception weights in pytorch-fid\'s layout ({reason}); '
+                       f'use {WEIGHTS_NAME} from pytorch-fid') from None
+    for module in model.modules():
+        if isinstance(module, BasicConv2d):
+            module.fold_batchnorm()
+    # channels_last lets oneDNN run the convolutions without reordering each input (1.6x on a 2-core CPU).
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images -> activations
+
+def to_uint8(images):
+    """uint8 [N, H, W, 3] tensor from what `activations` accepts; float [-1, 1] images are quantised the way
+    a PNG writer would, round(clamp((x + 1) / 2, 0, 1) * 255), so in-memory FID equals the saved PNGs' FID."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype == torch.uint8:
+        if images.ndim == 3:                                                 # [N, H, W] grey
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise FIDError(f'uint8 images must be [N, H, W, C] with C 1 or 3, not {list(images.shape)}')
+    elif images.is_floating_point():
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise FIDError(f'float images must be [N, C, H, W] with C 1 or 3, not {list(images.shape)}')
+        images = ((images.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    else:
+        raise FIDError(f'images must be uint8 or float, not {images.dtype}')
+    return images.expand(-1, -1, -1, 3)                                      # grey -> RGB
+
+
+def model_input(images, device):
+    """uint8 [N, H, W, 3] -> float [N, 3, 299, 299] in [0, 1], as pytorch-fid: x / 255, bilinear resize with
+    align_corners=False (it scales to [-1, 1] after resizing; the model does that). The permuted view is
+    already channels_last, the layout the model runs fastest in."""
+    x = images.to(device).permute(0, 3, 1, 2).float() / 255
+    return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+
+
+def read_image(path):
+    """uint8 [H, W, 3]: PIL's decoding converted to RGB (grey replicated, alpha dropped), as pytorch-fid."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert('RGB'))  # a writable copy, as torch.from_numpy wants
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL uses all of these
+        raise FIDError(f'{path}: cannot read this image ({e}); remove or replace it') from None
+
+
+class Progress:
+    """A stderr line per set of images: redrawn in place on a terminal, else one every 30 s and at the end."""
+
+    def __init__(self, label, total, enabled):
+        self.label, self.total, self.enabled, self.done = label, total, enabled, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, count):
+        self.done, now, tty = self.done + count, time.perf_counter(), sys.stderr.isatty()
+        if self.enabled and (tty or self.done == self.total or now - self.last > 30):
+            self.last = now
+            line = f'fid: {self.label}: {self.done}/{self.total} images, {self.done / (now - self.start):.1f} images/s'
+            end = '' if tty and self.done < self.total else '\n'
+            print('\r' + line + '\x1b[K' if tty else line, end=end, file=sys.stderr, flush=True)  # \x1b[K: clear
+
+
+@contextlib.contextmanager
+def float32_convolutions(device):
+    """cuDNN may run float32 convolutions in TF32, about 1e-3 off; FID needs the float32 numbers."""
+    if device.type != 'cuda':
+        yield
+        return
+    saved = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = 'ieee'
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def run_model(model, make_batch, n, batch_size, workers, progress):
+    """Runs the model on images [0, n) in batches; `make_batch(start, stop)` builds each model input in
+    background threads, so decoding and resizing the next batches overlap the network on this one.
+    Returns float32 [n, 2048]."""
+    device = next(model.parameters()).device
+    starts = list(range(0, n, batch_size))
+    outputs = []
+    with ThreadPoolExecutor(workers) as pool, torch.inference_mode(), float32_convolutions(device):
+        pending = [pool.submit(make_batch, s, min(s + batch_size, n)) for s in starts[:workers + 1]]
+        for i in range(len(starts)):
+            x = pending.pop(0).result()
+            if i + workers + 1 < len(starts):
+                s = starts[i + workers + 1]
+                pending.append(pool.submit(make_batch, s, min(s + batch_size, n)))
+            outputs.append(model(x.to(device)).cpu())
+            progress.update(len(x))
+    return torch.cat(outputs).numpy()
+
+
+def activations(images, model, batch_size=50, device=None, progress=False):
+    """pool3 features, float32 [N, 2048], of in-memory images: uint8 [N, H, W, C] or [N, H, W] (numpy or
+    tensor, channels last, like decoded files), or float [N, C, H, W] in [-1, 1] (the toolkit's convention).
+    C is 1 (grey) or 3 (RGB). `device` is where the preprocessing runs (default: the model's device)."""
+    device = device or next(model.parameters()).device
+    if len(images) < 1:
+        raise FIDError('no images')
+
+    def make_batch(start, stop):
+        return model_input(to_uint8(images[start:stop]), device)
+    return run_model(model, make_batch, len(images), batch_size, 1, Progress('images', len(images), progress))
+
+
+def image_files(path, n=None):
+    """(the first n image files under folder `path`, sorted, found recursively by extension; the count of
+    other files, which are skipped), after checking there are at least 2 (for a covariance) and n. A file
+    with an image extension that PIL cannot read is an error later: dropping it would change n."""
+    if not Path(path).is_dir():
+        raise FIDError(f'{path}: no such folder')
+    files = sorted(p for p in Path(path).rglob('*') if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if len(images) < 2:
+        raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}); '
+                       'FID needs at least 2')
+    if n and len(images) < n:
+        raise FIDError(f'{path}: {len(images)} image files, fewer than n = {n}; add images or lower --n')
+    return images[:n], len(files) - len(images)
+
+
+def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False):
+    """pool3 features, float32 [N, 2048], of the first n images (sorted paths) found recursively in `path`.
+    Files are decoded and resized in `workers` background threads while the network runs."""
+    device = device or next(model.parameters()).device
+    files, skipped = image_files(path, n)
+    if skipped and progress:
+        print(f'fid: {path}: skipped {skipped} file(s) without an image extension', file=sys.stderr)
+
+    def make_batch(start, stop):
+        decoded = [torch.from_numpy(read_image(f)) for f in files[start:stop]]
+        if all(d.shape == decoded[0].shape for d in decoded):
+            return model_input(torch.stack(decoded), device)
+        return torch.cat([model_input(d[None], device) for d in decoded])   # mixed sizes: resize one by one
+    return run_model(model, make_batch, len(files), batch_size, workers,
+                     Progress(str(path), len(files), progress))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics and the distance
+
+def statistics(acts):
+    """Mean [D] and covariance [D, D] of activations [N, D], in float64 (np.cov, rowvar=False: N - 1)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    if acts.ndim != 2 or len(acts) < 2:
+        raise FIDError(f'statistics need activations [N >= 2, D], not {list(acts.shape)}')
+    return acts.mean(axis=0), np.cov(acts, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Fréchet distance between
+    N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982), computed as pytorch-fid does."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise FIDError(f'statistics do not match: mu {list(mu1.shape)}, sigma {list(sigma1.shape)} vs '
+                       f'mu {list(mu2.shape)}, sigma {list(sigma2.shape)}')
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # With fewer images than dimensions the product is singular and scipy warns; the checks below
+        # decide whether the root is usable, as pytorch-fid's do.
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(mu1)) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Rounding can leave a tiny imaginary part; a large one means the square root is not trustworthy.
+        imaginary = np.abs(np.diagonal(covmean).imag).max()
+        if imaginary > 1e-3:
+            raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}); '
+                           'use more images')
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def save_stats(path, mu, sigma, n=None):
+    """Writes `path` exactly (np.savez would append .npz) with keys mu, sigma (pytorch-fid's) and n."""
+    with open(path, 'wb') as f:
+        np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
+
+
+def load_stats(path):
+    """(mu, sigma, n or None) from a .npz with keys mu [D] and sigma [D, D] (n is optional)."""
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ('mu', 'sigma') if k not in f.files]
+            if missing:
+                raise FIDError(f'{path}: no {" or ".join(missing)} array; a statistics file needs keys mu and '
+                               'sigma (write one with --save-stats)')
+            mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+            n = int(f['n']) if 'n' in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FIDError(f'{path}: not a readable .npz of statistics ({e})') from None
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise FIDError(f'{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]')
+    return mu, sigma, n
+
+
+def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
+    """(mu, sigma) of a reference: a .npz with keys mu and sigma (n is then ignored), or a folder of images,
+    whose statistics are cached in the cache folder under a key made of the resolved path, the images'
+    names, sizes and modification times and n, so that a changed folder is noticed."""
+    if str(ref).endswith('.npz'):
+        return load_stats(ref)[:2]
+    files, _ = image_files(ref, n)
+    key = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode())
+    for f in files:
+        info = f.stat()
+        key.update(f'{f.relative_to(ref)}\t{info.st_size}\t{info.st_mtime_ns}\n'.encode())
+    cached = cache_dir() / 'fid-stats' / f'{key.hexdigest()[:24]}.npz'
+    if cached.is_file():
+        return load_stats(cached)[:2]
+    mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix('.part')
+    save_stats(tmp, mu, sigma, len(files))
+    os.replace(tmp, cached)  # a reader never sees half a file
+    return mu, sigma
+
+
+def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
+    """FID between the first n of `samples` (float [N, C, H, W] in [-1, 1]) and the reference `ref` (a folder,
+    its first n images, or a .npz of statistics). Loads the network if no `model` is given."""
+    if len(samples) < max(n, 2):
+        raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
+    if model is None:
+        model = load_inception(weights, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    mu1, sigma1 = statistics(activations(samples[:n], model, device=device))
+    mu2, sigma2 = reference_stats(ref, model, n=n, device=device)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='FID between two sets of images (folders, searched recursively, '
+                                     'or .npz statistics with keys mu and sigma), or save one set\'s statistics.')
+    parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
+    parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
+    parser.add_argument('--n', type=int, help='use the first N images of each folder (sorted paths)')
+    parser.add_argument('--batch-size', type=int, default=50, help='images per network call (default 50)')
+    parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
+    parser.add_argument('--weights', metavar='PATH', help=f'the weights file ({WEIGHTS_NAME} from pytorch-fid); '
+                        'default: $FID_WEIGHTS, then the cache folder, then a verified download')
+    parser.add_argument('--workers', type=int, default=1, help='image decoding threads (default 1)')
+    args = parser.parse_args(argv)
+    try:
+        if args.save_stats and len(args.paths) != 1:
+            raise FIDError('--save-stats writes the statistics of one PATH; give exactly one')
+        if not args.save_stats and len(args.paths) != 2:
+            raise FIDError('give two PATHs to compare, or one PATH and --save-stats OUT.npz')
+        for flag, value in (('--n', args.n), ('--batch-size', args.batch_size), ('--workers', args.workers)):
+            if value is not None and value < 1:
+                raise FIDError(f'{flag} {value}: must be at least 1')
+        try:
+            device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        except RuntimeError:
+            raise FIDError(f'--device {args.device}: not a device; use cpu, cuda or cuda:N') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise FIDError(f'--device {args.device}: CUDA is not available here; use --device cpu')
+
+        # Check every input before the slow part, so a typo fails in a second, not after the first folder.
+        inputs = []  # (path, stats): stats is (mu, sigma, n) for a .npz, None for a folder (computed below)
+        for path in args.paths:
+            if not os.path.exists(path):
+                raise FIDError(f'{path}: no such file or folder')
+            if os.path.isdir(path):
+                image_files(path, args.n)
+                inputs.append((path, None))
+            elif path.endswith('.npz'):
+                inputs.append((path, load_stats(path)))
+            else:
+                raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
+        dims = [len(stats[0]) if stats else 2048 for _, stats in inputs]
+        if len(set(dims)) > 1:
+            raise FIDError(f'{args.paths[0]} has {dims[0]}-d statistics but {args.paths[1]} has {dims[1]}-d; '
+                           'compute both with the same network (pool3, 2048-d)')
+
+        model, results = None, []
+        for path, stats in inputs:
+            if stats is None:
+                model = model or load_inception(args.weights, device)
+                acts = folder_activations(path, model, args.n, args.batch_size, device, args.workers, progress=True)
+                stats = (*statistics(acts), len(acts))
+            results.append(stats)
+        if args.save_stats:
+            mu, sigma, n = results[0]
+            save_stats(args.save_stats, mu, sigma, n)
+            print(f'saved statistics of {n} images from {args.paths[0]} to {args.save_stats}')
+            return 0
+        (mu1, sigma1, n1), (mu2, sigma2, n2) = results
+        value = frechet_distance(mu1, sigma1, mu2, sigma2)
+        print(f'FID: {value}  (n = {n1 or "?"} from {args.paths[0]}, {n2 or "?"} from {args.paths[1]})')
+        return 0
+    except FIDError as e:
+        print(f'fid.py: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
