@@ -245,7 +245,7 @@ def load_dataset(args, size):
         cache = None
         if not args.no_cache and os.path.isdir(root):
             # keyed by every file's name, size and mtime, so a changed folder is noticed
-            stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in find_images(root)]
+            stats = [(p, st.st_size, st.st_mtime_ns) for p in find_images(root) for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
             cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
             cache = os.path.join(cache_dir, f"data-{key}.npz")
