@@ -83,6 +83,11 @@ def build_parser():
     a("--sample-every", type=int, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=int, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--fid-every", type=int, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
+      "(0: never; costs --fid-n samples and Inception passes each time)")
+    a("--fid-ref", help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
+    a("--fid-n", type=int, default=1000, help="samples per FID (the reference folder uses as many)")
+    a("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
     a("--device", help="cuda, cpu, ... (default: cuda if available)")
     return p
 
@@ -138,6 +143,7 @@ def parse_args(argv=None):
 
 # --- data ------------------------------------------------------------------------------------------------
 SHAPES = ("circle", "square", "triangle", "cross")
+PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40), (220, 60, 220), (40, 210, 220)])
 
 
 def make_shapes(n, size, seed=0):
@@ -147,8 +153,9 @@ def make_shapes(n, size, seed=0):
     rng = np.random.default_rng(seed)
     images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
     for i in range(n):
-        bg = rng.integers(0, 256, 3)
-        fg = (bg + rng.integers(96, 160, 3)) % 256  # keep the shape visible against its background
+        # a dark background and a bright, saturated shape: high contrast, few colours, learned in minutes
+        bg = rng.integers(0, 70, 3)
+        fg = np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.integers(-25, 26, 3), 0, 255)
         im = Image.new("RGB", (4 * w, 4 * h), tuple(int(c) for c in bg))
         r = rng.uniform(0.22, 0.4) * 4 * min(h, w)
         cx, cy = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
@@ -285,6 +292,7 @@ def batch_indices(step, batch, n, seed):
 # --- pictures and logs -----------------------------------------------------------------------------------
 def draw_loss_curve(metrics, path):
     """loss (log scale) against step as a PNG, drawn with Pillow."""
+    metrics = [m for m in metrics if "loss" in m]  # FID lines have none
     steps = [m["step"] for m in metrics]
     losses = [math.log10(max(m["loss"], 1e-12)) for m in metrics]
     if len(steps) < 2:
@@ -313,13 +321,21 @@ def format_time(seconds):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file, flush it to disk, then rename: a crash, a kill or a full disk never leaves
+    a half-written checkpoint, and the previous one stays loadable until the new one is complete."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1] or type(e).__name__)[:200]
+        kept = f"{path}, the previous checkpoint, is untouched" if os.path.exists(path) else "no checkpoint exists yet"
+        fail(f"could not write the checkpoint {tmp} ({reason}); {kept}. Free disk space, then continue with --resume")
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -369,6 +385,21 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    inception = None
+    if args.fid_every:
+        if not args.fid_ref:
+            fail("--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data")
+        if args.fid_n < 2:
+            fail(f"--fid-n {args.fid_n}: FID needs at least 2 samples")
+        import fid  # optional: only these flags need fid.py
+
+        if master:  # load the meter and the reference statistics (cached) now, so a bad one fails before training
+            try:
+                inception = fid.load_inception(args.fid_weights, device)
+                fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
+            except fid.FIDError as e:
+                fail(f"--fid-ref/--fid-weights: {e}")
+
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     start = 0
@@ -404,16 +435,33 @@ def main(argv=None):
                 "diffusion": diffusion.config(), "classes": classes, "model": model.state_dict(),
                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
 
+    def ema_samples(n, y=None, chunk=256):
+        """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
+        g, out = torch.Generator(device).manual_seed(args.seed), []
+        for i in range(0, n, chunk):
+            yi = None if y is None else y[i:i + chunk]
+            with autocast:
+                out.append(diffusion.sample(ema, (min(chunk, n - i), channels, *size), device=device, generator=g,
+                                            sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, y=yi).float())
+        return torch.cat(out)
+
     def write_grid(step):
-        g = torch.Generator(device).manual_seed(args.seed)
         n_classes = len(classes) if args.cond else 0
         per_class = min(8, args.sample_n)
         y = torch.arange(n_classes, device=device).repeat_interleave(per_class) if n_classes else None
-        n = len(y) if n_classes else args.sample_n
-        with autocast:
-            x = diffusion.sample(ema, (n, channels, *size), device=device, generator=g, sampler=DEFAULT_SAMPLER,
-                                 steps=DEFAULT_STEPS, y=y)
+        x = ema_samples(len(y) if n_classes else args.sample_n, y)
         save_grid(x, os.path.join(args.out, "samples", f"step_{step:07d}.png"), nrow=per_class if n_classes else 8)
+
+    def log_fid(step):
+        # conditional runs are scored on samples of uniformly drawn classes, unguided
+        g = torch.Generator().manual_seed(args.seed)
+        y = torch.randint(len(classes), (args.fid_n,), generator=g).to(device) if args.cond else None
+        value = fid.fid_from_samples(ema_samples(args.fid_n, y), args.fid_ref, args.fid_n, model=inception, device=device)
+        m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps"}
+        metrics.append(m)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
     stop = []  # set by Ctrl-C: finish the step in flight, save, exit
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
@@ -449,14 +497,15 @@ def main(argv=None):
                 loss = diffusion.training_loss(train_model, x0[part], None if y is None else y[part], immiscible=args.immiscible)
             scaler.scale(loss / args.accum).backward()
             loss_step += loss.item() / args.accum
-        if not math.isfinite(loss_step):
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        # stop before a non-finite loss or gradient reaches the weights (fp16: the scaler skips such steps)
+        if not math.isfinite(loss_step) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
             good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            print(f"train.py: error: the loss became {loss_step} at step {step}; {good}. "
+            print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
                   f"Try a lower --lr or --precision fp32", file=sys.stderr)
             raise SystemExit(1)
-        scaler.unscale_(opt)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -483,6 +532,8 @@ def main(argv=None):
                 t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
             if args.sample_every and done % args.sample_every == 0 and done != args.steps:
                 write_grid(done)
+            if args.fid_every and done % args.fid_every == 0:
+                log_fid(done)
             if done % args.ckpt_every == 0 and done != args.steps:
                 save_checkpoint(ckpt_path, state(done))
                 draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))

@@ -3,8 +3,15 @@
     python bench/bench_train.py                       # the default table
     python bench/bench_train.py --runs tiny:fp32:eager paper:fp32:eager --batch 32 --steps 5
 
+    # side by side with diffusers' UNet2DModel built as the same paper network (a separate venv: diffusers
+    # is never a dependency of this toolkit)
+    python -m venv --system-site-packages /tmp/dvenv && /tmp/dvenv/bin/pip install diffusers
+    /tmp/dvenv/bin/python bench/bench_train.py --runs paper:fp32:eager diffusers:fp32:eager
+
 Each configuration runs in a fresh subprocess (so peak RSS is its own): Adam, the eps-MSE loss of
 ddpm.py, batch at 32x32x3, two warm-up steps (compilation happens there), then --steps timed steps.
+A run is NETWORK:PRECISION:MODE with NETWORK a unet.py preset or `diffusers`, PRECISION fp32 or bf16
+(autocast), MODE eager or compile.
 """
 import argparse
 import datetime
@@ -20,15 +27,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def diffusers_paper_unet():
+    """Ho et al.'s CIFAR-10 network in diffusers' terms, as google/ddpm-cifar10-32 configures it."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=2, norm_eps=1e-6, dropout=0.1, flip_sin_to_cos=False, freq_shift=1)
+
+
 def one(preset, precision, mode, batch, steps):
     import torch
     import ddpm
     import unet
     torch.manual_seed(0)
-    model = unet.UNet(**unet.model_config(preset, (32, 32), 3))
+    if preset == "diffusers":
+        model = diffusers_paper_unet()
+        forward = lambda x, t, y=None: model(x, t).sample
+    else:
+        model = unet.UNet(**unet.model_config(preset, (32, 32), 3))
+        forward = model
     diffusion = ddpm.Diffusion()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    net = torch.compile(model) if mode == "compile" else model
+    net = torch.compile(forward) if mode == "compile" else forward
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
     times, losses = [], []
     for i in range(2 + steps):
@@ -41,7 +62,7 @@ def one(preset, precision, mode, batch, steps):
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     timed = sum(times[2:])
-    return {"run": f"{preset}:{precision}:{mode}", "img_per_s": batch * steps / timed, "first_steps_s": times[:2],
+    return {"run": f"{preset}:{precision}:{mode}", "params": sum(p.numel() for p in model.parameters()), "img_per_s": batch * steps / timed, "first_steps_s": times[:2],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batch": batch, "steps": steps}
 
 
@@ -60,15 +81,15 @@ def main():
     import torch
     print(f"# {datetime.date.today()} | {cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads "
           f"{torch.get_num_threads()} | {' '.join(sys.argv)}")
-    print("| run | images/s | peak RSS MB | first two steps (s) |\n|---|---|---|---|")
+    print("| run | parameters | images/s | peak RSS MB | first two steps (s) |\n|---|---|---|---|---|")
     for run in args.runs:
         out = subprocess.run([sys.executable, __file__, "--child", run, "--batch", str(args.batch), "--steps", str(args.steps)],
                              capture_output=True, text=True)
         if out.returncode:
-            print(f"| {run} | failed: {out.stderr.strip().splitlines()[-1]} | | |")
+            print(f"| {run} | failed: {out.stderr.strip().splitlines()[-1]} | | | |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {run} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['first_steps_s'][0]:.1f}, {r['first_steps_s'][1]:.1f} |", flush=True)
+        print(f"| {run} | {r['params']:,} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['first_steps_s'][0]:.1f}, {r['first_steps_s'][1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,26 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     assert line.startswith("FID ") and "(n = 4, dpm++ 2 steps" in line and float(line.split()[1]) > 0
 
 
+def test_fid_during_training_is_logged_with_its_n(folder, tmp_path):
+    weights = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05.pth"
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "4", *TINY,
+                "--fid-every", "2", "--fid-ref", str(folder), "--fid-n", "4", "--fid-weights", str(weights)])
+    metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    fids = [m for m in metrics if "fid" in m]
+    assert [m["step"] for m in fids] == [2, 4] and all(m["fid_n"] == 4 for m in fids)
+    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps"
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
+    assert (tmp_path / "r" / "loss.png").exists()
+
+
+def test_fid_flags_are_checked_before_training(folder, tmp_path):
+    one_line_error(run("train.py", "--data", folder, "--out", tmp_path / "r", "--fid-every", "5", *TINY), "--fid-ref")
+    one_line_error(run("train.py", "--data", folder, "--out", tmp_path / "r", "--fid-every", "5", *TINY,
+                       "--fid-ref", tmp_path / "missing", "--fid-n", "4"), "missing", "no such folder")
+    one_line_error(run("train.py", "--data", folder, "--out", tmp_path / "r", "--fid-every", "5", *TINY,
+                       "--fid-ref", folder, "--fid-n", "100", "--fid-weights", tmp_path / "none.pth"), "none.pth")
+
+
 def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
     train.main(["--data", str(folder), "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "5e-4", *TINY])
     train.main(["--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--steps", "3"])

@@ -1,0 +1,255 @@
+"""Data parallel training with torchrun (2 CPU processes, gloo), faults during training, and bad input."""
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+import train
+from test_train import TINY, folder, one_line_error, run  # noqa: F401  (folder is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- distributed -----------------------------------------------------------------------------------------
+DDP_WORKER = """
+import sys, os, torch
+sys.path.insert(0, {root!r})
+import train, unet
+made = []
+class Recorded(unet.UNet):  # keep a handle on the training network of this process
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        made.append(self)
+unet.UNet = Recorded
+train.main(sys.argv[1:])
+torch.save(made[0].state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(root=str(ROOT), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), "--data", str(folder), "--out", str(out), "--steps", "4", *TINY],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 4 = 2 process(es) x 1 accumulation x 2" in r.stdout
+    assert r.stdout.count("done:") == 1  # rank 0 alone logs and writes
+    rank0, rank1, ckpt = load(out / "rank0.pt"), load(out / "rank1.pt"), load(out / "ckpt.pt")
+    assert ckpt["step"] == 4 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # DDP kept the processes in step
+        assert torch.equal(rank0[name], ckpt["model"][name]), name
+
+    train.main(["--out", str(out), "--resume", "--steps", "6"])  # a different number of processes: one
+    assert load(out / "ckpt.pt")["step"] == 6
+
+
+# --- faults ----------------------------------------------------------------------------------------------
+KILL_WORKER = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+import train
+real_save, calls = torch.save, []
+def slow_save(state, f):  # the second checkpoint: half written, then a hang as on a slow disk
+    calls.append(1)
+    if len(calls) == 1:
+        return real_save(state, f)
+    import io
+    buf = io.BytesIO()
+    real_save(state, buf)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.flush()
+    open({marker!r}, "w").close()
+    time.sleep(120)
+torch.save = slow_save
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(folder, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    worker = tmp_path / "worker.py"
+    worker.write_text(KILL_WORKER.format(root=str(ROOT), marker=str(marker)))
+    proc = subprocess.Popen([sys.executable, str(worker), "--data", str(folder), "--out", str(out), "--steps", "9", *TINY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the worker never reached its second checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert (out / "ckpt.pt.tmp").stat().st_size > 0  # the half-written file is there, and was never renamed
+    assert load(out / "ckpt.pt")["step"] == 3  # TINY saves every 3 steps: the step-3 checkpoint survived
+    train.main(["--out", str(out), "--resume", "--steps", "9"])
+    assert load(out / "ckpt.pt")["step"] == 9 and not (out / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk")
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "3", *TINY])
+    before = (out / "ckpt.pt").read_bytes()
+    os.symlink("/dev/full", out / "ckpt.pt.tmp")  # every write to the next checkpoint fails with ENOSPC
+    r = run("train.py", "--out", out, "--resume", "--steps", "6")
+    one_line_error(r, "No space left on device", "ckpt.pt, the previous checkpoint, is untouched", "--resume")
+    assert (out / "ckpt.pt").read_bytes() == before and not os.path.lexists(out / "ckpt.pt.tmp")
+    train.main(["--out", str(out), "--resume", "--steps", "6"])
+    assert load(out / "ckpt.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoint(folder, tmp_path, monkeypatch, capsys, fault):
+    real, calls = ddpm.Diffusion.training_loss, []
+
+    def faulty(self, model, *a, **k):
+        loss = real(self, model, *a, **k)
+        calls.append(1)
+        if len(calls) == 5:
+            if fault == "loss":
+                return loss * float("nan")
+            w = next(model.parameters()).flatten()[0]
+            return loss + (w - w.detach()).abs().sqrt()  # value unchanged, gradient NaN (sqrt' at 0)
+        return loss
+
+    monkeypatch.setattr(ddpm.Diffusion, "training_loss", faulty)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(out), "--steps", "9", *TINY])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{fault} became" in err and "at step 5" in err and "ckpt.pt" in err
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+# --- bad images --------------------------------------------------------------------------------------------
+def png_claiming(width, height):
+    """A PNG header announcing width x height pixels with almost no data: a decompression bomb's calling card."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_unusual_images_load_as_rgb_at_the_size(tmp_path):
+    size = (16, 16)
+    rgb = np.zeros((40, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent: must become white, not black
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((0, 0, 255), (255, 0, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(rgb[:6, :5]).save(tmp_path / "small.png")  # smaller than --size: scaled up
+    Image.fromarray(np.zeros((200, 90, 3), np.uint8)).save(tmp_path / "tall.png")  # a different size again
+
+    got = {p.name: train.load_image(str(p), size) for p in tmp_path.iterdir()}
+    for name, (arr, why) in got.items():
+        assert why is None and arr.shape == (16, 16, 3) and arr.dtype == np.uint8, (name, why)
+    assert abs(int(got["cmyk.jpg"][0][8, 8, 0]) - 200) < 8 and got["cmyk.jpg"][0][8, 8, 1:].max() < 10
+    assert (got["grey16.png"][0] == 255).all() and (got["rgba.png"][0] == 255).all()
+    assert (got["anim.gif"][0][..., 2] > 240).all() and (got["anim.gif"][0][..., 0] < 15).all()  # first frame
+    assert (got["palette.png"][0][..., 0] > 190).all() and (got["small.png"][0][..., 0] == 200).all()
+
+
+def test_broken_images_are_skipped_with_their_reason(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(png_claiming(40000, 40000))
+    good = np.asarray(Image.new("RGB", (20, 20), (9, 40, 90)))
+    buf = tmp_path / "good.png"
+    Image.fromarray(good).save(buf)
+    (tmp_path / "truncated.png").write_bytes(buf.read_bytes()[:60])
+    assert train.load_image(str(tmp_path / "bomb.png"), (16, 16))[1].startswith("DecompressionBomb")
+    for name in ("zero.png", "truncated.png"):
+        arr, why = train.load_image(str(tmp_path / name), (16, 16))
+        assert arr is None and why, name
+    r = run("train.py", "--data", tmp_path, "--out", tmp_path / "run", "--steps", "1", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 3 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
+
+
+def test_a_symlink_loop_in_the_data_folder_is_walked_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    assert train.find_images(str(tmp_path)) == [str(tmp_path / "a" / "x.png")]
+
+
+# --- bad flags and checkpoints -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    Image.new("RGB", (16, 16), (50, 60, 70)).save(tmp / "a.png")
+    Image.new("RGB", (16, 16), (90, 60, 70)).save(tmp / "b.png")
+    train.main(["--data", str(tmp), "--out", str(tmp / "run"), "--steps", "1", *TINY])
+    return tmp / "run" / "ckpt.pt"
+
+
+def test_unknown_flag(tmp_path):
+    one_line_error(run("train.py", "--out", tmp_path / "r", "--lerning-rate", "1"), "unrecognized arguments", "--lerning-rate")
+    one_line_error(run("sample.py", "x.pt", "--sampler", "euler"), "--sampler", "euler")
+
+
+def test_checkpoint_of_a_different_architecture(checkpoint, tmp_path):
+    ckpt = load(checkpoint)
+    ckpt["model_config"]["ch"] = 64  # weights of a 32-channel network, a config claiming 64
+    torch.save(ckpt, tmp_path / "other.pt")
+    one_line_error(run("sample.py", tmp_path / "other.pt"), "do not fit")
+
+
+def test_truncated_checkpoint(checkpoint, tmp_path):
+    data = checkpoint.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    one_line_error(run("sample.py", tmp_path / "cut.pt"), "cut.pt", "not a loadable checkpoint")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes(data[: len(data) // 3])
+    one_line_error(run("train.py", "--out", run_dir, "--resume"), "not a loadable checkpoint")
+
+
+class Payload:
+    """Unpickling this calls open(marker, 'w'): code a downloaded file would run under plain pickle loading."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(checkpoint, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = load(checkpoint)
+    ckpt["config"] = Payload(str(marker))
+    torch.save(ckpt, tmp_path / "evil.pt")
+    one_line_error(run("sample.py", tmp_path / "evil.pt"), "evil.pt", "not a loadable checkpoint")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes((tmp_path / "evil.pt").read_bytes())
+    one_line_error(run("train.py", "--out", run_dir, "--resume"), "not a loadable checkpoint")
+    assert not marker.exists()  # nothing ran
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is live: plain pickle loading runs it
+    assert marker.exists()
