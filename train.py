@@ -397,6 +397,8 @@ def main(argv=None):
             fail("--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data")
         if args.fid_n < 2:
             fail(f"--fid-n {args.fid_n}: FID needs at least 2 samples")
+        if not os.path.exists(args.fid_ref):  # before the weights, which may need a download
+            fail(f"--fid-ref {args.fid_ref}: no such folder or statistics file")
         import fid  # optional: only these flags need fid.py
 
         if master:  # load the meter and the reference statistics (cached) now, so a bad one fails before training
