@@ -5,7 +5,8 @@
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
 
 Schedules (linear, cosine), q(x_t | x_0), the training loss (eps / x0 / v targets, MSE / L1), immiscible
-noise assignment, and samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)) with classifier-free guidance.
+noise assignment, samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)) with classifier-free guidance, and
+what is built on them: RePaint inpainting, mixing two images, spherical interpolation of x_T.
 `model` is any callable model(x_t, t, y=None) -> prediction; y = -1 is the null label. Images are
 [N, C, H, W] in [-1, 1]; timesteps are integers in [0, T). Depends on torch and scipy only.
 """
@@ -43,6 +44,14 @@ def spaced_timesteps(T, steps):
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation between two noise tensors per sample (Shoemake 1985), as DDIM (Song et al.
+    2021, sec. 5.3) interpolates x_T: a straight line would shrink the norm a Gaussian sample has."""
+    cos = F.cosine_similarity(z0.flatten(1), z1.flatten(1)).clamp(-1, 1).view(-1, *[1] * (z0.dim() - 1))
+    theta = torch.acos(cos)
+    return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
 class Diffusion:
@@ -146,17 +155,51 @@ class Diffusion:
         x0 = x0.clamp(-1, 1)
         return self.predict_eps_from_x0(x_t, t, x0), x0
 
-    def ddpm_loop(self, model, x, y=None, guidance=0.0, variance="beta", generator=None):
-        """Algorithm 2, ancestral sampling over all T steps, yielding (t, x_{t-1}, predicted x_0).
-        sigma_t^2 = beta_t ('beta') or beta-tilde_t ('beta_tilde'); the paper found both similar."""
-        var = self.betas if variance == "beta" else self.posterior_variance
-        for t in range(self.T - 1, -1, -1):
-            _, x0 = self.predict(model, x, t, y, guidance)
-            mean, _ = self.q_posterior_mean_variance(x0, x, t)
-            if t > 0:  # no noise is added at the last step
-                mean = mean + var[t].sqrt().item() * torch.randn(x.shape, generator=generator, device=x.device)
-            x = mean
+    def ddpm_step(self, model, x, t, y=None, guidance=0.0, variance="beta", generator=None):
+        """One step of Algorithm 2: x_{t-1} ~ p(x_{t-1} | x_t), and the predicted x_0. sigma_t^2 = beta_t
+        ('beta') or beta-tilde_t ('beta_tilde'); the paper found both similar."""
+        _, x0 = self.predict(model, x, t, y, guidance)
+        mean, _ = self.q_posterior_mean_variance(x0, x, t)
+        if t == 0:  # no noise is added at the last step
+            return mean, x0
+        var = (self.betas if variance == "beta" else self.posterior_variance)[t].item()
+        return mean + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device), x0
+
+    def ddpm_loop(self, model, x, y=None, guidance=0.0, variance="beta", generator=None, t_start=None):
+        """Algorithm 2, ancestral sampling from x = x_T (or x = x_{t_start}, an image noised to that step)
+        down to x_0, yielding (t, x_{t-1}, predicted x_0)."""
+        for t in range(self.T - 1 if t_start is None else t_start, -1, -1):
+            x, x0 = self.ddpm_step(model, x, t, y, guidance, variance, generator)
             yield t, x, x0
+
+    def inpaint_loop(self, model, image, known, resample=5, y=None, guidance=0.0, generator=None):
+        """RePaint (Lugmayr et al. 2022, Algorithm 1) with an unconditional model: at every reverse step the
+        `known` pixels (a {0, 1} mask broadcastable to `image`) are taken from q(x_{t-1} | x_0 = image) and
+        the rest from the model's step; each step is then re-noised to t and redone `resample` times in all,
+        so the generated region can agree with the known one. Yields (t, x_{t-1}, predicted x_0)."""
+        x = torch.randn(image.shape, generator=generator, device=image.device)
+        for t in range(self.T - 1, -1, -1):
+            for u in range(resample):
+                noise = torch.randn(image.shape, generator=generator, device=image.device)
+                x_known = self.q_sample(image, torch.full((len(image),), t - 1, device=image.device), noise) if t else image
+                x_unknown, x0 = self.ddpm_step(model, x, t, y, guidance, generator=generator)
+                x_prev = known * x_known + (1 - known) * x_unknown
+                if u + 1 < resample and t > 0:  # back to step t: x_t ~ q(x_t | x_{t-1}), eq. 2
+                    z = torch.randn(image.shape, generator=generator, device=image.device)
+                    x = self.alphas[t].sqrt().item() * x_prev + self.betas[t].sqrt().item() * z
+            x = x_prev
+            yield t, x, x0
+
+    def mix(self, model, a, b, t, weight=0.5, generator=None):
+        """Blend two images after noising them to step t (report 000's mixing): both get the same noise, so
+        the blend (1 - weight) x_t(a) + weight x_t(b) is a proper sample of q(x_t | the pixel blend), then
+        ancestral sampling denoises it from t. Small t keeps the blend; large t lets the model redraw it."""
+        noise = torch.randn(a.shape, generator=generator, device=a.device)
+        steps = torch.full((len(a),), t, device=a.device)
+        x = (1 - weight) * self.q_sample(a, steps, noise) + weight * self.q_sample(b, steps, noise)
+        for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):
+            pass
+        return x.clamp(-1, 1)
 
     def ddim_loop(self, model, x, steps=50, eta=0.0, y=None, guidance=0.0, generator=None):
         """DDIM (Song et al. 2021, eq. 12) on `steps` spaced timesteps; eta=0 is deterministic, eta=1 is

@@ -3,6 +3,7 @@
     python sample.py runs/shapes/ckpt.pt                          # a grid PNG beside the checkpoint
     python sample.py runs/shapes/ckpt.pt --n 1000 --out-dir gen/  # single PNGs, e.g. for fid.py
     python sample.py runs/shapes/ckpt.pt --sampler ddpm           # the paper's 1000-step ancestral sampler
+    python sample.py runs/mnist/ckpt.pt --class 4 --guidance 3    # conditional runs: a class, guided
 
 The checkpoint carries the network and diffusion configuration; the EMA weights are used unless --no-ema.
 """
@@ -14,7 +15,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 import ddpm
 import unet
@@ -72,32 +73,178 @@ def build(ckpt, ema=True, device="cpu"):
     return model.to(device).eval(), ddpm.Diffusion(**ckpt["diffusion"]).to(device)
 
 
+def class_labels(ckpt, cls, guidance, n, nrow=8):
+    """The label of each image to sample, or None for an unconditional checkpoint. `cls` is a class name or
+    index; without it each grid row of `nrow` images is one class (n defaults to a row per class)."""
+    classes = list(ckpt["classes"]) if ckpt["model_config"].get("num_classes") else []
+    if not classes:
+        if cls is not None or guidance:
+            raise ValueError("--class/--guidance: this checkpoint is unconditional (train with --cond for classes)")
+        return None
+    if cls is None:
+        n = n or nrow * len(classes)
+        return (torch.arange(n) // nrow) % len(classes)
+    if cls in classes:
+        index = classes.index(cls)
+    elif cls.lstrip("-").isdigit() and 0 <= int(cls) < len(classes):
+        index = int(cls)
+    else:
+        raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
+                         f"of {', '.join(map(str, classes))}")
+    return torch.full((n or 64,), index)
+
+
 def to_uint8(x):
     """[N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x, path, nrow=8, pad=2):
-    """Images [N, C, H, W] in [-1, 1] as one PNG grid, nrow images per row, on a white background."""
-    images = to_uint8(x)
+def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
+    """Images [N, C, H, W] in [-1, 1] as one Pillow image, nrow per row on a white background, each enlarged
+    `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a caption above each column."""
+    images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
+    top = 12 if labels else 0
     rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    grid = np.full((top + rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, im in enumerate(images):
         r, k = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+        grid[top + pad + r * (h + pad):top + pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    draw = ImageDraw.Draw(picture)
+    for k, text in enumerate(labels or []):
+        draw.text((pad + k * (w + pad), 1), text, fill=0)
+    return picture
+
+
+def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
+    grid_image(x, nrow, pad, scale, labels).save(path)
+
+
+def load_image(path, channels, size, resample=Image.Resampling.BICUBIC):
+    """An image file as [1, C, H, W] in [-1, 1] at the model's size: EXIF orientation applied, scaled to
+    cover and centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    im = ImageOps.fit(im, (size[1], size[0]), resample)
+    return torch.from_numpy(np.array(im)).view(size[0], size[1], channels).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+# --- pictures of the process ---------------------------------------------------------------------------
+# Each returns a Pillow image (or GIF frames) from a real run of the model.
+
+def process_frames(diffusion, model, x, picks=10, **loop):
+    """The reverse process of the samples x_T = x: a strip (rows x_t and predicted x_0 for each sample,
+    `picks` steps as columns) and GIF frames of every step (x_t over predicted x_0)."""
+    steps = [(t, xt.float().clamp(-1, 1), x0.float()) for t, xt, x0 in diffusion.loop(model, x, **loop)]
+    chosen = [steps[round(i * (len(steps) - 1) / (picks - 1))] for i in range(picks)]
+    rows = [torch.stack([s[k][i] for s in chosen]) for i in range(len(x)) for k in (1, 2)]
+    strip = grid_image(torch.cat(rows), nrow=picks, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
+    every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
+    shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
+    frames = [grid_image(torch.cat([xt, x0]), nrow=len(x), scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
+    return strip, frames
+
+
+def forward_strip(diffusion, image, ts, generator):
+    """q(x_t | x_0 = image) at each t in `ts` (one noise draw), as a labelled strip."""
+    noise = torch.randn(image.shape, generator=generator, device=image.device)
+    x = torch.cat([diffusion.q_sample(image, torch.tensor([t], device=image.device), noise) for t in ts])
+    return grid_image(x.clamp(-1, 1), nrow=len(ts), scale=2, labels=[f"t={t}" for t in ts])
+
+
+def mix_strip(diffusion, model, a, b, ts, weight, generator):
+    """a, b, their pixel blend, then the blend denoised from each t in `ts` (Diffusion.mix)."""
+    mixes = [diffusion.mix(model, a, b, t, weight, generator) for t in ts]
+    x = torch.cat([a, b, (1 - weight) * a + weight * b, *mixes])
+    return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *[f"t={t}" for t in ts]])
+
+
+def inpaint_strip(diffusion, model, image, hole, n, resample, generator):
+    """The image, the image with its hole greyed out, then n RePaint completions."""
+    known = 1 - hole
+    x = image.repeat(n, 1, 1, 1)
+    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator):
+        pass
+    x = torch.cat([image, image * known, x.float().clamp(-1, 1)])
+    return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
+
+
+def interpolation(diffusion, model, shape, frames, seed, y=None, **loop):
+    """For each of shape[0] rows, x_T slerped (ddpm.slerp) from one seed's noise to the next seed's in
+    `frames` steps, each sampled by a deterministic sampler."""
+    g = torch.Generator().manual_seed(seed)
+    z0, z1 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    alphas = torch.linspace(0, 1, frames)
+    x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1)
+    y = None if y is None else y.repeat_interleave(frames)
+    for _, x, _ in diffusion.loop(model, x.to(next(model.parameters()).device), y=y, **loop):
+        pass
+    return grid_image(x.float().clamp(-1, 1), nrow=frames, scale=2, labels=[f"{a:.2f}" for a in alphas.tolist()])
+
+
+def draw_picture(args, model, diffusion, labels, shape, g):
+    """The picture main() was asked for (one of --process, --forward, --mix, --inpaint, --interp), written to
+    its path, which is returned. Raises ValueError for a bad flag or image."""
+    device, beside = g.device, os.path.dirname(os.path.abspath(args.ckpt))
+    loop = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, guidance=args.guidance)
+    ts = args.t or ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
+    if not all(0 <= t < diffusion.T for t in ts):
+        raise ValueError(f"--t: steps must be in [0, {diffusion.T})")
+    if args.process:
+        if not args.process.lower().endswith((".gif", ".png")):
+            raise ValueError(f"--process {args.process}: give a .gif or .png path")
+        x = torch.randn((args.n, *shape), generator=g, device=device)
+        y = None if labels is None else labels.to(device)
+        strip, frames = process_frames(diffusion, model, x, y=y, generator=g, **loop)
+        if args.process.lower().endswith(".png"):
+            strip.save(args.process)
+        else:  # hold the last frame for two seconds
+            frames[0].save(args.process, save_all=True, append_images=frames[1:], loop=0,
+                           duration=[60] * (len(frames) - 1) + [2000])
+        return args.process
+    if args.forward:
+        picture, name = forward_strip(diffusion, load_image(args.forward, shape[0], shape[1:]).to(device), ts, g), "forward"
+    elif args.mix:
+        if not 0 <= args.weight <= 1:
+            raise ValueError("--weight must be in [0, 1]")
+        a, b = (load_image(f, shape[0], shape[1:]).to(device) for f in args.mix)
+        picture, name = mix_strip(diffusion, model, a, b, ts, args.weight, g), "mix"
+    elif args.inpaint:
+        if not args.mask:
+            raise ValueError("--inpaint needs --mask: an image whose white pixels are the ones to fill")
+        if args.resample < 1:
+            raise ValueError("--resample must be at least 1")
+        image = load_image(args.inpaint, shape[0], shape[1:]).to(device)
+        hole = (load_image(args.mask, 1, shape[1:], Image.Resampling.NEAREST) > 0).float().to(device)
+        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, g), "inpaint"
+    else:
+        if args.interp < 2 or args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta):
+            raise ValueError("--interp needs at least 2 frames and a deterministic sampler (dpm++, or ddim with eta 0)")
+        picture, name = interpolation(diffusion, model, (args.n, *shape), args.interp, args.seed, labels, **loop), "interp"
+    path = args.grid or os.path.join(beside, f"{name}.png")
+    picture.save(path)
+    return path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=int, help="number of images (default 64; a conditional checkpoint without --class: "
+                   "a row of 8 per class)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps for ddim and dpm++")
+    p.add_argument("--class", dest="cls", metavar="CLASS",
+                   help="conditional checkpoints: the class, by name (a training subfolder) or index")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (Ho & Salimans): "
+                   "eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional model. diffusers' "
+                   "guidance_scale is 1 + w")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--variance", default="beta", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2")
     p.add_argument("--grid", help="grid PNG path (default: samples.png beside the checkpoint)")
@@ -106,6 +253,21 @@ def main(argv=None):
     p.add_argument("--fid", metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
                    "fid.py statistics .npz; a folder uses its first --n images)")
     p.add_argument("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
+    v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
+    v.add_argument("--process", metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
+                   "(every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t and predicted x_0)")
+    v.add_argument("--forward", metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
+    v.add_argument("--mix", nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
+                   "denoise from there (ancestral)")
+    v.add_argument("--weight", type=float, default=0.5, help="--mix: the weight of B in the blend")
+    v.add_argument("--t", type=int, nargs="+", help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 "
+                   "/ 100 250 400 550 700 850)")
+    v.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
+                   "4) completions (RePaint, ancestral)")
+    v.add_argument("--mask", help="--inpaint: an image whose white pixels are the ones to fill")
+    v.add_argument("--resample", type=int, default=5, help="--inpaint: RePaint's resamplings per step (1: none)")
+    v.add_argument("--interp", type=int, metavar="FRAMES", help="--n (default 4) rows of FRAMES samples whose "
+                   "x_T is slerped between two noise draws (needs a deterministic sampler: dpm++, or ddim eta 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32")
@@ -116,33 +278,51 @@ def main(argv=None):
         print(f"sample.py: error: {msg}", file=sys.stderr)
         raise SystemExit(2)
 
-    if args.n < 1 or args.batch_size < 1:
-        fail("--n and --batch-size must be at least 1")
+    if (args.n is not None and args.n < 1) or args.batch_size < 1 or args.nrow < 1:
+        fail("--n, --batch-size and --nrow must be at least 1")
+
+    picture = args.process or args.forward or args.mix or args.inpaint or args.interp
+    if picture:
+        args.n = args.n or 4
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
         if args.sampler != "ddpm":
             ddpm.spaced_timesteps(diffusion.T, args.steps)  # validates --steps
+        labels = class_labels(ckpt, args.cls, args.guidance, args.n, args.nrow)
     except ValueError as e:
         fail(str(e))
+    args.n = len(labels) if labels is not None else args.n or 64
     channels, h, w = model.conv_in.in_channels, *ckpt["model_config"]["image_size"]
     device = torch.device(args.device)
     precision = fastest_precision(device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     g = torch.Generator(device).manual_seed(args.seed)
+    if picture:
+        try:
+            with autocast:
+                path = draw_picture(args, model, diffusion, labels, (channels, h, w), g)
+        except ValueError as e:
+            fail(str(e))
+        print(f"wrote {path}")
+        return
     out = []
     for start in range(0, args.n, args.batch_size):
         b = min(args.batch_size, args.n - start)
+        y = None if labels is None else labels[start:start + b].to(device)
         with autocast:
             out.append(diffusion.sample(model, (b, channels, h, w), device=device, generator=g, sampler=args.sampler,
-                                        steps=args.steps, eta=args.eta, variance=args.variance).cpu())
+                                        steps=args.steps, eta=args.eta, variance=args.variance, y=y,
+                                        guidance=args.guidance).cpu())
         print(f"\r{start + b}/{args.n} images", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     x = torch.cat(out)
     grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     save_grid(x, grid, nrow=args.nrow)
-    print(f"wrote {grid} ({args.n} images, {args.sampler}"
-          f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}, seed {args.seed})")
+    what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed}"
+    if labels is not None:
+        what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
+    print(f"wrote {grid} ({args.n} images, {what})")
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         for i, im in enumerate(to_uint8(x)):
@@ -155,8 +335,7 @@ def main(argv=None):
             value = fid.fid_from_samples(x, args.fid, args.n, weights=args.fid_weights, device=args.device)
         except fid.FIDError as e:
             fail(f"--fid: {e}")
-        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {args.sampler}"
-              f"{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed})")
+        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
 
 
 if __name__ == "__main__":

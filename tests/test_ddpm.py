@@ -133,3 +133,42 @@ def test_spaced_timesteps():
     assert ddpm.spaced_timesteps(1000, 1000) == list(range(999, -1, -1))
     with pytest.raises(ValueError):
         ddpm.spaced_timesteps(1000, 0)
+
+
+def test_slerp_ends_and_keeps_the_norm():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    torch.testing.assert_close(ddpm.slerp(z0, z1, 0.0), z0)
+    torch.testing.assert_close(ddpm.slerp(z0, z1, 1.0), z1)
+    mid = ddpm.slerp(z0, z1, 0.5)  # norms of 192-d Gaussians agree to a few %, and slerp stays between them
+    lerp = 0.5 * (z0 + z1)
+    assert (mid.flatten(1).norm(dim=1) > 0.95 * z0.flatten(1).norm(dim=1).minimum(z1.flatten(1).norm(dim=1))).all()
+    assert (lerp.flatten(1).norm(dim=1) < 0.8 * z0.flatten(1).norm(dim=1)).all()  # what slerp is for
+
+
+def test_inpainting_keeps_the_known_pixels_and_fills_the_hole_from_the_model():
+    d = ddpm.Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.rand(1, 1, 6, 6, generator=g) * 1.6 - 0.8
+    image = torch.rand(2, 1, 6, 6, generator=g) * 2 - 1  # differs from x_star everywhere
+    known = torch.zeros(1, 1, 6, 6)
+    known[..., :3] = 1  # left half known
+    for _, x, _ in d.inpaint_loop(oracle(d, x_star), image, known, resample=2, generator=g):
+        pass
+    torch.testing.assert_close(x[..., :3], image[..., :3])
+    assert (x[..., 3:] - x_star[..., 3:]).abs().max().item() < 1e-3
+
+
+def test_mix_denoises_the_noised_pixel_blend():
+    d = ddpm.Diffusion()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 1, 4, 4, generator=g) * 2 - 1
+    model = lambda x, t, y=None: 0.3 * x  # any fixed network
+    mixed = d.mix(model, a, b, 300, 0.25, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x = d.q_sample(0.75 * a + 0.25 * b, torch.tensor([300]), torch.randn(a.shape, generator=g))
+    for _, x, _ in d.ddpm_loop(model, x, generator=g, t_start=300):
+        pass
+    torch.testing.assert_close(mixed, x.clamp(-1, 1))
+    x_star = torch.full_like(a, 0.5)
+    torch.testing.assert_close(d.mix(oracle(d, x_star), a, b, 999, 0.5), x_star, atol=1e-4, rtol=0)

@@ -153,3 +153,53 @@ def test_unreadable_images_only(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.png").write_bytes(b"\x89PNG garbage")
     one_line_error(run("train.py", "--data", tmp_path, "--out", tmp_path / "r"), "none of the 2 image files")
+
+
+def test_conditional_run_samples_a_class_with_guidance_and_a_row_per_class(folder, tmp_path, capsys):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "c"), "--steps", "2", "--cond", *TINY])
+    ckpt = tmp_path / "c" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=True)["classes"] == ["blue", "red"]
+    fast = ["--sampler", "ddim", "--steps", "2", "--nrow", "3"]
+    sample.main([str(ckpt), "--grid", str(tmp_path / "rows.png"), *fast])  # no --class: a row of 3 per class
+    assert Image.open(tmp_path / "rows.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    sample.main([str(ckpt), "--class", "red", "--guidance", "3", "--n", "2", "--grid", str(tmp_path / "red.png"), *fast])
+    assert "class red, guidance 3" in capsys.readouterr().out
+    c = torch.load(ckpt, weights_only=True)
+    assert sample.class_labels(c, "red", 3, 2).tolist() == [1, 1] == sample.class_labels(c, "1", 0, 2).tolist()
+    assert sample.class_labels(c, None, 0, None).tolist() == [0] * 8 + [1] * 8
+    one_line_error(run("sample.py", ckpt, "--class", "green", *fast), "--class green", "blue, red")
+    train.main(["--data", str(folder), "--out", str(tmp_path / "u"), "--steps", "1", *TINY])
+    one_line_error(run("sample.py", tmp_path / "u" / "ckpt.pt", "--guidance", "3", *fast), "--guidance", "unconditional")
+
+
+def test_cond_needs_class_subfolders(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(flat / f"{i}.png")
+    one_line_error(run("train.py", "--data", flat, "--out", tmp_path / "r", "--cond", *TINY), "--cond", "two class subfolders")
+
+
+def test_pictures_of_the_process_from_the_command_line(folder, tmp_path, capsys):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    ckpt, img = str(tmp_path / "r" / "ckpt.pt"), str(next(folder.rglob("*.png")))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 4)).save(mask)
+    fast = ["--sampler", "ddim", "--steps", "3"]
+    sample.main([ckpt, "--process", str(tmp_path / "p.gif"), "--n", "2", *fast])
+    gif = Image.open(tmp_path / "p.gif")
+    assert gif.n_frames == 3 and gif.size == (2 * 34 + 2, 12 + 2 * 34 + 2)  # a frame per step; x_t over x_0
+    sample.main([ckpt, "--process", str(tmp_path / "p.png"), "--n", "2", *fast])
+    assert Image.open(tmp_path / "p.png").size == (10 * 34 + 2, 12 + 4 * 34 + 2)  # 10 steps; 2 rows per sample
+    sample.main([ckpt, "--forward", img, "--t", "0", "500", "999", "--grid", str(tmp_path / "f.png")])
+    assert Image.open(tmp_path / "f.png").size == (3 * 34 + 2, 12 + 34 + 2)
+    sample.main([ckpt, "--mix", img, img, "--t", "5", "10", "--grid", str(tmp_path / "m.png")])
+    assert Image.open(tmp_path / "m.png").size == (5 * 34 + 2, 12 + 34 + 2)  # a, b, blend, 2 mixes
+    sample.main([ckpt, "--interp", "5", "--n", "2", "--grid", str(tmp_path / "i.png"), *fast])
+    assert Image.open(tmp_path / "i.png").size == (5 * 34 + 2, 12 + 2 * 34 + 2)
+    assert "wrote" in capsys.readouterr().out
+    one_line_error(run("sample.py", ckpt, "--inpaint", img), "--mask")
+    one_line_error(run("sample.py", ckpt, "--interp", "5", "--sampler", "ddpm"), "--interp", "deterministic")
+    one_line_error(run("sample.py", ckpt, "--forward", tmp_path / "none.png"), "none.png")
+    one_line_error(run("sample.py", ckpt, "--mix", img, img, "--t", "1000"), "--t")
+    one_line_error(run("sample.py", ckpt, "--process", tmp_path / "p.jpg"), "--process", ".gif")
