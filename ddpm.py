@@ -172,7 +172,7 @@ class Diffusion:
             x, x0 = self.ddpm_step(model, x, t, y, guidance, variance, generator)
             yield t, x, x0
 
-    def inpaint_loop(self, model, image, known, resample=5, y=None, guidance=0.0, generator=None):
+    def inpaint_loop(self, model, image, known, resample=1, y=None, guidance=0.0, generator=None):
         """RePaint (Lugmayr et al. 2022, Algorithm 1) with an unconditional model: at every reverse step the
         `known` pixels (a {0, 1} mask broadcastable to `image`) are taken from q(x_{t-1} | x_0 = image) and
         the rest from the model's step; each step is then re-noised to t and redone `resample` times in all,

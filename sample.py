@@ -265,7 +265,8 @@ def main(argv=None):
     v.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
                    "4) completions (RePaint, ancestral)")
     v.add_argument("--mask", help="--inpaint: an image whose white pixels are the ones to fill")
-    v.add_argument("--resample", type=int, default=5, help="--inpaint: RePaint's resamplings per step (1: none)")
+    v.add_argument("--resample", type=int, default=1, help="--inpaint: RePaint's passes per step (1: no resampling; "
+                   "README, Pictures)")
     v.add_argument("--interp", type=int, metavar="FRAMES", help="--n (default 4) rows of FRAMES samples whose "
                    "x_T is slerped between two noise draws (needs a deterministic sampler: dpm++, or ddim eta 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -289,7 +290,7 @@ def main(argv=None):
         model, diffusion = build(ckpt, not args.no_ema, args.device)
         if args.sampler != "ddpm":
             ddpm.spaced_timesteps(diffusion.T, args.steps)  # validates --steps
-        labels = class_labels(ckpt, args.cls, args.guidance, args.n, args.nrow)
+        labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # a class per picture row
     except ValueError as e:
         fail(str(e))
     args.n = len(labels) if labels is not None else args.n or 64
