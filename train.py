@@ -216,11 +216,8 @@ def load_image(path, size):
         return None, f"{type(e).__name__}: {e}"
 
 
-def load_folder(root, size, cond):
-    """Decode every image under root once, in parallel: uint8 [N, H, W, 3], labels, class names."""
-    if not os.path.isdir(root):
-        fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
-    paths = find_images(root)
+def load_folder(root, paths, size, cond):
+    """Decode the image files `paths` under root once, in parallel: uint8 [N, H, W, 3], labels, class names."""
     if not paths:
         fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
     classes = []
@@ -255,10 +252,12 @@ def load_dataset(args, size):
         classes = list(SHAPES)
     else:
         root = os.path.abspath(args.data)
-        cache = None
-        if not args.no_cache and os.path.isdir(root):
+        if not os.path.isdir(root):
+            fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
+        paths, cache = find_images(root), None
+        if not args.no_cache and paths:
             # keyed by every file's name, size and mtime, so a changed folder is noticed
-            stats = [(p, st.st_size, st.st_mtime_ns) for p in find_images(root) for st in (os.stat(p),)]
+            stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
             cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
             cache = os.path.join(cache_dir, f"data-{key}.npz")
@@ -266,7 +265,7 @@ def load_dataset(args, size):
             with np.load(cache) as f:
                 images, labels, classes = f["images"], f["labels"], list(f["classes"])
         else:
-            images, labels, classes = load_folder(root, size, args.cond)
+            images, labels, classes = load_folder(root, paths, size, args.cond)
             if cache:
                 os.makedirs(cache_dir, exist_ok=True)
                 tmp = f"{cache}.{os.getpid()}.tmp.npz"
