@@ -79,7 +79,7 @@ def build_parser():
     a("--ema", type=float, help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
       help="autocast precision; auto: bf16 where it is measured faster than fp32 (README), else fp32")
-    a("--compile", action="store_true", help="torch.compile the network (README: when it pays)")
+    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see README)")
     a("--seed", type=int, default=0, help="seed of data order, noise, timesteps and dropout")
     # run folder
     a("--out", default="runs/run", help="run folder")
