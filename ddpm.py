@@ -191,12 +191,11 @@ class Diffusion:
             yield t, x, x0
 
     def mix(self, model, a, b, t, weight=0.5, generator=None):
-        """Blend two images after noising them to step t (report 000's mixing): both get the same noise, so
-        the blend (1 - weight) x_t(a) + weight x_t(b) is a proper sample of q(x_t | the pixel blend), then
-        ancestral sampling denoises it from t. Small t keeps the blend; large t lets the model redraw it."""
+        """Blend two images after noising them to step t (report 000's mixing). With the same noise for both,
+        (1 - weight) x_t(a) + weight x_t(b) is q_sample of the pixel blend, a proper x_t; ancestral sampling
+        then denoises it from t. Small t keeps the blend; large t lets the model redraw it."""
         noise = torch.randn(a.shape, generator=generator, device=a.device)
-        steps = torch.full((len(a),), t, device=a.device)
-        x = (1 - weight) * self.q_sample(a, steps, noise) + weight * self.q_sample(b, steps, noise)
+        x = self.q_sample((1 - weight) * a + weight * b, torch.full((len(a),), t, device=a.device), noise)
         for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):
             pass
         return x.clamp(-1, 1)
