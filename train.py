@@ -33,7 +33,7 @@ import unet
 from sample import DEFAULT_SAMPLER, DEFAULT_STEPS, fastest_precision, load_checkpoint, save_grid
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-FORMAT = 1  # checkpoint format version
+FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
 # Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; the CPU presets
 # were chosen by measuring quality per CPU-minute (README, "Choosing the CPU presets").
 PRESET_DEFAULTS = {

@@ -90,14 +90,23 @@ class AttnBlock(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.norm = norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # the paper's three NIN projections q, k, v in one
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.qkv = nn.Linear(ch, 3 * ch)  # the paper's NIN layers (dense over channels) q, k, v in one
+        self.proj_out = nn.Linear(ch, ch)
 
     def forward(self, x):
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
-        a = F.scaled_dot_product_attention(q, k, v)  # [n, 1, h*w, c], softmax(q k^T / sqrt(c)) v
-        return x + self.proj_out(a.transpose(-1, -2).reshape(n, c, h, w))
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [n, h*w, c]
+        # q, k, v [n, 1, h*w, c], each contiguous in c, which lets SDPA take its fused kernel on CPU too
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, 1, c)).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        return x + self.proj_out(a.squeeze(1)).transpose(1, 2).unflatten(2, (h, w))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # Checkpoints of train.py format 1 hold these dense layers as 1x1 convolutions: same weights, 4-D.
+        for name in (prefix + "qkv.weight", prefix + "proj_out.weight"):
+            if name in state_dict and state_dict[name].ndim == 4:
+                state_dict[name] = state_dict[name].flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class Downsample(nn.Module):
@@ -187,6 +196,8 @@ class UNet(nn.Module):
             if isinstance(m, ResnetBlock):
                 nn.init.zeros_(m.conv2.weight)
             elif isinstance(m, AttnBlock):
+                for w in m.qkv.weight.detach().chunk(3):  # q, k, v are three layers there: fan_avg of each
+                    nn.init.xavier_uniform_(w)
                 nn.init.zeros_(m.proj_out.weight)
         nn.init.zeros_(self.conv_out.weight)
 
