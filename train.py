@@ -294,6 +294,15 @@ def batch_indices(step, batch, n, seed):
     return torch.cat(parts)
 
 
+def batch_images(images, idx, device, flip):
+    """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip."""
+    x0 = images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    if flip:
+        mirror = torch.rand(len(idx), device=device) < 0.5
+        x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
+    return x0
+
+
 # --- pictures and logs -----------------------------------------------------------------------------------
 def draw_loss_curve(metrics, path):
     """loss (log scale) against step as a PNG, drawn with Pillow."""
@@ -487,10 +496,7 @@ def main(argv=None):
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
         idx = batch_indices(step, args.batch, len(images), args.seed)[rank::world]
-        x0 = images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-        if not args.no_flip:
-            flip = torch.rand(len(idx), device=device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        x0 = batch_images(images, idx, device, flip=not args.no_flip)
         y = None
         if args.cond:
             y = labels[idx].to(device, non_blocking=True)

@@ -5,9 +5,9 @@
 
 It writes a synthetic folder of photos-like JPEGs (smooth gradients with shapes, the built-in dataset drawn
 large), then times train.py's own functions: load_dataset cold (decode, resize, crop, write the cache),
-load_dataset warm (read the cache), and the per-step path of the training loop (batch_indices, gather,
-uint8 to float in [-1, 1], random flips). Compare "delivered" with the training rate of bench_train.py:
-the pipeline limits training only if it delivers fewer images/s than the network consumes.
+load_dataset warm (read the cache), and the per-step path of the training loop (batch_indices, then
+batch_images: gather, uint8 to float in [-1, 1], random flips). Compare "delivered" with the training rate
+of bench_train.py: the pipeline limits training only if it delivers fewer images/s than the network consumes.
 """
 import argparse
 import datetime
@@ -63,9 +63,7 @@ def main():
         start = time.perf_counter()
         for step in range(args.steps):
             idx = train.batch_indices(step, args.batch, len(images), 0)
-            x0 = images[idx].float().div_(127.5).sub_(1)
-            flip = torch.rand(len(idx)) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            train.batch_images(images, idx, torch.device("cpu"), flip=True)
         rows.append((f"delivered per step (batch {args.batch})", args.steps * args.batch / (time.perf_counter() - start)))
     print(f"{args.n} JPEGs of {width}x{height} -> {args.size}x{args.size}, {images.numel() / 2**20:.0f} MiB decoded\n")
     print("| stage | images/s |\n|---|---|")
