@@ -34,8 +34,8 @@ from sample import DEFAULT_SAMPLER, DEFAULT_STEPS, fastest_precision, load_check
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
-# Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; the CPU presets
-# were chosen by measuring quality per CPU-minute (README, "Choosing the CPU presets").
+# Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; tiny's were measured
+# for quality per CPU-minute (README, "Choosing the CPU presets"); small shares its recipe, not yet measured.
 PRESET_DEFAULTS = {
     # the paper's CIFAR-10 settings: eps target, linear schedule, Adam 2e-4, warm-up 5000, EMA 0.9999
     "paper": dict(target="eps", schedule="linear", lr=2e-4, batch=128, warmup=5000, ema=0.9999, cosine=False),
