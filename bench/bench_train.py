@@ -54,7 +54,7 @@ def one(preset, precision, mode, batch, warmup, steps):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     net = torch.compile(forward) if mode == "compile" else forward
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    times, losses = [], []
+    times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -63,7 +63,6 @@ def one(preset, precision, mode, batch, warmup, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-        losses.append(loss.item())
     timed = sum(times[warmup:])
     return {"run": f"{preset}:{precision}:{mode}", "params": sum(p.numel() for p in model.parameters()), "img_per_s": batch * steps / timed, "first_steps_s": times[:2],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batch": batch, "steps": steps}
@@ -87,7 +86,6 @@ def main():
     import torch
     print(f"# {datetime.date.today()} | {cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads "
           f"{torch.get_num_threads()} | {' '.join(sys.argv)}")
-    # the table gives the median and the best of the repeats
     results = {run: [] for run in args.runs}
     for _ in range(args.repeat):
         for run in args.runs:
@@ -102,6 +100,7 @@ def main():
         first = rs[0]["first_steps_s"]
         print(f"| {run} | {rs[0]['params']:,} | {statistics.median(rates):.2f} ({rates[-1]:.2f}) | "
               f"{max(r['peak_rss_mb'] for r in rs):.0f} | {first[0]:.1f}, {first[1]:.1f} |")
+
 
 if __name__ == "__main__":
     main()
