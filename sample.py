@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,6 +26,42 @@ DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
 CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("sample.py: error: argument --eta: ..."), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, interval):
+    """An argparse type: a finite `kind` (int or float) within `interval`, written like "[0, 1)" or "(0, inf)"."""
+    low, high = (float(v) for v in interval[1:-1].split(","))
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        inside = (value > low if interval[0] == "(" else value >= low) and (value < high if interval[-1] == ")" else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return value
+    return parse
+
+
+def check_device(name):
+    """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend and backend.is_available() and (device.index or 0) < backend.device_count()):
+        raise ValueError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
+
+
 def fastest_precision(device):
     """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32'. On CUDA that is any GPU
     with bf16; on a CPU it depends on the hardware (with AVX512-BF16/AMX bf16 wins; on AVX2 it is ~50x
@@ -35,15 +72,15 @@ def fastest_precision(device):
     if device.type != "cpu":
         return "fp32"
     conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(8, 64, 16, 16)
-    seconds = {}
+    seconds = {"fp32": math.inf, "bf16": math.inf}
     with torch.no_grad():
-        for name in ("fp32", "bf16"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                conv(x)  # warm-up
-                start = time.perf_counter()
-                for _ in range(3):
+        for _ in range(3):  # taking turns, best of three: a busy machine slows one try, not a whole side
+            for name in seconds:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                    conv(x)  # warm-up
+                    start = time.perf_counter()
                     conv(x)
-            seconds[name] = time.perf_counter() - start
+                    seconds[name] = min(seconds[name], time.perf_counter() - start)
     return "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
 
 
@@ -60,6 +97,11 @@ def load_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
+              if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
+    if broken:
+        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
+                         "use an earlier checkpoint")
     return ckpt
 
 
@@ -189,11 +231,10 @@ def interpolation(diffusion, model, shape, frames, seed, y=None, **loop):
 def draw_picture(args, model, diffusion, labels, shape, g):
     """The picture main() was asked for (one of --process, --forward, --mix, --inpaint, --interp), written to
     its path, which is returned. Raises ValueError for a bad flag or image."""
-    device, beside = g.device, os.path.dirname(os.path.abspath(args.ckpt))
+    device = g.device
     loop = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, guidance=args.guidance)
-    ts = args.t or ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
-    if not all(0 <= t < diffusion.T for t in ts):
-        raise ValueError(f"--t: steps must be in [0, {diffusion.T})")
+    ts = args.t or [t for t in ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
+                    if t < diffusion.T]
     if args.process:
         if not args.process.lower().endswith((".gif", ".png")):
             raise ValueError(f"--process {args.process}: give a .gif or .png path")
@@ -219,92 +260,177 @@ def draw_picture(args, model, diffusion, labels, shape, g):
         if args.resample < 1:
             raise ValueError("--resample must be at least 1")
         image = load_image(args.inpaint, shape[0], shape[1:]).to(device)
-        hole = (load_image(args.mask, 1, shape[1:], Image.Resampling.NEAREST) > 0).float().to(device)
+        hole = load_mask(args.mask, shape[1:]).to(device)
         picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, g), "inpaint"
     else:
         if args.interp < 2 or args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta):
             raise ValueError("--interp needs at least 2 frames and a deterministic sampler (dpm++, or ddim with eta 0)")
         picture, name = interpolation(diffusion, model, (args.n, *shape), args.interp, args.seed, labels, **loop), "interp"
-    path = args.grid or os.path.join(beside, f"{name}.png")
-    picture.save(path)
-    return path
+    picture.save(args.grid)
+    return args.grid
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def load_mask(path, size):
+    """--mask as a {0, 1} tensor [1, 1, H, W], 1 where the picture is to be filled: the white pixels (128 and
+    up) of an 8-bit mask, or the 1s of a mask stored as 0/1 values. Raises ValueError for an empty mask."""
+    pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()
+    hole = pixels >= (1 if pixels.max() <= 1 else 128)
+    if not hole.any():
+        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1) where pixels are to be filled")
+    return hole.float()
+
+
+def build_parser():
+    p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = number(int, "[1, inf)")
     p.add_argument("ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--n", type=int, help="number of images (default 64; a conditional checkpoint without --class: "
-                   "a row of 8 per class)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and sampler noise")
+    p.add_argument("--n", type=positive, help="number of images (default 64; a conditional checkpoint without "
+                   "--class: a row of 8 per class)")
+    p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
+    p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of the initial noise and "
+                   "sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps for ddim and dpm++")
+    p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS})")
     p.add_argument("--class", dest="cls", metavar="CLASS",
                    help="conditional checkpoints: the class, by name (a training subfolder) or index")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (Ho & Salimans): "
-                   "eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional model. diffusers' "
-                   "guidance_scale is 1 + w")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--variance", default="beta", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2")
-    p.add_argument("--grid", help="grid PNG path (default: samples.png beside the checkpoint)")
-    p.add_argument("--nrow", type=int, default=8, help="images per grid row")
-    p.add_argument("--out-dir", help="also write each image as a PNG in this folder")
+    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance "
+                   "weight w (Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional "
+                   "model. diffusers' guidance_scale is 1 + w")
+    p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
+    p.add_argument("--grid", help="grid or picture path, .png (default: beside the checkpoint)")
+    p.add_argument("--nrow", type=positive, default=8, help="images per grid row")
+    p.add_argument("--out-dir", help="also write each image as a PNG in this folder (new or empty)")
+    p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
     p.add_argument("--fid", metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
                    "fid.py statistics .npz; a folder uses its first --n images)")
     p.add_argument("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
-    v.add_argument("--process", metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
-                   "(every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t and predicted x_0)")
-    v.add_argument("--forward", metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
-    v.add_argument("--mix", nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
-                   "denoise from there (ancestral)")
-    v.add_argument("--weight", type=float, default=0.5, help="--mix: the weight of B in the blend")
-    v.add_argument("--t", type=int, nargs="+", help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 "
-                   "/ 100 250 400 550 700 850)")
-    v.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
-                   "4) completions (RePaint, ancestral)")
-    v.add_argument("--mask", help="--inpaint: an image whose white pixels are the ones to fill")
-    v.add_argument("--resample", type=int, default=1, help="--inpaint: RePaint's passes per step (1: no resampling; "
-                   "README, Pictures)")
-    v.add_argument("--interp", type=int, metavar="FRAMES", help="--n (default 4) rows of FRAMES samples whose "
-                   "x_T is slerped between two noise draws (needs a deterministic sampler: dpm++, or ddim eta 0)")
+    one = v.add_mutually_exclusive_group()
+    one.add_argument("--process", metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
+                     "(every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t and predicted x_0)")
+    one.add_argument("--forward", metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
+    one.add_argument("--mix", nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
+                     "denoise from there (ancestral)")
+    one.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
+                     "4) completions (RePaint, ancestral)")
+    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
+                     "FRAMES samples whose x_T is slerped between two noise draws (needs a deterministic sampler: "
+                     "dpm++, or ddim eta 0)")
+    v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
+    v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default 0 50 "
+                   "100 250 500 750 999 / 100 250 400 550 700 850)")
+    v.add_argument("--mask", help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
+    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes per step (1: no "
+                   "resampling; README, Pictures)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
+    return p
+
+
+def check_writable(path, flag):
+    """Raise ValueError unless a file can be written at `path` (its folder exists and takes a new file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: {'a folder' if os.path.isdir(path) else 'its folder does not exist'}; "
+                         "give a file path in an existing folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def check_args(p, args):
+    """Flag combinations, output paths and the device, before the checkpoint is even read."""
+    picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f) is not None), None)
+    needs = [  # (the flag was given, it is used only when this holds, what to say)
+        (args.steps, args.sampler != "ddpm", "--steps: the ddpm sampler always takes all T steps"),
+        (args.eta, args.sampler == "ddim", "--eta is ddim's: add --sampler ddim"),
+        (args.variance, args.sampler == "ddpm", "--variance is ddpm's: add --sampler ddpm"),
+        (args.weight, picture == "mix", "--weight is only used with --mix"),
+        (args.t, picture in ("forward", "mix"), "--t is only used with --forward or --mix"),
+        (args.mask, picture == "inpaint", "--mask is only used with --inpaint"),
+        (args.resample != 1, picture == "inpaint", "--resample is only used with --inpaint"),
+        (args.replace, args.out_dir, "--replace needs --out-dir"),
+        (args.out_dir or args.fid, not picture, f"--out-dir and --fid write samples, not the --{picture} picture"),
+        (args.interp, args.sampler == "dpm++" or (args.sampler == "ddim" and not args.eta),
+         "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),
+        (picture == "inpaint", args.mask, "--inpaint needs --mask: an image whose white pixels are the ones to fill"),
+        (args.fid, (args.n or 64) >= 2, "--fid needs --n 2 or more"),
+        (args.process, (args.process or "").lower().endswith((".gif", ".png")), "--process: give a .gif or .png path"),
+    ]
+    for given, allowed, message in needs:
+        if given and not allowed:
+            p.error(message)
+    grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{picture or 'samples'}.png")
+    try:
+        if not grid.lower().endswith(".png"):
+            raise ValueError(f"--grid {grid}: give a .png path")
+        for path, flag in ((args.process, "--process"), (grid if not args.process else None, "--grid")):
+            if path:
+                check_writable(path, flag)
+        if args.out_dir:
+            check_out_dir(args.out_dir, args.replace)
+        check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return picture, grid
+
+
+def check_out_dir(folder, replace):
+    """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
+    --replace its images are deleted (other files stay and are refused)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out-dir {folder} is a file: give a folder")
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as e:
+            raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
+    found = sorted(os.listdir(folder))
+    images = [f for f in found if os.path.splitext(f)[1].lower() in Image.registered_extensions()]
+    if (images and not replace) or len(images) < len(found):
+        raise ValueError(f"--out-dir {folder} already holds {len(found)} files (e.g. {found[0]}): choose an empty "
+                         f"folder{'' if len(images) < len(found) else ', or add --replace to delete its images'}")
+    check_writable(os.path.join(folder, "000000.png"), "--out-dir")
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-
-    def fail(msg):
-        print(f"sample.py: error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
-
-    if (args.n is not None and args.n < 1) or args.batch_size < 1 or args.nrow < 1:
-        fail("--n, --batch-size and --nrow must be at least 1")
-
-    picture = args.process or args.forward or args.mix or args.inpaint or args.interp
+    picture, grid = check_args(p, args)
     if picture:
         args.n = args.n or 4
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.steps, args.eta, args.variance = args.steps or DEFAULT_STEPS, args.eta or 0.0, args.variance or "beta"
+    args.weight = 0.5 if args.weight is None else args.weight
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
-        if args.sampler != "ddpm":
-            ddpm.spaced_timesteps(diffusion.T, args.steps)  # validates --steps
+        if args.sampler != "ddpm" and args.steps > diffusion.T:
+            raise ValueError(f"--steps {args.steps}: this checkpoint's diffusion has T = {diffusion.T} steps")
+        if args.t and max(args.t) >= diffusion.T:
+            raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
         labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # a class per picture row
     except ValueError as e:
-        fail(str(e))
+        p.error(str(e))
     args.n = len(labels) if labels is not None else args.n or 64
     channels, h, w = model.conv_in.in_channels, *ckpt["model_config"]["image_size"]
     device = torch.device(args.device)
+    inception = fid_meter(p, args, device) if args.fid else None
     precision = fastest_precision(device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     g = torch.Generator(device).manual_seed(args.seed)
     if picture:
+        args.grid = grid
         try:
             with autocast:
                 path = draw_picture(args, model, diffusion, labels, (channels, h, w), g)
         except ValueError as e:
-            fail(str(e))
+            p.error(str(e))
         print(f"wrote {path}")
         return
     out = []
@@ -318,26 +444,43 @@ def main(argv=None):
         print(f"\r{start + b}/{args.n} images", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     x = torch.cat(out)
-    grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
+    if not torch.isfinite(x).all():  # never a black image that looks like a result
+        print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {args.n} samples came out "
+              f"non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
+        raise SystemExit(1)
     save_grid(x, grid, nrow=args.nrow)
     what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     print(f"wrote {grid} ({args.n} images, {what})")
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
+        for f in os.listdir(args.out_dir):  # checked above: only images, and only with --replace
+            os.remove(os.path.join(args.out_dir, f))
         for i, im in enumerate(to_uint8(x)):
             Image.fromarray(im[..., 0] if channels == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
         print(f"wrote {args.n} PNGs to {args.out_dir}")
     if args.fid:
-        import fid  # optional: only this flag needs fid.py
+        import fid
 
-        try:
-            value = fid.fid_from_samples(x, args.fid, args.n, weights=args.fid_weights, device=args.device)
-        except fid.FIDError as e:
-            fail(f"--fid: {e}")
+        value = fid.fid_from_samples(x, args.fid, args.n, model=inception, device=args.device)
         print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
 
 
+def fid_meter(p, args, device):
+    """The FID Inception and the reference statistics (cached), loaded before sampling so a bad one fails now."""
+    import fid  # optional: only --fid needs fid.py
+
+    try:
+        inception = fid.load_inception(args.fid_weights, device)
+        fid.reference_stats(args.fid, inception, n=args.n, device=device)
+    except fid.FIDError as e:
+        p.error(f"--fid: {e}")
+    return inception
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nsample.py: interrupted; nothing more was written", file=sys.stderr)
+        raise SystemExit(130)

@@ -13,12 +13,14 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -30,7 +32,8 @@ from PIL import Image, ImageDraw, ImageOps
 
 import ddpm
 import unet
-from sample import DEFAULT_SAMPLER, DEFAULT_STEPS, fastest_precision, load_checkpoint, save_grid
+from sample import (DEFAULT_SAMPLER, DEFAULT_STEPS, Parser, check_device, fastest_precision, load_checkpoint, number,
+                    save_grid)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
@@ -47,104 +50,190 @@ PRESET_DEFAULTS = {
 }
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    # data
-    a("--data", default="shapes", help="image folder (recursive), or 'shapes' for the built-in dataset")
-    a("--size", default="32", help="image size: 128 or HxW like 64x128 (resize shorter side, centre crop)")
-    a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
-    a("--no-flip", action="store_true", help="disable random horizontal flips")
-    a("--cond", action="store_true", help="class-conditional: labels from first-level subfolder names")
-    a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance (Ho & Salimans)")
-    a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
-    # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size)")
-    a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
-    a("--T", type=int, default=1000, help="number of diffusion steps")
-    a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
-    a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
-    a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
-    # optimisation (None: the --model preset's value)
-    a("--steps", type=int, default=10000, help="optimizer steps of the whole run")
-    a("--batch", type=int, help="global batch size (over all processes and accumulation)")
-    a("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
-    a("--lr", type=float, help="peak learning rate")
-    a("--warmup", type=int, help="linear learning-rate warm-up steps")
-    a("--cosine", action=argparse.BooleanOptionalAction, help="cosine-anneal the learning rate to --lr-min after "
-      "warm-up (default: the --model preset's)")
-    a("--lr-min", type=float, default=0.0, help="final learning rate with --cosine")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: Adam, as in the paper)")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (paper: 1.0); 0 disables")
-    a("--ema", type=float, help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
-    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-      help="autocast precision; auto: bf16 where it is measured faster than fp32 (README), else fp32")
-    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see README)")
-    a("--seed", type=int, default=0, help="seed of data order, noise, timesteps and dropout")
-    # run folder
-    a("--out", default="runs/run", help="run folder")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--config", help="a run's config.json; flags given on the command line override it")
-    a("--log-every", type=int, default=50, help="steps between metrics lines")
-    a("--sample-every", type=int, default=1000, help="steps between EMA sample grids (0: only at the end)")
-    a("--sample-n", type=int, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
-    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    a("--fid-every", type=int, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
-      "(0: never; costs --fid-n samples and Inception passes each time)")
-    a("--fid-ref", help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
-    a("--fid-n", type=int, default=1000, help="samples per FID (the reference folder uses as many)")
-    a("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
-    a("--device", help="cuda, cpu, ... (default: cuda if available)")
-    return p
+# The settings that make the network and the diffusion: --resume refuses to change any of them.
+FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")
+UNSET = object()  # marks a flag the command line did not give
 
 
 def fail(msg):
-    """A user error: one line on stderr, exit status 2."""
+    """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
     print(f"train.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def read_checkpoint(path):
-    try:
-        return load_checkpoint(path)
-    except ValueError as e:
-        fail(str(e))
-
-
-def parse_size(text):
+def image_size(text):
+    """--size: "128" or "HxW" like "64x128", each side 8 to 2048; returned in that canonical spelling."""
     try:
         h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
     except ValueError:
-        fail(f"--size {text!r} is not a size: give 128 or HxW like 64x128")
-    if h < 8 or w < 8:
-        fail(f"--size {text!r} is too small: at least 8")
-    return h, w
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give 128 or HxW like 64x128") from None
+    if not (8 <= h <= 2048 and 8 <= w <= 2048):
+        raise argparse.ArgumentTypeError(f"{text} is outside 8 to 2048 pixels a side")
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def build_parser(prog="train.py"):
+    """The parser and its actions by destination (for reading config files through the same checks)."""
+    p, actions = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
+
+    def a(*names, **kw):
+        action = p.add_argument(*names, **kw)
+        actions[action.dest] = action
+    positive, count = number(int, "[1, inf)"), number(int, "[0, inf)")
+    # data
+    a("--data", default="shapes", help="image folder (recursive), or 'shapes' for the built-in dataset")
+    a("--size", type=image_size, default="32", help="image size: 128 or HxW like 64x128 (resize shorter side, "
+      "centre crop)")
+    a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
+    a("--no-flip", action="store_true", help="disable random horizontal flips")
+    a("--cond", action="store_true", help="class-conditional: labels from first-level subfolder names")
+    a("--p-uncond", type=number(float, "[0, 1)"), default=0.1, help="label dropout for classifier-free guidance "
+      "(Ho & Salimans)")
+    a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
+    # network and diffusion
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size)")
+    a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
+    a("--T", type=number(int, "[2, 100000]"), default=1000, help="number of diffusion steps")
+    a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
+    a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
+    a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
+    # optimisation (None: the --model preset's value)
+    a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
+    a("--batch", type=positive, help="global batch size (over all processes and accumulation)")
+    a("--accum", type=positive, default=1, help="gradient accumulation: micro-batches per step")
+    a("--lr", type=number(float, "(0, 1]"), help="peak learning rate")
+    a("--warmup", type=count, help="linear learning-rate warm-up steps")
+    a("--cosine", action=argparse.BooleanOptionalAction, help="cosine-anneal the learning rate to --lr-min after "
+      "warm-up (default: the --model preset's)")
+    a("--lr-min", type=number(float, "[0, 1]"), default=0.0, help="final learning rate with --cosine")
+    a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, as in "
+      "the paper)")
+    a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="clip the gradient norm (paper: 1.0); "
+      "0 disables")
+    a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+      help="autocast precision; auto: bf16 where it is measured faster than fp32 (README), else fp32")
+    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see README)")
+    a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, timesteps and "
+      "dropout")
+    # run folder
+    a("--out", default="runs/run", help="run folder")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--config", help="a run's config.json; flags given on the command line override it")
+    a("--log-every", type=positive, default=50, help="steps between metrics lines")
+    a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
+    a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
+    a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
+    a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
+      "(0: never; costs --fid-n samples and Inception passes each time)")
+    a("--fid-ref", help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
+    a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
+    a("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
+    a("--device", help="cuda, cuda:1, cpu, mps, ... (default: cuda if available)")
+    return p, actions
+
+
+def config_words(config, actions):
+    """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
+    types, choices and ranges of the flags. Raises ValueError for an unknown key or a wrongly typed value."""
+    words = []
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is None:
+            raise ValueError(f"unknown setting {key!r}")
+        if value is None or key in ("resume", "config", "out"):
+            continue
+        if action.nargs == 0:  # a switch (--no-flip, or --cosine/--no-cosine): true or false only
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}: {value!r} is not true or false")
+            words += [action.option_strings[0]] if value else action.option_strings[1:]
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{key}: {value!r} is not a {action.type.__name__ if action.type else 'string'}")
+        else:
+            words += [action.option_strings[0], str(value)]
+    return words
 
 
 def parse_args(argv=None):
-    """Flags over a config (--config FILE, or the checkpoint's own with --resume) over the defaults."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    base = {}
-    if args.config:
+    """Flags over a config (--config FILE, or the checkpoint's own with --resume) over the defaults, each
+    checked by the same rules. Returns the settings and the checkpoint to resume (or None)."""
+    parser, actions = build_parser()
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
+    out = "runs/run" if given.out is UNSET else given.out
+    base, ckpt, source = {}, None, None
+    if given.config is not UNSET and given.resume is True:
+        parser.error("--config and --resume: choose one (a resumed run keeps its checkpoint's settings)")
+    if given.config is not UNSET:
+        source = f"--config {given.config}"
         try:
-            with open(args.config) as f:
+            with open(given.config) as f:
                 base = json.load(f)
         except (OSError, ValueError) as e:
-            fail(f"--config {args.config}: cannot read it as JSON ({e})")
-    if args.resume:
-        base = read_checkpoint(os.path.join(args.out, "ckpt.pt"))["config"]
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(base) - known)
-    if unknown:
-        fail(f"--config {args.config}: unknown settings {', '.join(unknown)}")
-    base = {k: v for k, v in base.items() if k not in ("resume", "config", "out")}
-    parser.set_defaults(**base)
-    args = parser.parse_args(argv)
+            parser.error(f"{source}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})")
+        if not isinstance(base, dict):
+            parser.error(f"{source}: not a JSON object of settings")
+    if given.resume is True:
+        ckpt_path = os.path.join(out, "ckpt.pt")
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ValueError as e:
+            parser.error(f"--resume: {e}")
+        base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
+    try:
+        words = config_words(base, actions)
+    except ValueError as e:
+        parser.error(f"{source}: {e}")
+    from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # errors name the file
+    args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
+    changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
+               if ckpt and getattr(given, k) not in (UNSET, getattr(from_config, k))]
+    if changed:
+        parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     for k, v in PRESET_DEFAULTS[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    return args
+    if args.data != "shapes":
+        args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
+    check_args(parser, args, ckpt)
+    return args, ckpt
+
+
+def check_args(parser, args, ckpt):
+    """The checks that involve more than one flag, the file system or the machine; each a one-line error."""
+    size, world = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1"))
+    betas = ddpm.beta_schedule(args.schedule, args.T)
+    problems = [
+        (args.batch % (world * args.accum) != 0,
+         f"--batch {args.batch} must be divisible by processes x --accum = {world} x {args.accum}"),
+        (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
+        (not bool(((betas > 0) & (betas < 1)).all()),
+         f"--T {args.T} is too small for the {args.schedule} schedule (its betas must stay in (0, 1)): use "
+         f"--T 21 or more, or --schedule cosine"),
+        (args.data == "shapes" and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up "
+         f"to 256 pixels; give --data a folder of images for larger sizes"),
+        (args.data != "shapes" and not os.path.isdir(args.data),
+         f"--data {args.data}: no such folder (give a folder of images, or 'shapes')"),
+        (args.fid_every > 0 and not args.fid_ref,
+         "--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data"),
+        (bool(args.fid_ref) and not args.fid_every, "--fid-ref is only used with --fid-every N"),
+        (bool(args.fid_ref) and not os.path.exists(args.fid_ref or ""),
+         f"--fid-ref {args.fid_ref}: no such folder or statistics file"),
+        (ckpt is not None and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at "
+         f"step {ckpt and ckpt['step']}; give a larger --steps to train on"),
+    ]
+    for bad, message in problems:
+        if bad:
+            parser.error(message)
+    try:
+        unet.check_size(size, unet.model_config(args.model, size, 3)["ch_mult"])
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e if "--" in str(e) else f"--size {args.size}: {e}"))
+
+
+def parse_size(text):
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -352,10 +441,75 @@ def save_checkpoint(path, state):
         fail(f"could not write the checkpoint {tmp} ({reason}); {kept}. Free disk space, then continue with --resume")
 
 
+# --- the run folder and signals ---------------------------------------------------------------------------
+def log(*parts, end="\n"):
+    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
+    goes nowhere, and metrics.jsonl keeps the record."""
+    try:
+        print(*parts, end=end, flush=True)
+    except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def claim_run_folder(out, resume):
+    """Create and lock --out for this process: a second train.py on it is refused, naming the holder. The
+    lock is flock's, which the kernel drops when its process dies, however it dies. A new run needs a
+    folder with nothing of an earlier run in it. Returns the open lock file (the lock lives while it does)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror}); choose another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        fail(f"--out {out} is in use by {lock.read().strip() or 'another process'}: wait for it, or choose another --out")
+    if not resume:
+        earlier = sorted(set(os.listdir(out)) - {".lock"})
+        if earlier:
+            hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
+            fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"train.py process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    return lock
+
+
+class Stop:
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, `docker stop`) and SIGHUP (a closed session) all
+    mean: stop cleanly. While `deferred` (a training step, a checkpoint write) the signal is only recorded
+    and the loop stops after the step; at any other moment it raises KeyboardInterrupt at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signal, self.deferred, self.saved = None, False, None
+
+    def __call__(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if not self.deferred:
+            raise KeyboardInterrupt(self.signal)
+
+    def __enter__(self):
+        self.previous = [signal.signal(s, self) for s in self.SIGNALS]
+        return self
+
+    def __exit__(self, kind, error, trace):
+        for s, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:  # one line, no traceback
+            kept = f"the checkpoint {self.saved[0]} (step {self.saved[1]}) is saved" if self.saved else "nothing was saved"
+            print(f"\ntrain.py: stopped by {self.signal or 'SIGINT'}; {kept}", file=sys.stderr)
+            raise SystemExit(130)
+
+
 # --- training --------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    size = parse_size(args.size)
+def setup_device(args):
+    """(device, rank, world) from torchrun's environment and --device; CUDA gets TF32 matmuls."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -369,74 +523,93 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if args.batch % (world * args.accum):
-        fail(f"--batch {args.batch} must be divisible by processes x --accum = {world * args.accum}")
-    micro = args.batch // world // args.accum
+    return device, rank, world
 
-    # data: every process holds the decoded images and reads its own slice of each global batch
+
+def setup_fid(args, device):
+    """The FID meter and its reference statistics (cached), loaded before training so a bad one fails now."""
+    import fid  # optional: only --fid-every needs fid.py
+
+    try:
+        inception = fid.load_inception(args.fid_weights, device)
+        fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
+    except fid.FIDError as e:
+        fail(f"--fid-ref/--fid-weights: {e}")
+    return inception
+
+
+def learning_rate(args, step):
+    """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps. A function of the
+    step and the run's length: extending a run's --steps re-plans the annealing over the new length."""
+    lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    if args.cosine and step >= args.warmup:
+        progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
+        lr = args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def main(argv=None):
+    args, ckpt = parse_args(argv)
+    with Stop() as stop:
+        train(args, ckpt, stop)
+
+
+def train(args, ckpt, stop):
+    size = parse_size(args.size)
+    device, rank, world = setup_device(args)
+    distributed, master = world > 1, rank == 0
+    micro = args.batch // world // args.accum
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
+    lock = claim_run_folder(args.out, ckpt is not None) if master else None
+    inception = setup_fid(args, device) if args.fid_every and master else None
+
+    # data: every process reads its own slice of each global batch
     if distributed and not master:
         dist.barrier()  # rank 0 decodes and caches first; the others then read its cache
     images, labels, classes = load_dataset(args, size)
     if distributed and master:
         dist.barrier()
     channels = images.shape[1]
+    if ckpt and args.cond and list(ckpt["classes"]) != list(classes):
+        fail(f"--resume: the class folders of --data {args.data} ({', '.join(classes)}) are not the checkpoint's "
+             f"({', '.join(ckpt['classes'])}); restore them, or start a new run")
+    args.channels = channels  # recorded, so --resume can refuse another
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
 
     mcfg = unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
-    try:
-        model = unet.UNet(**mcfg).to(device)
-    except ValueError as e:
-        fail(f"--size {args.size}: {e}")
+    model = unet.UNet(**mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    precision = fastest_precision(device) if args.precision == "auto" else args.precision
+    if args.precision == "auto":  # decided once and recorded, so a resumed run computes as it did
+        args.precision = fastest_precision(device)
+    precision = args.precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    inception = None
-    if args.fid_every:
-        if not args.fid_ref:
-            fail("--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data")
-        if args.fid_n < 2:
-            fail(f"--fid-n {args.fid_n}: FID needs at least 2 samples")
-        if not os.path.exists(args.fid_ref):  # before the weights, which may need a download
-            fail(f"--fid-ref {args.fid_ref}: no such folder or statistics file")
-        import fid  # optional: only these flags need fid.py
-
-        if master:  # load the meter and the reference statistics (cached) now, so a bad one fails before training
-            try:
-                inception = fid.load_inception(args.fid_weights, device)
-                fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
-            except fid.FIDError as e:
-                fail(f"--fid-ref/--fid-weights: {e}")
-
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     start = 0
-    if args.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["step"]
+    if ckpt:
+        for part, name in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (scaler, "scaler")):
+            part.load_state_dict(ckpt[name])
+        start, planned = ckpt["step"], ckpt["config"]["steps"]
         log(f"resumed {ckpt_path} at step {start}")
-    elif master and os.path.exists(ckpt_path):
-        fail(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+        if args.cosine and args.steps != planned:
+            log(f"--steps {args.steps} (the checkpoint planned {planned}): the cosine learning rate is re-planned over "
+                f"{args.steps} steps, {learning_rate(argparse.Namespace(**{**vars(args), 'steps': planned}), start):.3g} -> "
+                f"{learning_rate(args, start):.3g} at step {start + 1}, as a {args.steps}-step run has it")
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+    metrics = []
     if master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-    metrics = []
-    if master and os.path.exists(metrics_path):  # keep the history up to the checkpoint, drop the rest
-        with open(metrics_path) as f:
-            metrics = [m for m in map(json.loads, f) if m["step"] <= start]
+        if os.path.exists(metrics_path):  # keep the history up to the checkpoint, drop the rest
+            with open(metrics_path) as f:
+                metrics = [m for m in map(json.loads, f) if m["step"] <= start]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
 
@@ -451,6 +624,13 @@ def main(argv=None):
                 "diffusion": diffusion.config(), "classes": classes, "model": model.state_dict(),
                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
 
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, state(step))
+        stop.saved = (ckpt_path, step)
+        draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
+
+    sample_steps = min(DEFAULT_STEPS, args.T)
+
     def ema_samples(n, y=None, chunk=256):
         """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
         g, out = torch.Generator(device).manual_seed(args.seed), []
@@ -458,7 +638,7 @@ def main(argv=None):
             yi = None if y is None else y[i:i + chunk]
             with autocast:
                 out.append(diffusion.sample(ema, (min(chunk, n - i), channels, *size), device=device, generator=g,
-                                            sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, y=yi).float())
+                                            sampler=DEFAULT_SAMPLER, steps=sample_steps, y=yi).float())
         return torch.cat(out)
 
     def write_grid(step):
@@ -473,25 +653,24 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed)
         y = torch.randint(len(classes), (args.fid_n,), generator=g).to(device) if args.cond else None
         value = fid.fid_from_samples(ema_samples(args.fid_n, y), args.fid_ref, args.fid_n, model=inception, device=device)
-        m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps"}
+        m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{DEFAULT_SAMPLER} {sample_steps} steps"}
         metrics.append(m)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
-    stop = []  # set by Ctrl-C: finish the step in flight, save, exit
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    if args.fid_every:
+        import fid
     log(f"{len(images)} images {channels}x{size[0]}x{size[1]}, {len(classes) if args.cond else 'no'} classes | "
         f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
         f"batch {args.batch} = {world} process(es) x {args.accum} accumulation x {micro} | {precision} on {device}")
     tty = sys.stdout.isatty()
     t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
     t_start, step = time.perf_counter(), start
+    stop.deferred = True  # from here a signal stops the loop after the step in flight
     for step in range(start, args.steps):
         # the schedule, data and randomness are functions of the step: resume is exact
-        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        if args.cosine and step >= args.warmup:
-            lr = args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(args.steps - args.warmup, 1)))
+        lr = learning_rate(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
@@ -531,8 +710,7 @@ def main(argv=None):
             if tty:
                 rate = (done - start) * args.batch / (now - t_start)
                 eta = (args.steps - done) * args.batch / max(rate, 1e-9)
-                print(f"\rstep {done}/{args.steps} | loss {loss_step:.4f} | {rate:.1f} img/s | ETA {format_time(eta)}  ",
-                      end="", flush=True)
+                log(f"\rstep {done}/{args.steps} | loss {loss_step:.4f} | {rate:.1f} img/s | ETA {format_time(eta)}  ", end="")
             if done % args.log_every == 0 or done == args.steps:
                 rate = n_loss * args.batch / (now - t_log)
                 m = {"step": done, "loss": loss_sum / n_loss, "lr": lr, "img_per_s": rate,
@@ -540,35 +718,41 @@ def main(argv=None):
                 metrics.append(m)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")
-                print(("\r" if tty else "") + f"step {done}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
-                      f"{rate:.1f} img/s | ETA {format_time((args.steps - done) * args.batch / max(rate, 1e-9))}")
+                log(("\r" if tty else "") + f"step {done}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
+                    f"{rate:.1f} img/s | ETA {format_time((args.steps - done) * args.batch / max(rate, 1e-9))}")
                 t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
-            if args.sample_every and done % args.sample_every == 0 and done != args.steps:
-                write_grid(done)
-            if args.fid_every and done % args.fid_every == 0:
-                log_fid(done)
-            if done % args.ckpt_every == 0 and done != args.steps:
-                save_checkpoint(ckpt_path, state(done))
-                draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
-        if distributed:  # every process must see the same Ctrl-C decision
-            flag = torch.tensor([float(len(stop))], device=device)
+            stop.deferred = False  # sampling may take minutes: a signal interrupts it, then the step is saved
+            try:
+                if args.sample_every and done % args.sample_every == 0 and done != args.steps:
+                    write_grid(done)
+                if args.fid_every and done % args.fid_every == 0:
+                    log_fid(done)
+            except KeyboardInterrupt:
+                pass
+            stop.deferred = True
+            if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
+                checkpoint(done)
+        if distributed:  # every process must see the same stop decision
+            flag = torch.tensor([float(stop.signal is not None)], device=device)
             dist.all_reduce(flag)
-            if flag.item() and not stop:
-                stop.append(True)
-        if stop:
+            if flag.item() and not stop.signal:
+                stop.signal = "a signal to another process"
+        if stop.signal:
             break
-    done = step + 1 if args.steps > start else start
+    done = step + 1
     if master:
-        save_checkpoint(ckpt_path, state(done))
-        draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
-        if stop:
-            print(f"\ninterrupted: saved {ckpt_path} at step {done}; continue with --out {args.out} --resume")
+        checkpoint(done)
+        stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
+        if stop.signal:
+            log(f"\nstopped by {stop.signal}: saved {ckpt_path} at step {done}; continue with --out {args.out} --resume")
         else:
             write_grid(done)
-            print(f"done: {ckpt_path} (step {done}), samples in {os.path.join(args.out, 'samples')}")
-    signal.signal(signal.SIGINT, previous_handler)
+            log(f"done: {ckpt_path} (step {done}), samples in {os.path.join(args.out, 'samples')}")
+        lock.close()
     if distributed:
         dist.destroy_process_group()
+    if stop.signal:
+        raise SystemExit(128 + getattr(signal, stop.signal, signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import train
 import unet
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "tiny", "--size", "16", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--sample-n", "8", "--ckpt-every", "3"]
+TINY = ["--model", "tiny", "--size", "16", "--precision", "fp32", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--sample-n", "8", "--ckpt-every", "3"]
 
 
 @pytest.fixture

@@ -1,0 +1,235 @@
+"""Bad input to train.py and sample.py, as tables: each case must end with exit status 2 and one line on
+stderr that names the flag or file, with no traceback, before any work, and leave an existing run folder as
+it was. Then the faults of a running process: signals, a closed stdout, a second process on the same run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from test_train import TINY, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A finished 2-step tiny run (v target, cosine schedule, 3 channels, 16x16) and files to misuse."""
+    top = tmp_path_factory.mktemp("bad")
+    images = top / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    train.main(["--data", str(images), "--out", str(top / "run"), "--steps", "2", *TINY])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(top / "black.png")
+    Image.fromarray(np.tile(np.array([0, 1], np.uint8), (16, 8))).save(top / "zero_one.png")
+    (top / "text.txt").write_text("not an image")
+    (top / "full").mkdir()
+    (top / "full" / "old.png").write_bytes((images / "0.png").read_bytes())
+    for name, config in {"steps_float": {"steps": 2.7}, "model": {"model": "huge"}, "bool": {"cosine": "false"},
+                         "unknown": {"bogus": 1}, "list": {"lr": [1e-3]}, "array": [1, 2], "size_list": {"size": [16]},
+                         "bool_int": {"steps": True}}.items():
+        (top / f"{name}.json").write_text(json.dumps(config))
+    (top / "garbage.json").write_text("{not json")
+    ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    (top / "nan").mkdir()
+    torch.save(ckpt, top / "nan" / "ckpt.pt")
+    return top
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*"))}
+
+
+def refused(main, argv, words, made, capsys):
+    before = snapshot(made / "run")
+    with pytest.raises(SystemExit) as e:
+        main([w.replace("{d}", str(made)) for w in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert snapshot(made / "run") == before
+
+
+RUN = ["--out", "{d}/run"]
+TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run holds a finished run
+    (["--batch", "0"], ["--batch", "[1, inf)"]),
+    (["--batch", "-4"], ["--batch"]),
+    (["--batch", "6", "--accum", "4"], ["--batch 6", "divisible"]),
+    (["--accum", "0"], ["--accum"]),
+    (["--accum", "-1"], ["--accum"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--steps", "1.5"], ["--steps", "integer"]),
+    (["--log-every", "0"], ["--log-every"]),
+    (["--ckpt-every", "0"], ["--ckpt-every"]),
+    (["--sample-every", "-1"], ["--sample-every"]),
+    (["--sample-n", "0"], ["--sample-n"]),
+    (["--T", "0"], ["--T"]),
+    (["--T", "10", "--schedule", "linear"], ["--T 10", "too small"]),
+    (["--T", "100001"], ["--T"]),
+    (["--size", "10000"], ["--size", "2048"]),
+    (["--size", "0"], ["--size"]),
+    (["--size", "abc"], ["--size", "not a size"]),
+    (["--size", "16x"], ["--size"]),
+    (["--size", "28"], ["--size 28", "24 or 32"]),
+    (["--size", "512"], ["--size 512", "shapes"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--lr", "-1e-3"], ["--lr"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--lr", "inf"], ["--lr"]),
+    (["--lr-min", "0.1", "--lr", "0.01"], ["--lr-min"]),
+    (["--warmup", "-5"], ["--warmup"]),
+    (["--ema", "-1"], ["--ema"]),
+    (["--ema", "1.5"], ["--ema"]),
+    (["--ema", "1"], ["--ema"]),
+    (["--p-uncond", "2"], ["--p-uncond"]),
+    (["--grad-clip", "-1"], ["--grad-clip"]),
+    (["--weight-decay", "inf"], ["--weight-decay"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--model", "huge"], ["--model", "huge"]),
+    (["--channels", "2"], ["--channels"]),
+    (["--precision", "fp8"], ["--precision"]),
+    (["--target", "noise"], ["--target"]),
+    (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], ["--device", "no such device"]),
+    (["--device", "banana"], ["--device banana", "not a device"]),
+    (["--fid-every", "5"], ["--fid-every", "--fid-ref"]),
+    (["--fid-ref", "{d}/images"], ["--fid-ref", "--fid-every"]),
+    (["--fid-every", "5", "--fid-ref", "{d}/missing"], ["--fid-ref", "missing"]),
+    (["--fid-every", "5", "--fid-ref", "{d}/images", "--fid-n", "1"], ["--fid-n"]),
+    (["--data", "{d}/missing"], ["--data", "missing", "no such folder"]),
+    (["--data", "{d}/text.txt"], ["--data", "text.txt"]),
+    (["--bogus"], ["--bogus"]),
+    (["--config", "{d}/missing.json"], ["--config", "missing.json"]),
+    (["--config", "{d}/garbage.json"], ["--config", "garbage.json", "JSON"]),
+    (["--config", "{d}/array.json"], ["--config", "array.json"]),
+    (["--config", "{d}/steps_float.json"], ["steps_float.json", "--steps", "2.7"]),
+    (["--config", "{d}/model.json"], ["model.json", "huge"]),
+    (["--config", "{d}/bool.json"], ["bool.json", "cosine", "true or false"]),
+    (["--config", "{d}/unknown.json"], ["unknown.json", "bogus"]),
+    (["--config", "{d}/list.json"], ["list.json", "lr"]),
+    (["--config", "{d}/size_list.json"], ["size_list.json", "size"]),
+    (["--config", "{d}/bool_int.json"], ["bool_int.json", "steps"]),
+    (["--config", "{d}/run/config.json", "--resume"], ["--config", "--resume"]),
+    (["--resume", "--steps", "4", "--size", "32"], ["--resume", "--size 32", "16"]),
+    (["--resume", "--steps", "4", "--model", "small"], ["--model small"]),
+    (["--resume", "--steps", "4", "--target", "eps"], ["--target eps"]),
+    (["--resume", "--steps", "4", "--T", "500"], ["--T 500"]),
+    (["--resume", "--steps", "4", "--schedule", "linear"], ["--schedule linear"]),
+    (["--resume", "--steps", "4", "--channels", "1"], ["--channels 1"]),
+    (["--resume", "--steps", "4", "--loss", "l1", "--cond"], ["--loss l1", "--cond True"]),
+    (["--resume", "--steps", "2"], ["--steps 2", "already at step 2"]),
+    (["--resume", "--steps", "4", "--lr", "0"], ["--lr"]),
+    ([], ["--out", "holds an earlier run", "--resume"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", TRAIN, ids=[" ".join(a) or "fresh run in a used folder" for a, _ in TRAIN])
+def test_train_refuses(argv, words, made, capsys):
+    refused(train.main, RUN + argv, words, made, capsys)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--out", "{d}/text.txt", "--steps", "1"], ["--out", "text.txt", "a file"]),
+    (["--out", "{d}/nowhere", "--resume"], ["--resume", "no such checkpoint"]),
+    (["--out", "{d}/nan", "--resume", "--steps", "9"], ["non-finite", "conv_in.weight"]),
+])
+def test_train_refuses_other_folders(argv, words, made, capsys):
+    refused(train.main, argv, words, made, capsys)
+
+
+CKPT = ["{d}/run/ckpt.pt"]
+SAMPLE = [
+    (["--eta", "nan", "--sampler", "ddim"], ["--eta"]),
+    (["--eta", "5", "--sampler", "ddim"], ["--eta", "[0, 1]"]),
+    (["--eta", "0.5"], ["--eta", "ddim"]),
+    (["--guidance", "nan"], ["--guidance"]),
+    (["--guidance", "-1"], ["--guidance"]),
+    (["--guidance", "2"], ["--class/--guidance", "unconditional"]),
+    (["--class", "3"], ["--class", "unconditional"]),
+    (["--n", "0"], ["--n"]),
+    (["--n", "x"], ["--n"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--nrow", "0"], ["--nrow"]),
+    (["--seed", "-3"], ["--seed"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--steps", "5000"], ["--steps 5000", "T = 1000"]),
+    (["--sampler", "ddpm", "--steps", "10"], ["--steps", "ddpm"]),
+    (["--variance", "beta"], ["--variance", "ddpm"]),
+    (["--sampler", "euler"], ["--sampler"]),
+    (["--grid", "{d}/nodir/x.png"], ["--grid", "nodir", "does not exist"]),
+    (["--grid", "{d}/x.txt"], ["--grid", ".png"]),
+    (["--grid", "{d}/full.png/"], ["--grid"]),
+    (["--out-dir", "{d}/text.txt"], ["--out-dir", "a file"]),
+    (["--out-dir", "{d}/full"], ["--out-dir", "--replace"]),
+    (["--replace"], ["--replace", "--out-dir"]),
+    (["--interp", "0"], ["--interp"]),
+    (["--interp", "1"], ["--interp"]),
+    (["--interp", "4", "--sampler", "ddpm"], ["--interp", "deterministic"]),
+    (["--process", "{d}/p.jpg"], ["--process", ".gif or .png"]),
+    (["--process", "{d}/nodir/p.gif"], ["--process", "does not exist"]),
+    (["--process", "{d}/p.gif", "--forward", "{d}/black.png"], ["--forward", "--process"]),
+    (["--inpaint", "{d}/black.png"], ["--inpaint", "--mask"]),
+    (["--mask", "{d}/black.png"], ["--mask", "--inpaint"]),
+    (["--inpaint", "{d}/black.png", "--mask", "{d}/black.png", "--grid", "{d}/i.png"], ["--mask", "nothing to fill"]),
+    (["--inpaint", "{d}/black.png", "--mask", "{d}/zero_one.png", "--resample", "0"], ["--resample"]),
+    (["--mix", "{d}/black.png", "{d}/black.png", "--weight", "2"], ["--weight"]),
+    (["--weight", "0.3"], ["--weight", "--mix"]),
+    (["--t", "5"], ["--t", "--forward"]),
+    (["--forward", "{d}/black.png", "--t", "5000", "--grid", "{d}/f.png"], ["--t 5000", "T = 1000"]),
+    (["--forward", "{d}/text.txt", "--grid", "{d}/f.png"], ["text.txt", "not a readable image"]),
+    (["--fid", "{d}/images", "--n", "1"], ["--fid", "--n 2"]),
+    (["--fid", "{d}/images", "--process", "{d}/p.gif"], ["--out-dir and --fid", "--process"]),
+    (["--device", "banana"], ["--device banana"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", SAMPLE, ids=[" ".join(a) for a, _ in SAMPLE])
+def test_sample_refuses(argv, words, made, capsys):
+    refused(sample.main, CKPT + argv, words, made, capsys)
+    assert not (made / "run" / "samples.png").exists() and not (made / "p.gif").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["{d}/nan/ckpt.pt"], ["non-finite weights", "ema.conv_in.weight"]),
+    (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
+    (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint"]),
+    (["{d}/run"], ["no such checkpoint"]),
+])
+def test_sample_refuses_checkpoints(argv, words, made, capsys):
+    refused(sample.main, argv, words, made, capsys)
+
+
+def test_non_finite_samples_are_an_error_not_a_black_grid(made, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample.ddpm.Diffusion, "sample", lambda self, model, shape, **kw: torch.full(shape, float("nan")))
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(made / "run" / "ckpt.pt"), "--n", "3", "--grid", str(tmp_path / "g.png")])
+    assert e.value.code == 1 and "3 of 3 samples came out non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_mask_of_zeros_and_ones_fills_its_ones(made):
+    hole = sample.load_mask(made / "zero_one.png", (16, 16))
+    assert hole.shape == (1, 1, 16, 16) and hole[0, 0, :, 1::2].all() and not hole[0, 0, :, 0::2].any()
+
+
+def test_out_dir_replace_deletes_old_images_only_when_asked(made, tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    for i in range(5):
+        (out / f"stale{i}.png").write_bytes((made / "black.png").read_bytes())
+    sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
+                 "--out-dir", str(out), "--replace"])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
