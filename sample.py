@@ -10,9 +10,13 @@ The checkpoint carries the network and diffusion configuration; the EMA weights 
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("\nsample.py: interrupted while starting; nothing was written"))
 
 import numpy as np
 import torch
@@ -479,6 +483,7 @@ def fid_meter(p, args, device):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     try:
         main()
     except KeyboardInterrupt:

@@ -25,6 +25,9 @@ import sys
 import time
 import warnings
 
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("\ntrain.py: interrupted while starting; nothing was written"))
+
 import numpy as np
 import torch
 import torch.distributed as dist

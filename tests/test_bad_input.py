@@ -233,3 +233,88 @@ def test_out_dir_replace_deletes_old_images_only_when_asked(made, tmp_path):
     sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
                  "--out-dir", str(out), "--replace"])
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+
+
+# --- a running training process ----------------------------------------------------------------------------
+LONG = ["--data", "shapes", "--model", "tiny", "--size", "8x16", "--batch", "4", "--precision", "fp32", "--steps", "100000",
+        "--log-every", "1", "--sample-every", "0", "--ckpt-every", "5"]
+
+
+def start(out, *extra, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(out), *LONG, *extra],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_finishes_the_step_saves_and_resumes(sig, tmp_path):
+    proc = start(tmp_path / "r")
+    wait_for_step(proc, 2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {sig.name}: saved" in out and "Traceback" not in err
+    step = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 2
+    r = run("train.py", "--out", tmp_path / "r", "--resume", "--steps", step + 1)
+    assert r.returncode == 0 and f"resumed {tmp_path / 'r' / 'ckpt.pt'} at step {step}" in r.stdout, r.stderr
+
+
+def test_a_second_process_is_refused_and_a_killed_ones_lock_does_not_block(tmp_path):
+    proc = start(tmp_path / "r")
+    wait_for_step(proc, 6)  # a checkpoint exists from step 5
+    for extra in ([], ["--resume"]):
+        r = run("train.py", "--out", tmp_path / "r", *LONG, *extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"is in use by train.py process {proc.pid}" in r.stderr
+    proc.kill()
+    proc.wait()
+    step = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"]
+    r = run("train.py", "--out", tmp_path / "r", "--resume", "--steps", step + 1)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+
+
+def test_a_closed_stdout_does_not_stop_training(tmp_path):
+    proc = start(tmp_path / "r", "--steps", "8")
+    proc.stdout.close()  # like `train.py ... | head -1` once head has exited
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    proc = start(tmp_path / "r")
+    time.sleep(0.5)  # still importing torch or parsing
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "train.py: " in err and not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_the_checkpoint_is_saved_before_the_final_grid(made, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+    monkeypatch.setattr(train, "save_grid", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "3", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1
+    assert err.endswith(f"stopped by SIGINT; the checkpoint {tmp_path / 'r' / 'ckpt.pt'} (step 3) is saved")
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path, capsys):
+    # warm-up 2 is shorter than the runs, so the annealing itself is what is checked
+    common = ["--data", str(made / "images"), *TINY, "--cosine", "--warmup", "2", "--log-every", "1"]
+    train.main([*common, "--out", str(tmp_path / "a"), "--steps", "4"])
+    train.main(["--out", str(tmp_path / "a"), "--resume", "--steps", "8"])
+    train.main([*common, "--out", str(tmp_path / "b"), "--steps", "8"])
+    out = capsys.readouterr().out
+    assert "--steps 8 (the checkpoint planned 4): the cosine learning rate is re-planned over 8 steps" in out
+    lrs = [[json.loads(line)["lr"] for line in open(tmp_path / r / "metrics.jsonl")] for r in "ab"]
+    assert lrs[0][4:] == lrs[1][4:] and lrs[0][3] < lrs[1][3]  # steps 5-8 as the 8-step run; step 4 had annealed
