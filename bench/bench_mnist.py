@@ -4,7 +4,8 @@
     python bench/bench_mnist.py --out runs/mnist15_eps --minutes 15 -- --target eps  # anything after -- goes to train.py
 
 The MNIST digits of ../shared/data/mnist.npz are exported once as 32x32 PNGs (28x28 padded with 2 black
-pixels, as LeNet did): train in one folder per class, test flat. train.py runs on the train folder; after
+pixels, as LeNet did): train in one folder per class, test flat. train.py runs on the train folder without
+horizontal flips (a mirrored digit is not a digit); after
 --minutes it gets Ctrl-C (SIGINT), which saves the checkpoint, the same path a user takes. Then sample.py
 writes a 64-image grid and the FID (fid.py, --fid-n samples against the first --fid-n test digits).
 Everything, with the loss curve, lands in --out; the last line is a JSON summary.
@@ -52,6 +53,7 @@ def main():
     export(args.data)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", os.path.join(args.data, "train"), "--size", "32",
            "--model", "tiny", "--steps", "1000000", "--sample-every", "0", "--ckpt-every", "500", "--out", args.out,
+           "--no-flip",  # a mirrored 2, 3 or 5 is not a digit
            *args.train_args]
     print(" ".join(cmd), flush=True)
     start = time.time()
