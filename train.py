@@ -34,17 +34,24 @@ from sample import DEFAULT_SAMPLER, DEFAULT_STEPS, fastest_precision, load_check
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
-# Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; tiny's were measured
+# Per-preset training defaults (flags override). 'paper' is Ho et al.'s recipe, per size; tiny's were measured
 # for quality per CPU-minute (README, "Choosing the CPU presets"); small shares its recipe, not yet measured.
 PRESET_DEFAULTS = {
-    # the paper's CIFAR-10 settings: eps target, linear schedule, Adam 2e-4, warm-up 5000, EMA 0.9999
-    "paper": dict(target="eps", schedule="linear", lr=2e-4, batch=128, warmup=5000, ema=0.9999, cosine=False),
+    # the paper's settings: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999; lr and batch below
+    "paper": dict(target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
     # CPU presets trained for minutes: v target (an eps net this young is too inexact at large t, where x_0 =
     # (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies its error ~150x; README, "Quick start"),
     # cosine schedule (fewer steps wasted on near-pure noise at low resolution), lr annealed to 0
     "small": dict(target="v", schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True),
     "tiny": dict(target="v", schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True),
 }
+# The paper preset's lr and batch at the size nearest the image's shorter side (unet.paper_size; its dropout
+# is unet.PAPER_NETWORKS'). Ho et al., Appendix B: "We set the batch size to 128 for CIFAR10 and 64 for larger
+# images"; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable to train with the larger
+# learning rate". Ho et al. trained no 64 or 128 network: 64 follows Nichol & Dhariwal 2021's ImageNet 64x64 runs
+# (lr 1e-4, batch 128 in their released flags), and 128, where neither paper trained, keeps that recipe.
+PAPER_LR_BATCH = {32: dict(lr=2e-4, batch=128), 64: dict(lr=1e-4, batch=128), 128: dict(lr=1e-4, batch=128),
+                  256: dict(lr=2e-5, batch=64)}
 
 
 def build_parser():
@@ -59,7 +66,9 @@ def build_parser():
     a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance (Ho & Salimans)")
     a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size)")
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size); "
+      "paper's lr, batch, dropout at the size nearest the shorter side: " + " | ".join(f"{s}: {r['lr']:.0e}, "
+      f"{r['batch']}, {unet.PAPER_NETWORKS[s]['dropout']:g}" for s, r in PAPER_LR_BATCH.items()))
     a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
     a("--T", type=int, default=1000, help="number of diffusion steps")
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
@@ -141,7 +150,10 @@ def parse_args(argv=None):
     base = {k: v for k, v in base.items() if k not in ("resume", "config", "out")}
     parser.set_defaults(**base)
     args = parser.parse_args(argv)
-    for k, v in PRESET_DEFAULTS[args.model].items():
+    defaults = dict(PRESET_DEFAULTS[args.model])
+    if args.model == "paper":
+        defaults.update(PAPER_LR_BATCH[unet.paper_size(parse_size(args.size))])
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
