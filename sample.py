@@ -163,11 +163,11 @@ def mix_strip(diffusion, model, a, b, ts, weight, generator):
     return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *[f"t={t}" for t in ts]])
 
 
-def inpaint_strip(diffusion, model, image, hole, n, resample, generator):
+def inpaint_strip(diffusion, model, image, hole, n, resample, jump, generator):
     """The image, the image with its hole greyed out, then n RePaint completions."""
     known = 1 - hole
     x = image.repeat(n, 1, 1, 1)
-    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator):
+    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator, jump=jump):
         pass
     x = torch.cat([image, image * known, x.float().clamp(-1, 1)])
     return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
@@ -216,11 +216,11 @@ def draw_picture(args, model, diffusion, labels, shape, g):
     elif args.inpaint:
         if not args.mask:
             raise ValueError("--inpaint needs --mask: an image whose white pixels are the ones to fill")
-        if args.resample < 1:
-            raise ValueError("--resample must be at least 1")
+        if args.resample < 1 or args.jump < 1:
+            raise ValueError("--resample and --jump must be at least 1")
         image = load_image(args.inpaint, shape[0], shape[1:]).to(device)
         hole = (load_image(args.mask, 1, shape[1:], Image.Resampling.NEAREST) > 0).float().to(device)
-        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, g), "inpaint"
+        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, args.jump, g), "inpaint"
     else:
         if args.interp < 2 or args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta):
             raise ValueError("--interp needs at least 2 frames and a deterministic sampler (dpm++, or ddim with eta 0)")
@@ -265,8 +265,12 @@ def main(argv=None):
     v.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
                    "4) completions (RePaint, ancestral)")
     v.add_argument("--mask", help="--inpaint: an image whose white pixels are the ones to fill")
-    v.add_argument("--resample", type=int, default=1, help="--inpaint: RePaint's passes per step (1: no resampling; "
-                   "README, Pictures)")
+    v.add_argument("--resample", type=int, default=1, help="--inpaint: RePaint's passes r over each stretch of "
+                   "--jump steps (1: one pass; RePaint's published setting: --resample 10 --jump 10, about r times "
+                   "the time; README, Pictures)")
+    v.add_argument("--jump", type=int, default=10, help="--inpaint with --resample > 1: RePaint's jump length j, "
+                   "the steps gone back up before each new pass (1: every step redone at once; RePaint's 10 count "
+                   "steps of a 250-step schedule, here of the checkpoint's T)")
     v.add_argument("--interp", type=int, metavar="FRAMES", help="--n (default 4) rows of FRAMES samples whose "
                    "x_T is slerped between two noise draws (needs a deterministic sampler: dpm++, or ddim eta 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

@@ -50,15 +50,26 @@ ATTENTION = {(16, 16): ((16, 16), (2, 2)), (24, 24): ((12, 12), (3, 3)), (32, 32
 def test_paper_network_attends_at_the_level_nearest_16(size):
     cfg = dict(unet.model_config("paper", size, 3), ch=32)  # the paper's module tree, fewer channels
     m = unet.UNet(**cfg)
-    seen = []  # the (H, W) each attention block actually runs at
+    where = []  # (H, W) of each attention block in the tree: down.L / up.L run at size / 2^L, mid at the bottom
+    for name, block in m.named_modules():
+        if isinstance(block, unet.AttnBlock):
+            level = len(cfg["ch_mult"]) - 1 if name == "mid.attn_1" else int(name.split(".")[1])
+            where.append((size[0] // 2 ** level, size[1] // 2 ** level))
+    level, middle = ATTENTION[size]
+    assert sorted(where) == sorted([level] * 5 + [middle])  # 6 blocks, counting the middle one
+    assert m.attn_sizes == [level]
+
+
+@pytest.mark.parametrize("size", [(24, 24), (48, 80)], ids=["24x24", "48x80"])
+def test_attention_runs_at_the_listed_size(size):
+    m = unet.UNet(**dict(unet.model_config("paper", size, 3), ch=32))
+    seen = []
     for block in m.modules():
         if isinstance(block, unet.AttnBlock):
             block.register_forward_hook(lambda mod, inputs, out: seen.append(tuple(inputs[0].shape[2:])))
     with torch.no_grad():
         m(torch.zeros(1, 3, *size), torch.tensor([10]))
-    level, middle = ATTENTION[size]
-    assert sorted(seen) == sorted([level] * 5 + [middle])  # 6 blocks, counting the middle one
-    assert m.attn_sizes == [level]
+    assert sorted(seen) == sorted(m.attn_sizes * 5 + [ATTENTION[size][1]])
 
 
 def test_attention_level_is_nearest_by_ratio():
@@ -73,7 +84,8 @@ def test_attention_weights_keep_their_names_at_the_paper_sizes(size, level):
     and attention sits there, under the same names."""
     m = unet.UNet(**dict(unet.model_config("paper", (size, size), 3), ch=32))
     names = {name for name, mod in m.named_modules() if isinstance(mod, unet.AttnBlock)}
-    assert names == {f"down.{level}.attn.{i}" for i in range(2)} | {f"up.{level}.attn.{i}" for i in range(3)} | {"mid.attn_1"}
+    expected = {f"down.{level}.attn.{i}" for i in range(2)} | {f"up.{level}.attn.{i}" for i in range(3)}
+    assert names == expected | {"mid.attn_1"}
 
 
 def test_paper_recipe_per_size_in_the_saved_config():
