@@ -49,10 +49,13 @@ def spaced_timesteps(T, steps):
 def repaint_schedule(T, jump=10, resample=10):
     """The states RePaint visits (Lugmayr et al. 2022, sec. 4.2 and the jump schedule of their code), as
     timesteps from T-1 (pure noise) to -1 (the finished image). Go down one step at a time; at each multiple of
-    `jump` from which a jump stays below T, jump back up by `jump` (one move, q(x_{t+jump} | x_t)) and come down
-    again, until that stretch has been walked `resample` times. The last step, 0 to -1, is taken once.
+    `jump` from which a jump stays below T, jump back up by `jump` and come down again, until that stretch has
+    been walked `resample` times. A jump is one move here, q(x_{t+jump} | x_t); their code walks it up step by
+    step, which is the same distribution. The last step, 0 to -1, is taken once.
     T=8, jump=2, resample=2 -> [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]. The published setting
     is jump 10, resample 10 on 250 steps (sec. 5.1); jump 1 is Algorithm 1 as printed."""
+    if jump < 1 or resample < 1:
+        raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
     ts = []
     for t in range(T - 1, -1, -1):
         ts.append(t)

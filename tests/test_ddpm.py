@@ -170,6 +170,8 @@ def test_repaint_schedule_against_the_algorithm_by_hand():
     assert ddpm.repaint_schedule(4, 1, 3) == [3, 2, 3, 2, 3, 2, 1, 2, 1, 2, 1, 0, 1, 0, 1, 0, -1]
     assert ddpm.repaint_schedule(5, 10, 10) == [4, 3, 2, 1, 0, -1]  # a jump longer than T: one pass
     assert ddpm.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0, -1]  # r=1: one pass
+    with pytest.raises(ValueError):
+        ddpm.repaint_schedule(6, 0, 2)
 
 
 def test_repaint_schedule_published_setting_and_no_repeats_at_t0():
