@@ -46,6 +46,24 @@ def spaced_timesteps(T, steps):
     return [round(T - i * T / steps) - 1 for i in range(steps)]
 
 
+def repaint_schedule(T, jump=10, resample=10):
+    """The states RePaint visits (Lugmayr et al. 2022, sec. 4.2 and the jump schedule of their code), as
+    timesteps from T-1 (pure noise) to -1 (the finished image). Go down one step at a time; at each multiple of
+    `jump` from which a jump stays below T, jump back up by `jump` and come down again, until that stretch has
+    been walked `resample` times. A jump is one move here, q(x_{t+jump} | x_t); their code walks it up step by
+    step, which is the same distribution. The last step, 0 to -1, is taken once.
+    T=8, jump=2, resample=2 -> [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]. The published setting
+    is jump 10, resample 10 on 250 steps (sec. 5.1); jump 1 is Algorithm 1 as printed."""
+    if jump < 1 or resample < 1:
+        raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
+    ts = []
+    for t in range(T - 1, -1, -1):
+        ts.append(t)
+        if t % jump == 0 and t + jump < T:  # back up to t + jump and down to t again, resample - 1 times
+            ts += list(range(t + jump, t - 1, -1)) * (resample - 1)
+    return ts + [-1]
+
+
 def slerp(z0, z1, alpha):
     """Spherical interpolation between two noise tensors per sample (Shoemake 1985), as DDIM (Song et al.
     2021, sec. 5.3) interpolates x_T: a straight line would shrink the norm a Gaussian sample has."""
@@ -95,6 +113,13 @@ class Diffusion:
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), eq. 4."""
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_sample_from(self, x_s, s, t, noise):
+        """x_t ~ q(x_t | x_s) for states s < t: eq. 2 applied t - s times, which collapses as eq. 4 does into
+        N(sqrt(alpha-bar_t / alpha-bar_s) x_s, (1 - alpha-bar_t / alpha-bar_s) I), the ratio being the product
+        of alpha_{s+1} ... alpha_t."""
+        a = (self.alphas_cumprod[t] / self.alphas_cumprod[s]).item()
+        return math.sqrt(a) * x_s + math.sqrt(1 - a) * noise
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
@@ -172,22 +197,23 @@ class Diffusion:
             x, x0 = self.ddpm_step(model, x, t, y, guidance, variance, generator)
             yield t, x, x0
 
-    def inpaint_loop(self, model, image, known, resample=1, y=None, guidance=0.0, generator=None):
-        """RePaint (Lugmayr et al. 2022, Algorithm 1) with an unconditional model: at every reverse step the
-        `known` pixels (a {0, 1} mask broadcastable to `image`) are taken from q(x_{t-1} | x_0 = image) and
-        the rest from the model's step; each step is then re-noised to t and redone `resample` times in all,
-        so the generated region can agree with the known one. Yields (t, x_{t-1}, predicted x_0)."""
+    def inpaint_loop(self, model, image, known, resample=1, y=None, guidance=0.0, generator=None, jump=10):
+        """RePaint (Lugmayr et al. 2022) with an unconditional model, along `repaint_schedule(T, jump, resample)`.
+        Each reverse step is Algorithm 1's: the `known` pixels (a {0, 1} mask broadcastable to `image`) are
+        taken from q(x_{t-1} | x_0 = image), the rest from the model's step (eq. 8). Each jump back up re-noises
+        all of x with q(x_{t+jump} | x_t) (sec. 4.2), so the generated region gets `resample` passes to agree
+        with the known one. Yields (t, x_{t-1}, predicted x_0) at each reverse step."""
+        ts = repaint_schedule(self.T, jump, resample)
         x = torch.randn(image.shape, generator=generator, device=image.device)
-        for t in range(self.T - 1, -1, -1):
-            for u in range(resample):
-                noise = torch.randn(image.shape, generator=generator, device=image.device)
-                x_known = self.q_sample(image, torch.full((len(image),), t - 1, device=image.device), noise) if t else image
-                x_unknown, x0 = self.ddpm_step(model, x, t, y, guidance, generator=generator)
-                x_prev = known * x_known + (1 - known) * x_unknown
-                if u + 1 < resample and t > 0:  # back to step t: x_t ~ q(x_t | x_{t-1}), eq. 2
-                    z = torch.randn(image.shape, generator=generator, device=image.device)
-                    x = self.alphas[t].sqrt().item() * x_prev + self.betas[t].sqrt().item() * z
-            x = x_prev
+        for t, t_next in zip(ts, ts[1:]):
+            noise = torch.randn(image.shape, generator=generator, device=image.device) if t_next >= 0 else None
+            if t_next > t:  # a jump back up
+                x = self.q_sample_from(x, t, t_next, noise)
+                continue
+            t_known = torch.full((len(image),), t_next, device=image.device)
+            x_known = image if noise is None else self.q_sample(image, t_known, noise)  # the last step adds no noise
+            x_unknown, x0 = self.ddpm_step(model, x, t, y, guidance, generator=generator)
+            x = known * x_known + (1 - known) * x_unknown
             yield t, x, x0
 
     def mix(self, model, a, b, t, weight=0.5, generator=None):

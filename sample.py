@@ -209,11 +209,11 @@ def mix_strip(diffusion, model, a, b, ts, weight, generator):
     return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *[f"t={t}" for t in ts]])
 
 
-def inpaint_strip(diffusion, model, image, hole, n, resample, generator):
+def inpaint_strip(diffusion, model, image, hole, n, resample, jump, generator):
     """The image, the image with its hole greyed out, then n RePaint completions."""
     known = 1 - hole
     x = image.repeat(n, 1, 1, 1)
-    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator):
+    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator, jump=jump):
         pass
     x = torch.cat([image, image * known, x.float().clamp(-1, 1)])
     return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
@@ -259,13 +259,9 @@ def draw_picture(args, model, diffusion, labels, shape, g):
         a, b = (load_image(f, shape[0], shape[1:]).to(device) for f in args.mix)
         picture, name = mix_strip(diffusion, model, a, b, ts, args.weight, g), "mix"
     elif args.inpaint:
-        if not args.mask:
-            raise ValueError("--inpaint needs --mask: an image whose white pixels are the ones to fill")
-        if args.resample < 1:
-            raise ValueError("--resample must be at least 1")
         image = load_image(args.inpaint, shape[0], shape[1:]).to(device)
         hole = load_mask(args.mask, shape[1:]).to(device)
-        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, g), "inpaint"
+        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, args.jump, g), "inpaint"
     else:
         if args.interp < 2 or args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta):
             raise ValueError("--interp needs at least 2 frames and a deterministic sampler (dpm++, or ddim with eta 0)")
@@ -326,8 +322,12 @@ def build_parser():
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default 0 50 "
                    "100 250 500 750 999 / 100 250 400 550 700 850)")
     v.add_argument("--mask", help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
-    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes per step (1: no "
-                   "resampling; README, Pictures)")
+    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
+                   "--jump steps (1: one pass; RePaint's published setting: --resample 10 --jump 10, about r times "
+                   "the time; README, Pictures)")
+    v.add_argument("--jump", type=positive, help="--inpaint with --resample > 1: RePaint's jump length j (default "
+                   "10), the steps gone back up before each new pass (1: every step redone at once; RePaint's 10 "
+                   "count steps of a 250-step schedule, here of the checkpoint's T)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32")
@@ -358,6 +358,7 @@ def check_args(p, args):
         (args.t, picture in ("forward", "mix"), "--t is only used with --forward or --mix"),
         (args.mask, picture == "inpaint", "--mask is only used with --inpaint"),
         (args.resample != 1, picture == "inpaint", "--resample is only used with --inpaint"),
+        (args.jump, args.resample > 1, "--jump is only used with --inpaint --resample R (R > 1)"),
         (args.replace, args.out_dir, "--replace needs --out-dir"),
         (args.out_dir or args.fid, not picture, f"--out-dir and --fid write samples, not the --{picture} picture"),
         (args.interp, args.sampler == "dpm++" or (args.sampler == "ddim" and not args.eta),
@@ -411,6 +412,7 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.steps, args.eta, args.variance = args.steps or DEFAULT_STEPS, args.eta or 0.0, args.variance or "beta"
     args.weight = 0.5 if args.weight is None else args.weight
+    args.jump = args.jump or 10
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)

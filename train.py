@@ -40,17 +40,24 @@ from sample import (DEFAULT_SAMPLER, DEFAULT_STEPS, Parser, check_device, fastes
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
-# Per-preset training defaults (flags override). 'paper' is Ho et al.'s CIFAR-10 recipe; tiny's were measured
+# Per-preset training defaults (flags override). 'paper' is Ho et al.'s recipe, per size; tiny's were measured
 # for quality per CPU-minute (README, "Choosing the CPU presets"); small shares its recipe, not yet measured.
 PRESET_DEFAULTS = {
-    # the paper's CIFAR-10 settings: eps target, linear schedule, Adam 2e-4, warm-up 5000, EMA 0.9999
-    "paper": dict(target="eps", schedule="linear", lr=2e-4, batch=128, warmup=5000, ema=0.9999, cosine=False),
+    # the paper's settings: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999; lr and batch below
+    "paper": dict(target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
     # CPU presets trained for minutes: v target (an eps net this young is too inexact at large t, where x_0 =
     # (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies its error ~150x; README, "Quick start"),
     # cosine schedule (fewer steps wasted on near-pure noise at low resolution), lr annealed to 0
     "small": dict(target="v", schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True),
     "tiny": dict(target="v", schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True),
 }
+# The paper preset's lr and batch at the size nearest the image's shorter side (unet.paper_size; its dropout
+# is unet.PAPER_NETWORKS'). Ho et al., Appendix B: "We set the batch size to 128 for CIFAR10 and 64 for larger
+# images"; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable to train with the larger
+# learning rate". Ho et al. trained no 64 or 128 network: 64 follows Nichol & Dhariwal 2021's ImageNet 64x64 runs
+# (lr 1e-4, batch 128 in their released flags), and 128, where neither paper trained, keeps that recipe.
+PAPER_LR_BATCH = {32: dict(lr=2e-4, batch=128), 64: dict(lr=1e-4, batch=128), 128: dict(lr=1e-4, batch=128),
+                  256: dict(lr=2e-5, batch=64)}
 
 
 # The settings that make the network and the diffusion: --resume refuses to change any of them.
@@ -94,7 +101,9 @@ def build_parser(prog="train.py"):
       "(Ho & Salimans)")
     a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size)")
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size); "
+      "paper's lr, batch, dropout at the size nearest the shorter side: " + " | ".join(f"{s}: {r['lr']:.0e}, "
+      f"{r['batch']}, {unet.PAPER_NETWORKS[s]['dropout']:g}" for s, r in PAPER_LR_BATCH.items()))
     a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
     a("--T", type=number(int, "[2, 100000]"), default=1000, help="number of diffusion steps")
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
@@ -192,7 +201,10 @@ def parse_args(argv=None):
                if ckpt and getattr(given, k) not in (UNSET, getattr(from_config, k))]
     if changed:
         parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
-    for k, v in PRESET_DEFAULTS[args.model].items():
+    defaults = dict(PRESET_DEFAULTS[args.model])
+    if args.model == "paper":
+        defaults.update(PAPER_LR_BATCH[unet.paper_size(parse_size(args.size))])
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data != "shapes":
@@ -581,7 +593,8 @@ def train(args, ckpt, stop):
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
 
-    mcfg = unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
+    # a resumed run keeps the network it was built with, whatever the presets have become since
+    mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     model = unet.UNet(**mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -665,7 +678,8 @@ def train(args, ckpt, stop):
     if args.fid_every:
         import fid
     log(f"{len(images)} images {channels}x{size[0]}x{size[1]}, {len(classes) if args.cond else 'no'} classes | "
-        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
+        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
+        f"{', '.join(f'{h}x{w}' for h, w in model.attn_sizes)} and the middle | "
         f"batch {args.batch} = {world} process(es) x {args.accum} accumulation x {micro} | {precision} on {device}")
     tty = sys.stdout.isatty()
     t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0

@@ -1,9 +1,10 @@
 """The noise-prediction network of Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models".
 
 A U-Net on the PixelCNN++ backbone (Appendix B): ResNet blocks with GroupNorm and a sinusoidal timestep
-embedding added in every block, self-attention at 16x16, dropout, two ResNet blocks per resolution. The
-constructor's defaults are the paper's CIFAR-10 network (35.7M parameters). Weight names follow the
-paper's code as ported by pesser/pytorch_diffusion (`down[i].block[j]`, `mid.attn_1`, `norm_out`).
+embedding added in every block, self-attention at 16x16 (at other sizes: the level nearest 16x16, see
+`attention_levels`), dropout, two ResNet blocks per resolution. The constructor's defaults are the paper's
+CIFAR-10 network (35.7M parameters). Weight names follow the paper's code as ported by pesser/pytorch_diffusion
+(`down[i].block[j]`, `mid.attn_1`, `norm_out`).
 
     model = UNet(in_ch=3, image_size=(32, 32))
     eps = model(x_t, t)          # x_t [N, C, H, W], t [N] integer timesteps in [0, T)
@@ -17,16 +18,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Network settings per image size. The paper gives 32x32 (four resolutions, 32 to 4) and 256x256 (six,
-# 256 to 8); between them we follow Nichol & Dhariwal's choices (64: 1,2,3,4; 128: 1,1,2,3,4).
-PAPER_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+# Network settings per image size. The paper gives 32x32 (four resolutions, 32 to 4) and 256x256 (six, 256 to
+# 8); between them we follow Nichol & Dhariwal's choices (64: 1,2,3,4; 128: 1,1,2,3,4). Dropout (Ho et al.,
+# Appendix B): 0.1 on CIFAR-10, "We set dropout rate on the other datasets to zero without sweeping"; at 64 and
+# 128 none either, as in Nichol & Dhariwal's ImageNet 64x64 runs (of their runs only CIFAR-10 uses dropout).
+PAPER_NETWORKS = {
+    32: dict(ch_mult=(1, 2, 2, 2), dropout=0.1),
+    64: dict(ch_mult=(1, 2, 3, 4), dropout=0.0),
+    128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0),
+    256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+}
 
 # Small networks for CPUs; the names are what `train.py --model` accepts.
 PRESETS = {
-    "paper": dict(ch=128, num_res_blocks=2, dropout=0.1),
+    "paper": dict(ch=128, num_res_blocks=2),  # ch_mult and dropout from PAPER_NETWORKS by size
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1),
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0),
 }
+
+
+def paper_size(image_size):
+    """The size in PAPER_NETWORKS nearest to the shorter side of (H, W) by ratio: 48 -> 64, 24 -> 32."""
+    short = min(image_size)
+    return min(PAPER_NETWORKS, key=lambda s: abs(math.log2(s / short)))
 
 
 def model_config(preset, image_size, in_ch, num_classes=0):
@@ -34,12 +48,22 @@ def model_config(preset, image_size, in_ch, num_classes=0):
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
-    if "ch_mult" not in cfg:  # the paper network grows with the image: bottom resolution 4 to 8
-        short = min(image_size)
-        cfg["ch_mult"] = PAPER_CH_MULT[min(PAPER_CH_MULT, key=lambda s: abs(math.log2(s / short)))]
+    if preset == "paper":  # the paper network grows with the image: bottom resolution 4 to 8
+        cfg.update(PAPER_NETWORKS[paper_size(image_size)])
     cfg.update(in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
     cfg["ch_mult"] = tuple(cfg["ch_mult"])
     return cfg
+
+
+def attention_levels(image_size, ch_mult, attn_res=(16,)):
+    """The levels (0: full size, one per entry of ch_mult) with self-attention: for each side in attn_res, the
+    one level whose shorter side is nearest to it by ratio. The paper attends at 16x16 in its 32x32 and
+    256x256 networks; where no level is 16 (sizes 24, 48, 96, 192: levels ..., 24, 12, ...) the nearest
+    level gets it. Nearest by ratio, as the levels are a factor 2 apart (so the token count H*W, which sets
+    attention's cost, is nearest to the paper's 16*16 too): 24 and 12 are 1.5x and 1.33x from 16, so 12.
+    No tie can occur: sides s and s/2 equally far from r would need s = r * sqrt(2), which no integer is."""
+    sides = [min(image_size) // 2 ** level for level in range(len(ch_mult))]
+    return sorted({min(range(len(sides)), key=lambda i: abs(math.log2(sides[i] / r))) for r in attn_res})
 
 
 def check_size(image_size, ch_mult):
@@ -133,21 +157,24 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     """Ho et al.'s U-Net. Defaults: the paper's CIFAR-10 model (ch 128, ch_mult 1,2,2,2, two ResNet blocks
-    per level, attention at 16x16, dropout 0.1). `image_size` (H, W) decides where attention goes
-    (levels whose shorter side is in `attn_res`). `num_classes` > 0 adds a class embedding with one extra
-    null row, selected by label -1, for classifier-free guidance."""
+    per level, attention at 16x16, dropout 0.1). `image_size` (H, W) decides where attention goes: the
+    level nearest each side in `attn_res` (`attention_levels`), plus the middle block; `attn_sizes` lists
+    those levels' (H, W). `num_classes` > 0 adds a class embedding with one extra null row, selected by
+    label -1, for classifier-free guidance."""
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
                  image_size=(32, 32), num_classes=0):
         super().__init__()
         check_size(image_size, ch_mult)
         self.ch, self.num_classes = ch, num_classes
+        attn_levels = attention_levels(image_size, ch_mult, attn_res)
+        self.attn_sizes = [(image_size[0] // 2 ** level, image_size[1] // 2 ** level) for level in attn_levels]
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.class_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
 
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        skip_chs, block_in, res = [ch], ch, min(image_size)
+        skip_chs, block_in = [ch], ch
         self.down = nn.ModuleList()
         for level, mult in enumerate(ch_mult):
             down = nn.Module()
@@ -155,12 +182,11 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks):
                 down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout))
                 block_in = ch * mult
-                down.attn.append(AttnBlock(block_in) if res in attn_res else nn.Identity())
+                down.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
                 skip_chs.append(block_in)
             if level != len(ch_mult) - 1:
                 down.downsample = Downsample(block_in)
                 skip_chs.append(block_in)
-                res //= 2
             self.down.append(down)
 
         self.mid = nn.Module()
@@ -175,10 +201,9 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout))
                 block_in = ch * mult
-                up.attn.append(AttnBlock(block_in) if res in attn_res else nn.Identity())
+                up.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
             if level != 0:
                 up.upsample = Upsample(block_in)
-                res *= 2
             self.up.insert(0, up)  # stored in resolution order, like the down path
 
         self.norm_out = norm(block_in)

@@ -153,10 +153,71 @@ def test_inpainting_keeps_the_known_pixels_and_fills_the_hole_from_the_model():
     image = torch.rand(2, 1, 6, 6, generator=g) * 2 - 1  # differs from x_star everywhere
     known = torch.zeros(1, 1, 6, 6)
     known[..., :3] = 1  # left half known
-    for _, x, _ in d.inpaint_loop(oracle(d, x_star), image, known, resample=2, generator=g):
+    for _, x, _ in d.inpaint_loop(oracle(d, x_star), image, known, resample=2, generator=g, jump=10):
         pass
     torch.testing.assert_close(x[..., :3], image[..., :3])
     assert (x[..., 3:] - x_star[..., 3:]).abs().max().item() < 1e-3
+
+
+def test_repaint_schedule_against_the_algorithm_by_hand():
+    # Lugmayr et al. sec. 4.2 / their jump schedule: down one step at a time; at each multiple of j whose jump
+    # stays below T, back up j (one move) and down again, r - 1 times. T=8, j=2, r=2: jumps from 4, 2 and 0
+    # (not from 6: 6 + 2 is past T - 1 = 7)
+    assert ddpm.repaint_schedule(8, 2, 2) == [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]
+    # T=7, j=3, r=3: jumps from 3 and 0, each stretch walked three times
+    assert ddpm.repaint_schedule(7, 3, 3) == [6, 5, 4, 3, 6, 5, 4, 3, 6, 5, 4, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, -1]
+    # j=1 is Algorithm 1 as printed (each step redone r times, re-noised by one step), but its last step once
+    assert ddpm.repaint_schedule(4, 1, 3) == [3, 2, 3, 2, 3, 2, 1, 2, 1, 2, 1, 0, 1, 0, 1, 0, -1]
+    assert ddpm.repaint_schedule(5, 10, 10) == [4, 3, 2, 1, 0, -1]  # a jump longer than T: one pass
+    assert ddpm.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0, -1]  # r=1: one pass
+    with pytest.raises(ValueError):
+        ddpm.repaint_schedule(6, 0, 2)
+
+
+def test_repaint_schedule_published_setting_and_no_repeats_at_t0():
+    ts = ddpm.repaint_schedule(1000, 10, 10)
+    assert all(b == a - 1 or b == a + 10 for a, b in zip(ts, ts[1:]))
+    steps = [a for a, b in zip(ts, ts[1:]) if b < a]  # the reverse steps, by the timestep the network sees
+    counts = [steps.count(t) for t in range(1000)]
+    assert counts[0] == 1 and ts[-2:] == [0, -1] and ts.count(-1) == 1  # the last step, t=0, once
+    assert counts[1:991] == [10] * 990  # every step from 990 down to 1 is taken r = 10 times
+    assert counts[991:] == [1] * 9  # the top stretch cannot jump (a jump from 990 would pass 999)
+
+
+def test_q_sample_from_is_eq2_step_by_step():
+    d = ddpm.Diffusion()
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for s, t in [(0, 10), (240, 250), (3, 4), (0, 999)]:
+        mean, var = 1.0, 0.0  # x_u = sqrt(alpha_u) x_{u-1} + sqrt(beta_u) z, eq. 2, for u = s+1 ... t
+        for u in range(s + 1, t + 1):
+            mean, var = mean * d.alphas[u].sqrt().item(), d.alphas[u].item() * var + d.betas[u].item()
+        torch.testing.assert_close(d.q_sample_from(x, s, t, noise), mean * x + math.sqrt(var) * noise)
+
+
+def test_inpainting_keeps_the_known_pixels_at_each_steps_noise_level_across_jumps():
+    d = ddpm.Diffusion("linear", T=40)
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 6, 6, generator=g) * 2 - 1
+    known = torch.zeros(1, 1, 6, 6)
+    known[..., :3] = 1
+    calls, drawn = [], []  # the network's timesteps; each q(x_{t-1} | x_0 = image) drawn for the known pixels
+    q_sample = d.q_sample
+
+    def spy(x0, t, noise):
+        drawn.append((t[0].item(), q_sample(x0, t, noise)))
+        return drawn[-1][1]
+
+    def model(x, t, y=None):
+        calls.append(t[0].item())
+        return 0.3 * x
+
+    d.q_sample = spy
+    for t, x, _ in d.inpaint_loop(model, image, known, resample=3, generator=g, jump=5):
+        level, x_known = drawn[-1] if t else (-1, image)
+        assert level == t - 1 and torch.equal(x[..., :3], x_known[..., :3])
+    assert torch.equal(x[..., :3], image[..., :3])  # exactly the image at the end
+    assert calls.count(0) == 1 and calls.count(1) == 3 and calls.count(39) == 1 and len(calls) == 3 * 35 + 5
 
 
 def test_mix_denoises_the_noised_pixel_blend():

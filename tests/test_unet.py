@@ -37,6 +37,74 @@ def test_paper_network_grows_with_the_image():
     assert unet.model_config("paper", (256, 256), 3)["ch_mult"] == (1, 1, 2, 2, 4, 4)
 
 
+# size: (H, W) of the level with attention (2 down + 3 up blocks), (H, W) of the middle block; worked out by
+# hand from the paper network's levels, e.g. 48 -> ch_mult 1,2,3,4 -> levels 48, 24, 12, 6: 12 is 1.33x from
+# 16 and 24 is 1.5x. Sizes 24, 48, 96, 192 and 48x80 had only the middle block's attention before.
+ATTENTION = {(16, 16): ((16, 16), (2, 2)), (24, 24): ((12, 12), (3, 3)), (32, 32): ((16, 16), (4, 4)),
+             (48, 48): ((12, 12), (6, 6)), (64, 64): ((16, 16), (8, 8)), (96, 96): ((12, 12), (6, 6)),
+             (128, 128): ((16, 16), (8, 8)), (192, 192): ((12, 12), (6, 6)), (256, 256): ((16, 16), (8, 8)),
+             (32, 64): ((16, 32), (4, 8)), (48, 80): ((12, 20), (6, 10))}
+
+
+@pytest.mark.parametrize("size", ATTENTION, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_paper_network_attends_at_the_level_nearest_16(size):
+    cfg = dict(unet.model_config("paper", size, 3), ch=32)  # the paper's module tree, fewer channels
+    m = unet.UNet(**cfg)
+    where = []  # (H, W) of each attention block in the tree: down.L / up.L run at size / 2^L, mid at the bottom
+    for name, block in m.named_modules():
+        if isinstance(block, unet.AttnBlock):
+            level = len(cfg["ch_mult"]) - 1 if name == "mid.attn_1" else int(name.split(".")[1])
+            where.append((size[0] // 2 ** level, size[1] // 2 ** level))
+    level, middle = ATTENTION[size]
+    assert sorted(where) == sorted([level] * 5 + [middle])  # 6 blocks, counting the middle one
+    assert m.attn_sizes == [level]
+
+
+@pytest.mark.parametrize("size", [(24, 24), (48, 80)], ids=["24x24", "48x80"])
+def test_attention_runs_at_the_listed_size(size):
+    m = unet.UNet(**dict(unet.model_config("paper", size, 3), ch=32))
+    seen = []
+    for block in m.modules():
+        if isinstance(block, unet.AttnBlock):
+            block.register_forward_hook(lambda mod, inputs, out: seen.append(tuple(inputs[0].shape[2:])))
+    with torch.no_grad():
+        m(torch.zeros(1, 3, *size), torch.tensor([10]))
+    assert sorted(seen) == sorted(m.attn_sizes * 5 + [ATTENTION[size][1]])
+
+
+def test_attention_level_is_nearest_by_ratio():
+    assert unet.attention_levels((22, 22), (1, 2)) == [0]  # 22 is 1.375x from 16, 11 is 1.45x (by difference: 11)
+    assert unet.attention_levels((32, 32), (1, 2, 2, 2), attn_res=(16, 8)) == [1, 2]
+    assert unet.attention_levels((256, 256), (1, 2, 2)) == [2]  # the bottom, 64x64, is the nearest there is
+
+
+@pytest.mark.parametrize("size,level", [(32, 1), (64, 2), (128, 3), (256, 4)])
+def test_attention_weights_keep_their_names_at_the_paper_sizes(size, level):
+    """Checkpoints written before the nearest-level rule must still load: at these sizes one level is 16x16,
+    and attention sits there, under the same names."""
+    m = unet.UNet(**dict(unet.model_config("paper", (size, size), 3), ch=32))
+    names = {name for name, mod in m.named_modules() if isinstance(mod, unet.AttnBlock)}
+    expected = {f"down.{level}.attn.{i}" for i in range(2)} | {f"up.{level}.attn.{i}" for i in range(3)}
+    assert names == expected | {"mid.attn_1"}
+
+
+def test_paper_recipe_per_size_in_the_saved_config():
+    """lr and batch (train.py's defaults) and dropout (the network's) follow Ho et al. at 32 and 256 and
+    Nichol & Dhariwal's ImageNet 64x64 recipe at 64 and 128; sizes between take the nearest."""
+    import train
+
+    expected = {"32": (2e-4, 128, 0.1), "64": (1e-4, 128, 0.0), "128": (1e-4, 128, 0.0), "256": (2e-5, 64, 0.0),
+                "48x80": (1e-4, 128, 0.0), "24": (2e-4, 128, 0.1), "192": (2e-5, 64, 0.0)}
+    for size, (lr, batch, dropout) in expected.items():
+        args, _ = train.parse_args(["--size", size])
+        mcfg = unet.model_config(args.model, train.parse_size(size), 3)
+        assert (args.lr, args.batch, mcfg["dropout"]) == (lr, batch, dropout), size
+    args, _ = train.parse_args(["--size", "256", "--lr", "1e-3", "--batch", "8"])  # flags still win
+    assert (args.lr, args.batch) == (1e-3, 8)
+    args, _ = train.parse_args(["--size", "256", "--model", "tiny"])  # the CPU presets do not change with size
+    assert (args.lr, args.batch, unet.model_config("tiny", (256, 256), 3)["dropout"]) == (2e-3, 32, 0.0)
+
+
 def test_attention_is_single_head_softmax_of_q_k_over_sqrt_c():
     torch.manual_seed(0)
     block = unet.AttnBlock(32)
