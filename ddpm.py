@@ -38,6 +38,14 @@ def immiscible_noise(x0, noise):
     return noise[torch.as_tensor(cols, device=noise.device)]
 
 
+def randn(shape, generator=None, device="cpu"):
+    """N(0, I) noise of `shape`. `generator` is one torch.Generator, or a list of one per sample (along dim 0):
+    each sample then draws from its own stream, so its noise does not depend on the batch it is sampled in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def spaced_timesteps(T, steps):
     """`steps` timesteps from T-1 down, evenly spaced ("trailing", Lin et al. 2024), so the first step
     starts from pure noise: T=1000, steps=4 -> [999, 749, 499, 249]."""
@@ -188,7 +196,7 @@ class Diffusion:
         if t == 0:  # no noise is added at the last step
             return mean, x0
         var = (self.betas if variance == "beta" else self.posterior_variance)[t].item()
-        return mean + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device), x0
+        return mean + math.sqrt(var) * randn(x.shape, generator, x.device), x0
 
     def ddpm_loop(self, model, x, y=None, guidance=0.0, variance="beta", generator=None, t_start=None):
         """Algorithm 2, ancestral sampling from x = x_T (or x = x_{t_start}, an image noised to that step)
@@ -204,9 +212,9 @@ class Diffusion:
         all of x with q(x_{t+jump} | x_t) (sec. 4.2), so the generated region gets `resample` passes to agree
         with the known one. Yields (t, x_{t-1}, predicted x_0) at each reverse step."""
         ts = repaint_schedule(self.T, jump, resample)
-        x = torch.randn(image.shape, generator=generator, device=image.device)
+        x = randn(image.shape, generator, image.device)
         for t, t_next in zip(ts, ts[1:]):
-            noise = torch.randn(image.shape, generator=generator, device=image.device) if t_next >= 0 else None
+            noise = randn(image.shape, generator, image.device) if t_next >= 0 else None
             if t_next > t:  # a jump back up
                 x = self.q_sample_from(x, t, t_next, noise)
                 continue
@@ -220,7 +228,7 @@ class Diffusion:
         """Blend two images after noising them to step t (report 000's mixing). With the same noise for both,
         (1 - weight) x_t(a) + weight x_t(b) is q_sample of the pixel blend, a proper x_t; ancestral sampling
         then denoises it from t. Small t keeps the blend; large t lets the model redraw it."""
-        noise = torch.randn(a.shape, generator=generator, device=a.device)
+        noise = randn(a.shape, generator, a.device)
         x = self.q_sample((1 - weight) * a + weight * b, torch.full((len(a),), t, device=a.device), noise)
         for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):
             pass
@@ -237,7 +245,7 @@ class Diffusion:
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
             if sigma > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+                x = x + sigma * randn(x.shape, generator, x.device)
             yield t, x, x0
 
     def dpm_solver_loop(self, model, x, steps=20, y=None, guidance=0.0):
@@ -272,8 +280,9 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, shape, device="cpu", generator=None, **kwargs):
-        """Draw x_T ~ N(0, I) of `shape` and run a sampler (see `loop` for the options) to x_0 in [-1, 1]."""
-        x = torch.randn(shape, generator=generator, device=device)
+        """Draw x_T ~ N(0, I) of `shape` and run a sampler (see `loop` for the options) to x_0 in [-1, 1];
+        `generator` may be a list of one per sample (see `randn`)."""
+        x = randn(shape, generator, device)
         for _, x, _ in self.loop(model, x, generator=generator, **kwargs):
             pass
         return x.clamp(-1, 1)

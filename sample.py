@@ -20,6 +20,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a tracebac
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageOps
 
 import ddpm
@@ -27,6 +28,7 @@ import unet
 
 # The default sampler and step count: the best quality for the time we measured (README, "Samplers").
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
+GRID_MAX = 256  # the sample grid shows at most the first 256 samples
 CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")
 
 
@@ -284,8 +286,9 @@ def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--n", type=positive, help="number of images (default 64; a conditional checkpoint without "
-                   "--class: a row of 8 per class)")
+    p.add_argument("--num-samples", "--n", dest="n", type=positive, help="number of images (default 64; a "
+                   "conditional checkpoint without --class: a row of 8 per class). torchrun takes --n for its own "
+                   "--nnodes: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of the initial noise and "
                    "sampler noise")
@@ -299,7 +302,8 @@ def build_parser():
                    "model. diffusers' guidance_scale is 1 + w")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
-    p.add_argument("--grid", help="grid or picture path, .png (default: beside the checkpoint)")
+    p.add_argument("--grid", help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png (default: "
+                   "beside the checkpoint)")
     p.add_argument("--nrow", type=positive, default=8, help="images per grid row")
     p.add_argument("--out-dir", help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
@@ -347,7 +351,7 @@ def check_writable(path, flag):
         raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
-def check_args(p, args):
+def check_args(p, args, world=1):
     """Flag combinations, output paths and the device, before the checkpoint is even read."""
     picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f) is not None), None)
     needs = [  # (the flag was given, it is used only when this holds, what to say)
@@ -365,6 +369,8 @@ def check_args(p, args):
          "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),
         (picture == "inpaint", args.mask, "--inpaint needs --mask: an image whose white pixels are the ones to fill"),
         (args.fid, (args.n or 64) >= 2, "--fid needs --n 2 or more"),
+        (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) write --out-dir; "
+         "run fid.py on it afterwards (--fid and the pictures take one process)"),
         (args.process, (args.process or "").lower().endswith((".gif", ".png")), "--process: give a .gif or .png path"),
     ]
     for given, allowed, message in needs:
@@ -392,7 +398,7 @@ def check_out_dir(folder, replace):
         raise ValueError(f"--out-dir {folder} is a file: give a folder")
     if not os.path.isdir(folder):
         try:
-            os.makedirs(folder)
+            os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
     found = sorted(os.listdir(folder))
@@ -406,7 +412,12 @@ def check_out_dir(folder, replace):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    picture, grid = check_args(p, args)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    picture, grid = check_args(p, args, world)
+    if world > 1:  # torchrun: each process samples its share and writes its PNGs; rank 0 the grid
+        dist.init_process_group("gloo")
+        if rank:
+            sys.stdout = open(os.devnull, "w")
     if picture:
         args.n = args.n or 4
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -439,37 +450,60 @@ def main(argv=None):
             p.error(str(e))
         print(f"wrote {path}")
         return
-    out = []
-    for start in range(0, args.n, args.batch_size):
-        b = min(args.batch_size, args.n - start)
-        y = None if labels is None else labels[start:start + b].to(device)
-        with autocast:
-            out.append(diffusion.sample(model, (b, channels, h, w), device=device, generator=g, sampler=args.sampler,
-                                        steps=args.steps, eta=args.eta, variance=args.variance, y=y,
-                                        guidance=args.guidance).cpu())
-        print(f"\r{start + b}/{args.n} images", end="", file=sys.stderr, flush=True)
+    if args.replace and rank == 0:
+        for f in os.listdir(args.out_dir):  # checked above: only images
+            os.remove(os.path.join(args.out_dir, f))
+    if world > 1:
+        dist.barrier()  # every process has checked --out-dir before any writes to it
+    shown, kept = {}, []  # the grid's first GRID_MAX samples by index; all samples for --fid (one process)
+    for idx, x in sample_shard(diffusion, model, labels, (channels, h, w), args, device, autocast, rank, world):
+        if not torch.isfinite(x).all():  # never a black image that looks like a result
+            print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
+                  "out non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
+            raise SystemExit(1)
+        for i, image, im in zip(idx, x, to_uint8(x)):
+            if args.out_dir:
+                Image.fromarray(im[..., 0] if channels == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
+            if i < GRID_MAX:
+                shown[i] = image
+        kept += [x] if args.fid else []
+        if rank == 0:
+            print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(shown, parts)
+        shown = {i: image for part in parts or [] for i, image in part.items()}
+        dist.destroy_process_group()
+    if rank:
+        return
     print(file=sys.stderr)
-    x = torch.cat(out)
-    if not torch.isfinite(x).all():  # never a black image that looks like a result
-        print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {args.n} samples came out "
-              f"non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
-        raise SystemExit(1)
-    save_grid(x, grid, nrow=args.nrow)
+    save_grid(torch.stack([shown[i] for i in sorted(shown)]), grid, nrow=args.nrow)
     what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
-    print(f"wrote {grid} ({args.n} images, {what})")
+    print(f"wrote {grid} ({len(shown)} of {args.n} images, {what})")
     if args.out_dir:
-        for f in os.listdir(args.out_dir):  # checked above: only images, and only with --replace
-            os.remove(os.path.join(args.out_dir, f))
-        for i, im in enumerate(to_uint8(x)):
-            Image.fromarray(im[..., 0] if channels == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
-        print(f"wrote {args.n} PNGs to {args.out_dir}")
+        print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
     if args.fid:
         import fid
 
-        value = fid.fid_from_samples(x, args.fid, args.n, model=inception, device=args.device)
+        value = fid.fid_from_samples(torch.cat(kept), args.fid, args.n, model=inception, device=args.device)
         print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
+
+
+def sample_shard(diffusion, model, labels, shape, args, device, autocast, rank=0, world=1):
+    """Yield (indices, samples [B, C, H, W] in [-1, 1] on the CPU) for this process's share of the --n samples
+    (every world-th), --batch-size at a time. Sample i's x_T and sampler noise come from its own generator,
+    seeded by (--seed, i), so each image is the same whatever the batch size and the number of processes."""
+    mine = list(range(rank, args.n, world))
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start:start + args.batch_size]
+        generators = [torch.Generator(device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
+        y = None if labels is None else labels[idx].to(device)
+        with autocast:
+            x = diffusion.sample(model, (len(idx), *shape), device=device, generator=generators, sampler=args.sampler,
+                                 steps=args.steps, eta=args.eta, variance=args.variance, y=y, guidance=args.guidance)
+        yield idx, x.float().cpu()
 
 
 def fid_meter(p, args, device):

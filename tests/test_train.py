@@ -203,3 +203,22 @@ def test_pictures_of_the_process_from_the_command_line(folder, tmp_path, capsys)
     one_line_error(run("sample.py", ckpt, "--forward", tmp_path / "none.png"), "none.png")
     one_line_error(run("sample.py", ckpt, "--mix", img, img, "--t", "1000"), "--t")
     one_line_error(run("sample.py", ckpt, "--process", tmp_path / "p.jpg"), "--process", ".gif")
+
+
+def test_samples_are_the_same_for_any_batch_size_and_number_of_processes(folder, tmp_path):
+    # sample i's x_T and sampler noise are a function of (seed, i): ddim with eta 1 draws noise at every step
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    ckpt, common = tmp_path / "r" / "ckpt.pt", ["--sampler", "ddim", "--eta", "1", "--steps", "3", "--seed", "7"]
+    for name, batch in (("one_b2", 2), ("one_b5", 5)):
+        sample.main([str(ckpt), "--num-samples", "7", "--batch-size", str(batch), "--out-dir", str(tmp_path / name),
+                     "--grid", str(tmp_path / f"{name}.png"), *common])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "sample.py"),
+                        str(ckpt), "--num-samples", "7", "--batch-size", "3", "--out-dir", str(tmp_path / "two"),
+                        "--grid", str(tmp_path / "two.png"), *common], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = [f"{i:06d}.png" for i in range(7)]
+    for name in ("one_b5", "two"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == names
+        for f in names:
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / "one_b2" / f).read_bytes(), (name, f)
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one_b2.png").read_bytes()
