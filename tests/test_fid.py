@@ -273,10 +273,10 @@ def bad(tmp_path_factory):
     np.savez(d / 'badn.npz', mu=np.zeros(4), sigma=np.eye(4), n=np.arange(2))
     inf, nonsym = np.eye(4), np.eye(4) + np.triu(np.ones((4, 4)), 1)
     inf[2, 2] = np.inf
-    stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'mu2d': (np.zeros((2, 2)), np.eye(4)),
-             'sigma43': (np.zeros(4), np.ones((4, 3))), 'sigma5': (np.zeros(4), np.eye(5)), 'nan': (np.full(4, np.nan), np.eye(4)),
-             'd0': (np.zeros(0), np.zeros((0, 0))), 'inf': (np.zeros(4), inf), 'nonsym': (np.zeros(4), nonsym),
-             'negvar': (np.zeros(4), -np.eye(4))}
+    stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'd0': (np.zeros(0), np.eye(0)),
+             'mu2d': (np.zeros((2, 2)), np.eye(4)), 'sigma43': (np.zeros(4), np.ones((4, 3))),
+             'sigma5': (np.zeros(4), np.eye(5)), 'nan': (np.full(4, np.nan), np.eye(4)), 'inf': (np.zeros(4), inf),
+             'nonsym': (np.zeros(4), nonsym), 'negvar': (np.zeros(4), -np.eye(4))}
     for name, (mu, sigma) in stats.items():
         np.savez(d / f'{name}.npz', mu=mu, sigma=sigma)
     return d
