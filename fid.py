@@ -11,7 +11,8 @@ features, float64 statistics and scipy's matrix square root. Statistics files ar
 
 Folders are searched recursively for .png .jpg .jpeg .webp .bmp .tif .tiff .gif files, in sorted order (--n
 takes the first N). Other files are skipped and counted on stderr; an image file that PIL cannot read is an
-error (exit status 2), because dropping it would silently change n.
+error (exit status 2), because dropping it would silently change n. Every flag, path and statistics file is
+checked before the network is loaded; a problem is one line on stderr and exit status 2.
 
 Weights come from, in order: `--weights PATH` (or `weights=`), $FID_WEIGHTS, the cache file
 $XDG_CACHE_HOME/ddpm-toolkit/pt_inception-2015-12-05-6726825d.pth (~/.cache if unset), and finally a
@@ -44,10 +45,19 @@ WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_wei
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 STATS_VERSION = 1  # part of the statistics cache key: change it when the preprocessing changes
+DIMS = 2048  # pool3 features, the dimension of every statistics file used with the network
+COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
 
 class FIDError(Exception):
     """A problem the user can fix (a path, a file, a flag); the CLI prints it as one line and exits with 2."""
+
+
+def check_counts(**counts):
+    """Raises FIDError unless each count given (None: not given) is an integer >= its minimum in COUNTS."""
+    for name, value in counts.items():
+        if value is not None and not (isinstance(value, (int, np.integer)) and value >= COUNTS[name]):
+            raise FIDError(f'{name} = {value!r}: must be a whole number >= {COUNTS[name]}')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,15 +239,17 @@ def cache_dir():
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ddpm-toolkit'
 
 
-def find_weights(weights=None):
-    """Path of the weights file: `weights`, else $FID_WEIGHTS, else the cache file, else a verified download.
-    A local file is taken as it is: files with the same tensors but other bytes (a re-saved copy) are fine."""
+def find_weights(weights=None, download=True):
+    """Path of the weights file: `weights`, else $FID_WEIGHTS, else the cache file, else a verified download
+    (download=False: FIDError). A local file is taken as it is: a re-saved copy with other bytes is fine."""
     for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS'), 'FID_WEIGHTS')):
         if path:
             if not Path(path).is_file():
                 raise FIDError(f'{source} {path}: no such file; give the path of {WEIGHTS_NAME}')
             return Path(path)
     cached = cache_dir() / WEIGHTS_NAME
+    if not cached.is_file() and not download:
+        raise FIDError(f'no FID weights: set FID_WEIGHTS=PATH or put {WEIGHTS_NAME} at {cached}')
     if not cached.is_file():
         download_weights(cached)
     return cached
@@ -364,6 +376,7 @@ def run_model(model, make_batch, n, batch_size, device, workers, progress):
     this thread: a torch op on a second thread starts a second OpenMP team that competes with the network's
     for the cores (moving it here took bench_fid.py from 7.8 to 8.4 images/s on 2 cores). `device` is where
     the resize runs. Returns float32 [n, 2048]."""
+    check_counts(batch_size=batch_size, workers=workers)
     model_device = next(model.parameters()).device
     starts = list(range(0, n, batch_size))
     outputs = []
@@ -396,10 +409,13 @@ def image_files(path, n=None):
     """(the first n image files under folder `path`, sorted, found recursively by extension; the count of
     other files, which are skipped), after checking there are at least 2 (for a covariance) and n. A file
     with an image extension that PIL cannot read is an error later: dropping it would change n."""
+    check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: no such folder')
-    files = sorted(p for p in Path(path).rglob('*') if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    # Only regular files are images (is_file follows links): reading a FIFO or socket named x.png would block
+    # forever, so it is skipped and counted like a file without an image extension.
+    files = [p for p in Path(path).rglob('*') if not p.is_dir()]
+    images = sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(images) < 2:
         raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}); '
                        'FID needs at least 2')
@@ -414,7 +430,7 @@ def folder_activations(path, model, n=None, batch_size=50, device=None, workers=
     device = device or next(model.parameters()).device
     files, skipped = image_files(path, n)
     if skipped and progress:
-        print(f'fid: {path}: skipped {skipped} file(s) without an image extension', file=sys.stderr)
+        print(f'fid: {path}: skipped {skipped} file(s) that are not image files', file=sys.stderr)
 
     def make_batch(start, stop):
         decoded = [torch.from_numpy(read_image(f)) for f in files[start:stop]]
@@ -434,14 +450,32 @@ def statistics(acts):
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
+# (what is wrong, test of mu [D], sigma [D, D] and whether they meet the network): cheap next to the square root.
+STATS_CHECKS = (
+    ('mu and sigma are not [D] and [D, D]', lambda mu, s, net: mu.ndim == 1 and len(mu) and s.shape == mu.shape * 2),
+    ('NaN or infinite values', lambda mu, s, net: np.isfinite(mu).all() and np.isfinite(s).all()),
+    ('sigma is not symmetric', lambda mu, s, net: np.abs(s - s.T).max() <= 1e-6 * np.abs(s).max()),
+    ('a negative variance on sigma\'s diagonal', lambda mu, s, net: np.diagonal(s).min() >= 0),
+    (f'not {DIMS}-d like the network\'s pool3 features', lambda mu, s, net: not net or len(mu) == DIMS),
+)
+
+
+def check_stats(mu, sigma, name, network=False):
+    """Raises FIDError naming `name` unless float64 mu and sigma pass STATS_CHECKS."""
+    for problem, ok in STATS_CHECKS:
+        if not ok(mu, sigma, network):
+            raise FIDError(f'{name}: {problem} (mu {list(mu.shape)}, sigma {list(sigma.shape)})')
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Fréchet distance between
     N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982), computed as pytorch-fid does."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FIDError(f'statistics do not match: mu {list(mu1.shape)}, sigma {list(sigma1.shape)} vs '
-                       f'mu {list(mu2.shape)}, sigma {list(sigma2.shape)}')
+    check_stats(mu1, sigma1, 'the first statistics')
+    check_stats(mu2, sigma2, 'the second statistics')
+    if mu1.shape != mu2.shape:
+        raise FIDError(f'statistics do not match: {len(mu1)}-d and {len(mu2)}-d')
     diff = mu1 - mu2
     with warnings.catch_warnings():
         # With fewer images than dimensions the product is singular and scipy warns; the checks below
@@ -458,7 +492,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}); '
                            'use more images')
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    # d^2 is a squared norm plus the squared Bures distance of two PSD matrices, so >= 0. The square root is
+    # good to about 1e-7 of the traces (a set of Inception features against itself gives -5e-5): a negative
+    # within 1e-5 of them is rounding and reads 0; a larger one, or NaN, means a sigma is not PSD.
+    if not value >= -1e-5 * (np.trace(sigma1) + np.trace(sigma2)):
+        raise FIDError(f'the distance came out {value:.3g}: a sigma is not positive semi-definite, no covariance')
+    return max(value, 0.0)
 
 
 def save_stats(path, mu, sigma, n=None):
@@ -467,8 +507,10 @@ def save_stats(path, mu, sigma, n=None):
         np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
 
 
-def load_stats(path):
-    """(mu, sigma, n or None) from a .npz with keys mu [D] and sigma [D, D] (n is optional)."""
+def load_stats(path, network=False):
+    """(mu, sigma, n or None) from a .npz with keys mu [D] and sigma [D, D] (n optional), after check_stats."""
+    if not Path(path).is_file():  # only a regular file: np.load would wait forever on a FIFO named x.npz
+        raise FIDError(f'{path}: not a regular file; statistics are a .npz file written by --save-stats')
     try:
         with np.load(path) as f:
             missing = [k for k in ('mu', 'sigma') if k not in f.files]
@@ -477,10 +519,9 @@ def load_stats(path):
                                'sigma (write one with --save-stats)')
             mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
             n = int(f['n']) if 'n' in f.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a .npy, an n [2]
         raise FIDError(f'{path}: not a readable .npz of statistics ({e})') from None
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise FIDError(f'{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]')
+    check_stats(mu, sigma, path, network)
     return mu, sigma, n
 
 
@@ -489,7 +530,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     whose statistics are cached in the cache folder under a key made of the resolved path, the images'
     names, sizes and modification times and n, so that a changed folder is noticed."""
     if str(ref).endswith('.npz'):
-        return load_stats(ref)[:2]
+        return load_stats(ref, network=True)[:2]
     files, _ = image_files(ref, n)
     key = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode())
     for f in files:
@@ -509,6 +550,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
 def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
     """FID between the first n of `samples` (float [N, C, H, W] in [-1, 1]) and the reference `ref` (a folder,
     its first n images, or a .npz of statistics). Loads the network if no `model` is given."""
+    check_counts(n=n)
     if len(samples) < max(n, 2):
         raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
     if model is None:
@@ -521,50 +563,76 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's errors as one line like every other (its own prints the usage too)
+        raise FIDError(message)
+
+
+def count_flag(name):
+    """argparse type of the flag for the count COUNTS[name], so that argparse's error names the flag."""
+    def parse(text):
+        if not text.isdigit() or int(text) < COUNTS[name]:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a whole number >= {COUNTS[name]}')
+        return int(text)
+    return parse
+
+
+def check_args(args):
+    """(device, inputs) after checking every flag and input, before the slow part: a typo fails in a second,
+    not after the first folder. inputs: (path, stats), stats (mu, sigma, n) of a .npz, None for a folder."""
+    if args.save_stats and len(args.paths) != 1:
+        raise FIDError('--save-stats writes the statistics of one PATH; give exactly one')
+    if not args.save_stats and len(args.paths) != 2:
+        raise FIDError('give two PATHs to compare, or one PATH and --save-stats OUT.npz')
+    if args.save_stats:  # can save_stats write there? Asked now, not after the work
+        out = Path(args.save_stats)
+        if out.suffix != '.npz' or out.is_dir() or (out.exists() and not out.is_file()):
+            raise FIDError(f'--save-stats {out}: give a new or regular file whose name ends in .npz')
+        try:
+            tempfile.TemporaryFile(dir=out.parent).close()  # a nameless file, gone when closed
+        except OSError as e:  # a missing folder, a file where the folder should be, no permission
+            raise FIDError(f'--save-stats {out}: cannot write in {out.parent} ({e.strerror})') from None
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise FIDError(f'--device {args.device}: not a device; use cpu, cuda or cuda:N') from None
+    if device.type != 'cpu' and (device.type != 'cuda' or (device.index or 0) >= torch.cuda.device_count()):
+        raise FIDError(f'--device {args.device}: not here ({torch.cuda.device_count()} CUDA devices); use cpu')
+    inputs = []
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise FIDError(f'{path}: no such file or folder')
+        if os.path.isdir(path):
+            image_files(path, args.n)
+            inputs.append((path, None))
+        elif path.endswith('.npz'):
+            inputs.append((path, load_stats(path)))
+        else:
+            raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
+    if len(inputs) == 2 and os.path.samefile(*args.paths):
+        raise FIDError(f'{args.paths[0]} and {args.paths[1]} are the same; a set against itself has FID 0')
+    dims = [len(stats[0]) if stats else DIMS for _, stats in inputs]
+    if len(set(dims)) > 1:
+        raise FIDError(f'{args.paths[0]} has {dims[0]}-d statistics but {args.paths[1]} has {dims[1]}-d; '
+                       'compute both with the same network (pool3, 2048-d)')
+    return device, inputs
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='FID between two sets of images (folders, searched recursively, '
-                                     'or .npz statistics with keys mu and sigma), or save one set\'s statistics.')
+    parser = ArgumentParser(description='FID between two sets of images (folders, searched recursively, '
+                            'or .npz statistics with keys mu and sigma), or save one set\'s statistics.')
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
     parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
-    parser.add_argument('--n', type=int, help='use the first N images of each folder (sorted paths)')
-    parser.add_argument('--batch-size', type=int, default=50, help='images per network call (default 50)')
+    parser.add_argument('--n', type=count_flag('n'), help='use the first N images of each folder (sorted paths)')
+    parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50,
+                        help='images per network call (default 50)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
     parser.add_argument('--weights', metavar='PATH', help=f'the weights file ({WEIGHTS_NAME} from pytorch-fid); '
                         'default: $FID_WEIGHTS, then the cache folder, then a verified download')
-    parser.add_argument('--workers', type=int, default=1, help='image decoding threads (default 1)')
-    args = parser.parse_args(argv)
+    parser.add_argument('--workers', type=count_flag('workers'), default=1, help='image decoding threads (default 1)')
     try:
-        if args.save_stats and len(args.paths) != 1:
-            raise FIDError('--save-stats writes the statistics of one PATH; give exactly one')
-        if not args.save_stats and len(args.paths) != 2:
-            raise FIDError('give two PATHs to compare, or one PATH and --save-stats OUT.npz')
-        for flag, value in (('--n', args.n), ('--batch-size', args.batch_size), ('--workers', args.workers)):
-            if value is not None and value < 1:
-                raise FIDError(f'{flag} {value}: must be at least 1')
-        try:
-            device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        except RuntimeError:
-            raise FIDError(f'--device {args.device}: not a device; use cpu, cuda or cuda:N') from None
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise FIDError(f'--device {args.device}: CUDA is not available here; use --device cpu')
-
-        # Check every input before the slow part, so a typo fails in a second, not after the first folder.
-        inputs = []  # (path, stats): stats is (mu, sigma, n) for a .npz, None for a folder (computed below)
-        for path in args.paths:
-            if not os.path.exists(path):
-                raise FIDError(f'{path}: no such file or folder')
-            if os.path.isdir(path):
-                image_files(path, args.n)
-                inputs.append((path, None))
-            elif path.endswith('.npz'):
-                inputs.append((path, load_stats(path)))
-            else:
-                raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
-        dims = [len(stats[0]) if stats else 2048 for _, stats in inputs]
-        if len(set(dims)) > 1:
-            raise FIDError(f'{args.paths[0]} has {dims[0]}-d statistics but {args.paths[1]} has {dims[1]}-d; '
-                           'compute both with the same network (pool3, 2048-d)')
-
+        args = parser.parse_args(argv)
+        device, inputs = check_args(args)
         model, results = None, []
         for path, stats in inputs:
             if stats is None:
@@ -581,7 +649,7 @@ def main(argv=None):
         value = frechet_distance(mu1, sigma1, mu2, sigma2)
         print(f'FID: {value}  (n = {n1 or "?"} from {args.paths[0]}, {n2 or "?"} from {args.paths[1]})')
         return 0
-    except FIDError as e:
+    except (FIDError, OSError) as e:  # OSError: e.g. a full disk under --save-stats after the checks passed
         print(f'fid.py: error: {e}', file=sys.stderr)
         return 2
 

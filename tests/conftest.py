@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import fid  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small reference data, in the repository
+
+# The FID Inception weights (91 MB) are not in the repository. They are looked up as fid.py does ($FID_WEIGHTS,
+# then the cache file; never a download in a test), once, here: isolated_cache below moves XDG_CACHE_HOME.
+try:
+    FID_WEIGHTS, NO_WEIGHTS = fid.find_weights(download=False), None
+except fid.FIDError as e:
+    FID_WEIGHTS, NO_WEIGHTS = None, str(e)
+
+
+def fid_weights():
+    """Path of the FID Inception weights for a test that runs the network. Without them the test is skipped, or
+    fails where the weights are required: REQUIRE_FID_WEIGHTS=1 (CI), or a FID_WEIGHTS that names no file."""
+    if FID_WEIGHTS is None:
+        required = os.environ.get("REQUIRE_FID_WEIGHTS", "0") != "0" or os.environ.get("FID_WEIGHTS")
+        (pytest.fail if required else pytest.skip)(
+            f"needs the FID Inception weights, e.g. FID_WEIGHTS=/path/to/pt_inception-2015-12-05.pth ({NO_WEIGHTS})")
+    return FID_WEIGHTS
 
 
 @pytest.fixture(autouse=True)

@@ -1,49 +1,42 @@
 """fid.py against numbers someone else computed: pytorch-fid 0.3.0's pool3 activations and its FID on MNIST,
 the closed form of the Fréchet distance, and the command line's answers to bad input.
 
-The reference material lives in ../shared (beside the repository, in CI too); see shared/fid/README.md.
-test_mnist_fid_matches_pytorch_fid is the one slow test (2,000 images through Inception on CPU).
+The reference numbers and MNIST digits are in tests/fixtures (see its README.md). The tests that run the
+network need the FID Inception weights, found as fid.py finds them (FID_WEIGHTS, the cache); without them they
+are skipped (see conftest.fid_weights). test_mnist_fid_matches_pytorch_fid is the one slow test (2,000 images
+through Inception on CPU).
 """
 import hashlib
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fid  # noqa: E402
+import fid
+from conftest import FIXTURES, ROOT, fid_weights
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-WEIGHTS = SHARED / 'fid' / 'pt_inception-2015-12-05.pth'
-MNIST = SHARED / 'data' / 'mnist.npz'
-REFERENCE_FID = 15.897885677955372  # pytorch-fid CLI, MNIST x_train[:1000] vs x_test[:1000] as 28x28 RGB PNGs
-
-
-def shared(path):
-    if not path.exists():
-        pytest.fail(f'{path} is missing: the FID tests need the shared reference folder at {SHARED} '
-                    '(clone it beside the repository as ../shared)')
-    return path
+REFERENCE_FID = json.loads((FIXTURES / 'pytorch_fid_mnist.json').read_text())['fid']
 
 
 @pytest.fixture(scope='module')
 def model():
-    return fid.load_inception(shared(WEIGHTS))
+    return fid.load_inception(fid_weights())
 
 
 @pytest.fixture(scope='module')
 def mnist():
-    with np.load(shared(MNIST)) as f:
-        return f['x_train'][:1000], f['x_test'][:1000]
+    with np.load(FIXTURES / 'mnist_1000.npz') as f:
+        return f['x_train'], f['x_test']
 
 
 def random_images():
@@ -78,7 +71,7 @@ def fid_value(result):
 def test_activations_match_pytorch_fid(model, mnist, name):
     images = mnist[1][:8] if name == 'mnist' else random_images()  # grey [8, 28, 28] / RGB [8, 32, 32, 3]
     file = {'mnist': 'act_mnist_test_0_8_rgb28.npy', 'random': 'act_random_uint8_seed0_8x32x32x3.npy'}[name]
-    reference = np.load(shared(SHARED / 'fid' / file))
+    reference = np.load(FIXTURES / file)
     acts = fid.activations(images, model)
     assert acts.shape == (8, 2048)
     assert np.abs(acts - reference).max() < 1e-4
@@ -90,8 +83,8 @@ def test_png_folder_matches_pytorch_fid(model, mnist, tmp_path):
     write_pngs(tmp_path / 'a' / 'sub', random_images())
     (tmp_path / 'a' / 'notes.txt').write_text('not an image')
     acts = fid.folder_activations(tmp_path / 'a', model, batch_size=5)
-    reference = np.concatenate([np.load(SHARED / 'fid' / 'act_mnist_test_0_8_rgb28.npy'),
-                                np.load(SHARED / 'fid' / 'act_random_uint8_seed0_8x32x32x3.npy')])
+    reference = np.concatenate([np.load(FIXTURES / 'act_mnist_test_0_8_rgb28.npy'),
+                                np.load(FIXTURES / 'act_random_uint8_seed0_8x32x32x3.npy')])
     assert np.abs(acts - reference).max() < 1e-4
     assert np.array_equal(fid.folder_activations(tmp_path / 'a', model, n=3), acts[:3])
 
@@ -108,7 +101,7 @@ def test_float_and_grey_tensors_equal_their_uint8_images(model, mnist):
 def test_mnist_fid_matches_pytorch_fid(mnist, tmp_path):
     train, test = write_pngs(tmp_path / 'train', mnist[0]), write_pngs(tmp_path / 'test', mnist[1])
     start = time.perf_counter()
-    result = run_cli(train, test, '--weights', WEIGHTS, tmp_path=tmp_path)
+    result = run_cli(train, test, '--weights', fid_weights(), tmp_path=tmp_path)
     seconds = time.perf_counter() - start
     value = fid_value(result)
     print(f'FID {value} (pytorch-fid: {REFERENCE_FID}); 2 x 1000 PNGs in {seconds:.0f} s end to end')
@@ -121,6 +114,14 @@ def test_mnist_fid_matches_pytorch_fid(mnist, tmp_path):
 def test_distance_of_a_set_to_itself_is_zero():
     mu, sigma = fid.statistics(np.random.default_rng(1).normal(size=(500, 32)))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_rounding_below_zero_reads_zero():
+    # 10 samples in 64 dimensions: a singular covariance, whose square root scipy gets a little wrong.
+    mu, sigma = fid.statistics(np.random.default_rng(0).normal(size=(10, 64)))
+    unclamped = 2 * np.trace(sigma) - 2 * np.trace(scipy.linalg.sqrtm(sigma @ sigma).real)
+    assert -1e-4 < unclamped < 0                       # as for a folder of Inception features against itself
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
 
 
 def test_distance_between_diagonal_gaussians_has_its_closed_form():
@@ -144,7 +145,7 @@ def test_distance_rejects_statistics_of_different_sizes():
 
 def test_stats_files_round_trip(model, mnist, tmp_path):
     folder = write_pngs(tmp_path / 'a', mnist[1][:8])
-    result = run_cli(folder, '--save-stats', tmp_path / 'a.npz', '--weights', WEIGHTS, tmp_path=tmp_path)
+    result = run_cli(folder, '--save-stats', tmp_path / 'a.npz', '--weights', fid_weights(), tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     with np.load(tmp_path / 'a.npz') as f:                                  # as pytorch-fid reads them
         saved = f['mu'][:], f['sigma'][:]
@@ -191,13 +192,16 @@ def test_reference_stats_are_cached_until_the_folder_changes(model, mnist, tmp_p
 
 def test_weights_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-    monkeypatch.setenv('FID_WEIGHTS', str(WEIGHTS))
-    other = tmp_path / 'other.pth'
+    monkeypatch.setenv('FID_WEIGHTS', str(tmp_path / 'env.pth'))
+    other, env = tmp_path / 'other.pth', tmp_path / 'env.pth'
     other.write_bytes(b'')
+    env.write_bytes(b'')
     assert fid.find_weights(other) == other                                  # the explicit path wins
-    assert fid.find_weights() == WEIGHTS                                     # then $FID_WEIGHTS
+    assert fid.find_weights() == env                                         # then $FID_WEIGHTS
     monkeypatch.delenv('FID_WEIGHTS')
     cached = tmp_path / 'cache' / 'ddpm-toolkit' / fid.WEIGHTS_NAME
+    with pytest.raises(fid.FIDError, match='FID_WEIGHTS'):
+        fid.find_weights(download=False)                                     # tests never download
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b'')
     assert fid.find_weights() == cached                                      # then the cache file
@@ -238,7 +242,7 @@ def test_no_weights_and_no_network_says_where_to_put_them(tmp_path, monkeypatch)
     assert 'FID_WEIGHTS' in message and '--weights' in message and str(tmp_path / 'cache') in message
 
 
-# --- the command line's errors: exit status 2 and one line, never a traceback ---------------------------
+# --- bad input: one line, exit status 2 (FIDError in the library), before any work -----------------------
 
 def assert_user_error(result, *words):
     assert result.returncode == 2, (result.stdout, result.stderr)
@@ -248,37 +252,128 @@ def assert_user_error(result, *words):
         assert str(word) in lines[0], lines[0]
 
 
-def test_cli_missing_path(tmp_path):
-    assert_user_error(run_cli(tmp_path / 'nowhere', tmp_path, tmp_path=tmp_path), 'nowhere', 'no such')
+@pytest.fixture(scope='module')
+def bad(tmp_path_factory):
+    """A folder of inputs for the table below: small image folders and statistics files, good and bad."""
+    d = tmp_path_factory.mktemp('bad')
+    write_pngs(d / 'imgs', random_images()[:3])
+    write_pngs(d / 'one', random_images()[:1])
+    write_pngs(d / 'fifo', random_images()[:1])
+    os.mkfifo(d / 'fifo' / 'x.png')                        # reading it would block: not an image file
+    os.mkfifo(d / 'fifo.npz')
+    for folder in ('empty', 'dir.npz', 'ro'):
+        (d / folder).mkdir()
+    (d / 'ro').chmod(0o555)
+    (d / 'note.txt').write_text('not statistics')
+    (d / 'text.npz').write_text('not statistics')
+    (d / 'empty.npz').write_bytes(b'')
+    with open(d / 'npy.npz', 'wb') as f:
+        np.save(f, np.zeros(4))
+    np.savez(d / 'nokeys.npz', mean=np.zeros(4))
+    np.savez(d / 'badn.npz', mu=np.zeros(4), sigma=np.eye(4), n=np.arange(2))
+    inf, nonsym = np.eye(4), np.eye(4) + np.triu(np.ones((4, 4)), 1)
+    inf[2, 2] = np.inf
+    stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'd0': (np.zeros(0), np.eye(0)),
+             'mu2d': (np.zeros((2, 2)), np.eye(4)), 'sigma43': (np.zeros(4), np.ones((4, 3))),
+             'sigma5': (np.zeros(4), np.eye(5)), 'nan': (np.full(4, np.nan), np.eye(4)), 'inf': (np.zeros(4), inf),
+             'nonsym': (np.zeros(4), nonsym), 'negvar': (np.zeros(4), -np.eye(4))}
+    for name, (mu, sigma) in stats.items():
+        np.savez(d / f'{name}.npz', mu=mu, sigma=sigma)
+    return d
 
 
-def test_cli_folder_with_fewer_than_two_images(mnist, tmp_path):
-    one, two = write_pngs(tmp_path / 'one', mnist[1][:1]), write_pngs(tmp_path / 'two', mnist[1][:2])
-    assert_user_error(run_cli(one, two, '--weights', WEIGHTS, tmp_path=tmp_path), 'one', 'at least 2')
-    assert_user_error(run_cli(two, two, '--n', 5, '--weights', WEIGHTS, tmp_path=tmp_path), 'n = 5')
+STATS = ['good.npz', 'good3.npz']  # a valid pair of a different dimension: only the flag under test is wrong
+BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line must hold)
+    ([], 'PATH'),
+    ([*STATS, '--bogus'], '--bogus'),
+    (['imgs'], 'two PATHs'),
+    (['imgs', 'one', 'empty'], 'two PATHs'),
+    (['imgs', 'one', '--save-stats', 'out.npz'], 'exactly one'),
+    (['nowhere', 'imgs'], 'nowhere'),
+    (['note.txt', 'imgs'], 'note.txt'),
+    (['empty', 'imgs'], 'empty: 0 image file'),
+    (['one', 'imgs'], 'one: 1 image file'),
+    (['fifo', 'imgs'], 'fifo: 1 image file'),                 # the FIFO x.png is skipped, not read
+    (['fifo.npz', 'good.npz'], 'fifo.npz: not a regular file'),
+    (['imgs', '--save-stats', 'out.npz', '--n', '5'], 'n = 5'),
+    (['imgs', 'imgs'], 'the same'),
+    (['good.npz', './good.npz'], 'the same'),
+    (['nokeys.npz', 'good.npz'], 'nokeys.npz: no mu or sigma'),
+    (['empty.npz', 'good.npz'], 'empty.npz: not a readable'),
+    (['text.npz', 'good.npz'], 'text.npz: not a readable'),
+    (['npy.npz', 'good.npz'], 'npy.npz: not a readable'),
+    (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
+    (['mu2d.npz', 'good.npz'], 'mu2d.npz: mu and sigma are not [D] and [D, D]'),
+    (['sigma43.npz', 'good.npz'], 'sigma43.npz: mu and sigma are not'),
+    (['sigma5.npz', 'good.npz'], 'sigma5.npz: mu and sigma are not'),
+    (['d0.npz', 'good.npz'], 'd0.npz: mu and sigma are not'),
+    (['good.npz', 'nan.npz'], 'nan.npz: NaN'),
+    (['good.npz', 'inf.npz'], 'inf.npz: NaN or infinite'),
+    (['nonsym.npz', 'good.npz'], 'nonsym.npz: sigma is not symmetric'),
+    (['negvar.npz', 'good.npz'], 'negvar.npz: a negative variance'),
+    (STATS, '3-d'),
+    (['imgs', 'good.npz'], '4-d'),                            # a folder's statistics are 2048-d
+    (['imgs', '--save-stats', 'missing/out.npz'], 'cannot write in missing'),
+    (['imgs', '--save-stats', 'note.txt/out.npz'], 'cannot write in note.txt'),
+    (['imgs', '--save-stats', 'dir.npz'], '--save-stats dir.npz'),
+    (['imgs', '--save-stats', 'fifo.npz'], '--save-stats fifo.npz'),
+    (['imgs', '--save-stats', 'out.txt'], 'ends in .npz'),
+    pytest.param(['imgs', '--save-stats', 'ro/out.npz'], 'cannot write in ro', id='read-only folder',
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')),
+    *[([*STATS, flag, value], f'argument {flag}') for flag, values in [('--n', ['0', '1', '-3', '2.5', 'all']),
+                                                                       ('--batch-size', ['0', '-1', '1.5']),
+                                                                       ('--workers', ['0', 'x'])] for value in values],
+    ([*STATS, '--device', 'tpu'], '--device tpu'),
+    ([*STATS, '--device', 'cuda:99'], '--device cuda:99'),
+]
 
 
-def test_cli_mismatched_stats(tmp_path):
-    fid.save_stats(tmp_path / 'a.npz', np.zeros(2048), np.eye(2048))
-    fid.save_stats(tmp_path / 'b.npz', np.zeros(64), np.eye(64))
-    assert_user_error(run_cli(tmp_path / 'a.npz', tmp_path / 'b.npz', tmp_path=tmp_path), 'b.npz', '64-d')
+@pytest.mark.filterwarnings('error')  # a warning would be a second line on stderr
+@pytest.mark.parametrize('args, words', BAD_COMMAND_LINES)
+def test_cli_refuses_bad_input_in_one_line(bad, args, words, monkeypatch, capsys):
+    # In-process for speed; test_cli_garbage_weights checks the exit status of the real process.
+    monkeypatch.chdir(bad)
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: pytest.fail('loaded the network before the checks'))
+    files = sorted(bad.rglob('*'))
+    handler = signal.signal(signal.SIGALRM, lambda *a: pytest.fail('no answer in 20 s: reading a FIFO?'))
+    signal.alarm(20)
+    try:
+        status = fid.main(args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, handler)
+    out, err = capsys.readouterr()
+    assert status == 2 and len(err.splitlines()) == 1 and 'Traceback' not in out + err, (status, out, err)
+    assert err.startswith('fid.py: error: ') and words in err, err
+    assert sorted(bad.rglob('*')) == files                                  # nothing written
 
 
-def test_cli_stats_file_without_its_keys(tmp_path):
-    np.savez(tmp_path / 'bad.npz', mean=np.zeros(3))
-    fid.save_stats(tmp_path / 'good.npz', np.zeros(3), np.eye(3))
-    assert_user_error(run_cli(tmp_path / 'bad.npz', tmp_path / 'good.npz', tmp_path=tmp_path), 'bad.npz', 'mu')
+def test_library_refuses_bad_input(bad):
+    not_psd = [[1, 2], [2, 1]]  # eigenvalues 3 and -1: symmetric, a positive diagonal, and no covariance
+    cases = [(lambda: fid.reference_stats(bad / 'good.npz', model=None), 'not 2048-d'),  # train.py's --fid-ref check
+             (lambda: fid.load_stats(bad / 'fifo.npz'), 'not a regular file'),
+             (lambda: fid.image_files(bad / 'imgs', n=-1), 'n = -1'),
+             (lambda: fid.fid_from_samples(torch.zeros(4, 3, 8, 8), bad / 'good.npz', 0, model=object()), 'n = 0'),
+             (lambda: fid.activations(np.zeros((2, 8, 8, 3), np.uint8), None, 0, device='cpu'), 'batch_size = 0'),
+             (lambda: fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2)), 'NaN'),
+             (lambda: fid.frechet_distance(np.zeros(2), [[1, 1], [0, 1]], np.zeros(2), np.eye(2)), 'symmetric'),
+             (lambda: fid.frechet_distance(np.zeros(2), not_psd, np.zeros(2), not_psd), 'positive semi-definite')]
+    for call, words in cases:
+        with pytest.raises(fid.FIDError, match=words):
+            call()
 
 
 def test_cli_unreadable_file_among_images(mnist, tmp_path):
     folder = write_pngs(tmp_path / 'a', mnist[1][:3])
     (folder / 'broken.png').write_bytes(b'this is not a PNG')
-    assert_user_error(run_cli(folder, folder, '--weights', WEIGHTS, tmp_path=tmp_path), 'broken.png')
+    other = write_pngs(tmp_path / 'b', mnist[1][3:5])
+    assert_user_error(run_cli(folder, other, '--weights', fid_weights(), tmp_path=tmp_path), 'broken.png')
 
 
 def test_cli_garbage_weights(mnist, tmp_path):
-    folder = write_pngs(tmp_path / 'a', mnist[1][:2])
+    a, b = write_pngs(tmp_path / 'a', mnist[1][:2]), write_pngs(tmp_path / 'b', mnist[1][2:4])
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(np.random.default_rng(0).bytes(1000))
-    assert_user_error(run_cli(folder, folder, '--weights', garbage, tmp_path=tmp_path), 'garbage.pth')
-    assert_user_error(run_cli(folder, folder, '--weights', tmp_path / 'absent.pth', tmp_path=tmp_path), 'absent.pth')
+    assert_user_error(run_cli(a, b, '--weights', garbage, tmp_path=tmp_path), 'garbage.pth')
+    assert_user_error(run_cli(a, b, '--weights', tmp_path / 'absent.pth', tmp_path=tmp_path), 'absent.pth')
+    assert not (tmp_path / 'cli-cache').exists()                             # no download was tried

@@ -13,6 +13,7 @@ import ddpm
 import sample
 import train
 import unet
+from conftest import fid_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--size", "16", "--precision", "fp32", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--sample-n", "8", "--ckpt-every", "3"]
@@ -77,7 +78,7 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     assert Image.open(grid).size == (8 * 18 + 2, 18 + 2)
     assert len(list((tmp_path / "png").glob("*.png"))) == 5
 
-    weights = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05.pth"
+    weights = fid_weights()  # $FID_WEIGHTS or the cache; without them the test is skipped here
     sample.main([str(b / "ckpt.pt"), "--n", "4", "--steps", "2", "--grid", str(grid), "--fid", str(tmp_path / "png"),
                  "--fid-weights", str(weights)])
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -85,7 +86,7 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
 
 
 def test_fid_during_training_is_logged_with_its_n(folder, tmp_path):
-    weights = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05.pth"
+    weights = fid_weights()  # $FID_WEIGHTS or the cache; without them the test is skipped here
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "4", *TINY,
                 "--fid-every", "2", "--fid-ref", str(folder), "--fid-n", "4", "--fid-weights", str(weights)])
     metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
