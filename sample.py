@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageOps
 import ddpm
 import unet
 
-# The default sampler and step count: the best quality for the time we measured (README, "Samplers").
+# The default sampler and step count: the best quality for the time we measured (docs/benchmarks.md, "Samplers").
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
 GRID_MAX = 256  # the sample grid shows at most the first 256 samples
 CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")

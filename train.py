@@ -41,7 +41,7 @@ from sample import (DEFAULT_SAMPLER, DEFAULT_STEPS, Parser, check_device, fastes
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
 # Per-preset training defaults (flags override). 'paper' is Ho et al.'s recipe, per size; tiny's were measured
-# for quality per CPU-minute (README, "Choosing the CPU presets"); small shares its recipe, not yet measured.
+# for quality per CPU-minute (docs/benchmarks.md, "Choosing the CPU presets"); small shares its recipe, not yet measured.
 PRESET_DEFAULTS = {
     # the paper's settings: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999; lr and batch below
     "paper": dict(target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
@@ -124,8 +124,8 @@ def build_parser(prog="train.py"):
       "0 disables")
     a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-      help="autocast precision; auto: bf16 where it is measured faster than fp32 (README), else fp32")
-    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see README)")
+      help="autocast precision; auto: bf16 where it is measured faster than fp32 (docs/benchmarks.md), else fp32")
+    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see docs/benchmarks.md)")
     a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, timesteps and "
       "dropout")
     # run folder
