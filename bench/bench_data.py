@@ -55,7 +55,7 @@ def main():
         os.environ["XDG_CACHE_HOME"] = os.path.join(tmp, "cache")
         folder = os.path.join(tmp, "images")
         write_folder(folder, args.n, width, height)
-        targs = train.parse_args(["--data", folder, "--size", str(args.size)])
+        targs = argparse.Namespace(data=folder, cond=False, no_cache=False, channels=None)  # load_dataset's flags
         size = (args.size, args.size)
         rows = []
         for what in ("decode (first run, writes the cache)", "cache (later runs: map the file)"):

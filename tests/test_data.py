@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ SIZE = (16, 16)
 
 
 def load(folder):
-    return train.load_dataset(train.parse_args(["--data", str(folder), "--size", "16"]), SIZE)
+    return train.load_dataset(types.SimpleNamespace(data=str(folder), cond=False, no_cache=False, channels=None), SIZE)
 
 
 def decoded(folder):
@@ -87,7 +88,7 @@ def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
 
 
 KILLED_WORKER = """
-import sys, time
+import sys, time, types
 sys.path.insert(0, {root!r})
 import train
 real = train.load_image
@@ -97,7 +98,7 @@ def stuck_at_the_fifth(path, size):
         time.sleep(60)
     return real(path, size)
 train.load_image = stuck_at_the_fifth
-train.load_dataset(train.parse_args(["--data", {data!r}, "--size", "16"]), (16, 16))
+train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=False, channels=None), (16, 16))
 """
 
 
