@@ -10,6 +10,7 @@ Everything of a run lands in --out: config.json (give it back with --config to r
 samples/ (EMA sample grids over time), metrics.jsonl and loss.png. Ctrl-C saves a checkpoint and exits.
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -22,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import warnings
 
@@ -286,7 +288,8 @@ def make_shapes(n, size, seed=0):
 
 
 def find_images(root):
-    """Image files under root, recursively and sorted, following symlinked folders but never twice."""
+    """Image files under root, recursively and sorted, following symlinked folders but never twice. Regular
+    files only: reading a FIFO or a device that has an image's name would block or fail."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -294,7 +297,8 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
-        found += [os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        paths = [os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        found += filter(os.path.isfile, paths)
     return sorted(found)
 
 
@@ -320,65 +324,134 @@ def load_image(path, size):
         return None, f"{type(e).__name__}: {e}"
 
 
-def load_folder(root, paths, size, cond):
-    """Decode the image files `paths` under root once, in parallel: uint8 [N, H, W, 3], labels, class names."""
-    if not paths:
-        fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
-    classes = []
-    if cond:
-        rel = [os.path.relpath(p, root).split(os.sep) for p in paths]
-        classes = sorted({r[0] for r in rel if len(r) > 1})
-        if len(classes) < 2:
-            fail(f"--cond: --data {root} needs at least two class subfolders, found {len(classes)}")
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        results = list(pool.map(functools.partial(load_image, size=size), paths))
-    bad = [(p, why) for p, (arr, why) in zip(paths, results) if arr is None]
+def class_labels(root, paths, cond):
+    """Each path's label (the index of its first-level subfolder of root, sorted) and the class names; with
+    cond unset, all 0 and no names. Checked before decoding, so a bad layout fails at once."""
+    if not cond:
+        return np.zeros(len(paths), np.int64), []
+    tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    classes = sorted({t[0] for t in tops if len(t) > 1})
+    if len(classes) < 2:
+        fail(f"--cond: --data {root} needs at least two class subfolders, found {len(classes)}")
+    loose = [p for p, t in zip(paths, tops) if len(t) == 1]
+    if loose:
+        fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[t[0]] for t in tops], np.int64), classes
+
+
+def decode_into(f, root, paths, size):
+    """Decode `paths` in threads (Pillow releases the GIL) and write them in order to the open file f as a .npy
+    of uint8 [N, 3, H, W]: only a few images per thread are held at a time, whatever N. Prints progress.
+    Returns the indices of the readable paths and whether every image is grey."""
+    n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
+    header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
+    np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
+    keep, bad, grey, t0 = [], [], True, time.perf_counter()
+    shown = t0
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        ahead = collections.deque(pool.submit(load_image, p, size) for p in paths[:4 * workers])
+        for i in range(n):
+            image, why = ahead.popleft().result()
+            if i + 4 * workers < n:
+                ahead.append(pool.submit(load_image, paths[i + 4 * workers], size))
+            if image is None:
+                bad.append((paths[i], why))
+            else:
+                f.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                keep.append(i)
+                grey = grey and bool((image[..., :1] == image[..., 1:]).all())
+            now = time.perf_counter()
+            if now - shown > (0.5 if lead else 30) or i == n - 1:  # a line redrawn on a terminal, else every 30 s
+                shown, rate = now, (i + 1) / max(now - t0, 1e-9)
+                print(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
+                      end="" if lead and i < n - 1 else "\n", flush=True)
     if bad:
         print(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0][0]} ({bad[0][1]})")
-    keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
     if not keep:
-        fail(f"--data {root}: none of the {len(paths)} image files could be read")
-    labels = np.zeros(len(keep), np.int64)
-    if cond:
-        index = {c: i for i, c in enumerate(classes)}
-        tops = [os.path.relpath(paths[i], root).split(os.sep) for i in keep]
-        loose = [paths[k] for k, r in zip(keep, tops) if len(r) == 1]
-        if loose:
-            fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
-        labels = np.array([index[r[0]] for r in tops], np.int64)
-    return np.stack([results[i][0] for i in keep]), labels, classes
+        fail(f"--data {root}: none of the {n} image files could be read")
+    f.seek(0)
+    np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(keep), 3, *size)})
+    return keep, grey
+
+
+def write_atomically(path, write):
+    """write(f) into a new temporary file beside path, flushed to disk and then renamed to path: a reader never
+    sees part of a file, and an interrupted write leaves only the temporary file (removed where possible)."""
+    fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path))
+    try:
+        with open(fd, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return result
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_folder(root, paths, size, cond, stem):
+    """Decode `paths` once into the cache stem.npy (uint8 [N, 3, H, W]), then stem.json (labels, class names,
+    whether all are grey), which makes it trusted. Without a stem, or if it cannot be written, the images go to
+    a temporary file, deleted once mapped. Returns the memory-mapped images and the metadata."""
+    labels, classes = class_labels(root, paths, cond)
+    scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
+    for target in [stem, scratch] if stem else [scratch]:
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            keep, grey = write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
+            meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey}
+            if target == stem:
+                write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+            images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
+            if target == scratch:
+                os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
+            return images, meta
+        except OSError as e:
+            if target == scratch:
+                fail(f"cannot write the decoded images to {scratch}.npy ({e}); free space there or set TMPDIR")
+            print(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+
+
+def read_cache(stem, size):
+    """The memory-mapped images and metadata of a complete cache, or None. A damaged one is said and ignored."""
+    if not os.path.exists(stem + ".json"):  # written last: an interrupted decode has none
+        return None
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        images = np.load(stem + ".npy", mmap_mode="c")
+        if images.shape != (len(meta["labels"]), 3, *size) or images.dtype != np.uint8:
+            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
+        return images, meta
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        print(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
 
 
 def load_dataset(args, size):
-    """The training images as uint8 [N, C, H, W], labels [N] and class names; decoded once and cached."""
+    """The training images as uint8 [N, C, H, W], labels [N] and class names. A folder is decoded once into a
+    cache file that every process maps: processes of a machine share one copy in the page cache, and a batch
+    reads only its own images. The cache is keyed by every file's name, size and mtime."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
-        classes = list(SHAPES)
+        images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
     else:
         root = os.path.abspath(args.data)
         if not os.path.isdir(root):
             fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
-        paths, cache = find_images(root), None
-        if not args.no_cache and paths:
-            # keyed by every file's name, size and mtime, so a changed folder is noticed
+        paths, stem = find_images(root), None
+        if not paths:
+            fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
+        if not args.no_cache:
             stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
             cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
-            cache = os.path.join(cache_dir, f"data-{key}.npz")
-        if cache and os.path.exists(cache):
-            with np.load(cache) as f:
-                images, labels, classes = f["images"], f["labels"], list(f["classes"])
-        else:
-            images, labels, classes = load_folder(root, paths, size, args.cond)
-            if cache:
-                os.makedirs(cache_dir, exist_ok=True)
-                tmp = f"{cache}.{os.getpid()}.tmp.npz"
-                np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
-                os.replace(tmp, cache)
-    channels = args.channels or (1 if (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all() else 3)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    images = images[:, :1].contiguous() if channels == 1 else images.contiguous()
-    return images, torch.from_numpy(labels), classes
+            stem = os.path.join(cache_dir, f"data-{key}")
+        images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
+    channels = args.channels or (1 if meta["grey"] else 3)
+    images = torch.from_numpy(images)[:, :channels]  # a view: grey images are stored as three equal planes
+    return images, torch.as_tensor(meta["labels"], dtype=torch.int64), meta["classes"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -400,11 +473,14 @@ def batch_indices(step, batch, n, seed):
 
 def batch_images(images, idx, device, flip):
     """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip."""
-    x0 = images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-    if flip:
+    x0 = images[idx]  # reads only these images from the memory map
+    if device.type == "cuda":
+        x0 = x0.pin_memory()  # so that the copy below is asynchronous
+    x0 = x0.to(device, non_blocking=True)
+    if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-    return x0
+    return x0.float().div_(127.5).sub_(1)
 
 
 # --- pictures and logs -----------------------------------------------------------------------------------

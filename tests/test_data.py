@@ -1,0 +1,173 @@
+"""The decoded-image cache (one memory-mapped file, written atomically, rebuilt when damaged) and two-node training."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from test_train import TINY, folder  # noqa: F401  (folder is a fixture)
+
+SIZE = (16, 16)
+
+
+def load(folder):
+    return train.load_dataset(types.SimpleNamespace(data=str(folder), cond=False, no_cache=False, channels=None), SIZE)
+
+
+def decoded(folder):
+    """What load_image gives for every image file under folder, as uint8 [N, 3, H, W]."""
+    return torch.from_numpy(np.stack([train.load_image(p, SIZE)[0].transpose(2, 0, 1) for p in train.find_images(str(folder))]))
+
+
+def mapped_file(tensor):
+    """The file mapped at the tensor's data, from /proc/self/maps; None for anonymous memory."""
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        start, end = (int(v, 16) for v in fields[0].split("-"))
+        if start <= tensor.data_ptr() < end:
+            return fields[5].strip() if len(fields) > 5 else None
+
+
+def cache_files(tmp_path):
+    folder = tmp_path / "cache" / "ddpm-toolkit"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_two_loads_map_one_cache_file_that_holds_the_decoded_images(folder, tmp_path, capsys):
+    first, labels, _ = load(folder)
+    assert "decoded 12/12 images" in capsys.readouterr().out
+    second, _, _ = load(folder)
+    assert capsys.readouterr().out == ""  # the cache, not a second decode
+    assert torch.equal(first, decoded(folder)) and torch.equal(second, first) and labels.tolist() == [0] * 12
+    npy = [name for name in cache_files(tmp_path) if name.endswith(".npy")]
+    assert len(npy) == 1 and cache_files(tmp_path) == [npy[0][:-4] + ".json", npy[0]]
+    path = str(tmp_path / "cache" / "ddpm-toolkit" / npy[0])
+    assert mapped_file(first) == mapped_file(second) == path  # both read the file, neither holds a copy
+    assert first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad json"])
+def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, damage):
+    load(folder)
+    npy = next((tmp_path / "cache" / "ddpm-toolkit").glob("*.npy"))
+    if damage == "truncated":
+        os.truncate(npy, npy.stat().st_size // 2)
+    elif damage == "garbage":
+        npy.write_bytes(b"not an array at all")
+    else:
+        npy.with_suffix(".json").write_text('{"labels": [0, 0')
+    capsys.readouterr()
+    images, _, _ = load(folder)
+    out = capsys.readouterr().out
+    assert f"cache {npy} is unreadable (" in out and "decoding again" in out and "decoded 12/12 images" in out
+    assert torch.equal(images, decoded(folder))
+    load(folder)
+    assert capsys.readouterr().out == ""  # repaired
+
+
+def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
+    real = train.load_image
+
+    def ctrl_c_at_the_fifth(path, size):
+        if path.endswith("5.png"):
+            raise KeyboardInterrupt
+        return real(path, size)
+
+    monkeypatch.setattr(train, "load_image", ctrl_c_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        load(folder)
+    assert cache_files(tmp_path) == []  # the temporary file is gone too
+
+
+KILLED_WORKER = """
+import sys, time, types
+sys.path.insert(0, {root!r})
+import train
+real = train.load_image
+def stuck_at_the_fifth(path, size):
+    if path.endswith("5.png"):
+        open({marker!r}, "w").close()
+        time.sleep(60)
+    return real(path, size)
+train.load_image = stuck_at_the_fifth
+train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=False, channels=None), (16, 16))
+"""
+
+
+def test_a_decode_killed_midway_is_not_trusted(folder, tmp_path, capsys):
+    marker, worker = tmp_path / "stuck", tmp_path / "worker.py"
+    worker.write_text(KILLED_WORKER.format(root=str(train.__file__[:-9]), marker=str(marker), data=str(folder)))
+    p = subprocess.Popen([sys.executable, str(worker)], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    for _ in range(600):
+        if marker.exists() or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    left = cache_files(tmp_path)
+    assert len(left) == 1 and left[0].endswith(".tmp")  # a partial file under a name no run reads
+    images, _, _ = load(folder)
+    assert "decoded 12/12 images" in capsys.readouterr().out and torch.equal(images, decoded(folder))
+
+
+def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    images, _, _ = load(folder)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("warning: cannot write the image cache" in line for line in lines) == 1
+    assert torch.equal(images, decoded(folder))
+    assert mapped_file(images).startswith(str(tmp_path / "scratch")) and mapped_file(images).endswith("(deleted)")
+    assert os.listdir(tmp_path / "scratch") == []  # the data lives until the mapping ends, then nothing is left
+    train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_fifo_named_like_an_image_is_skipped(tmp_path):
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "x.png")  # reading it would block forever
+    assert train.find_images(str(tmp_path)) == [str(tmp_path / "real.png")]
+    assert len(load(tmp_path)[0]) == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_in_step_and_their_checkpoint_resumes_in_one_process(folder, tmp_path, ddp_worker):
+    out, port = tmp_path / "run", free_port()
+    out.mkdir()
+    nodes = []
+    for rank in (0, 1):  # each "node" has its own cache folder, as separate machines would
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / f"cache{rank}")}
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), str(ddp_worker),
+             "--data", str(folder), "--out", str(out), "--steps", "4", *TINY],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    logs = [node.communicate(timeout=120) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, logs):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "batch 4 = 2 process(es) x 1 accumulation x 2" in logs[0][0] and "done:" in logs[0][0]
+    assert "done:" not in logs[1][0]  # rank 0 alone logs and writes
+    for rank in (0, 1):
+        assert any(p.suffix == ".json" for p in (tmp_path / f"cache{rank}" / "ddpm-toolkit").iterdir())
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]) and torch.equal(rank0[name], ckpt["model"][name]), name
+    train.main(["--out", str(out), "--resume", "--steps", "6"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
