@@ -241,6 +241,11 @@ def check_args(parser, args, ckpt):
     for bad, message in problems:
         if bad:
             parser.error(message)
+    if ckpt and args.cond and args.data != "shapes":  # a renamed class folder would silently remap the labels
+        classes = class_labels(args.data, find_images(args.data), True)[1]
+        if classes != list(ckpt["classes"]):
+            parser.error(f"--resume: the class folders of --data {args.data} ({', '.join(classes)}) are not the "
+                         f"checkpoint's ({', '.join(ckpt['classes'])}); restore them, or start a new run")
     try:
         unet.check_size(size, unet.model_config(args.model, size, 3)["ch_mult"])
         check_device(args.device)
@@ -449,8 +454,9 @@ def load_dataset(args, size):
             cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
             stem = os.path.join(cache_dir, f"data-{key}")
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
-    channels = args.channels or (1 if meta["grey"] else 3)
-    images = torch.from_numpy(images)[:, :channels]  # a view: grey images are stored as three equal planes
+    # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
+    # three planes even for --channels 1, which batch_images turns into luma
+    images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
     return images, torch.as_tensor(meta["labels"], dtype=torch.int64), meta["classes"]
 
 
@@ -471,8 +477,9 @@ def batch_indices(step, batch, n, seed):
     return torch.cat(parts)
 
 
-def batch_images(images, idx, device, flip):
-    """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip."""
+def batch_images(images, idx, device, flip, channels=None):
+    """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip;
+    colour images for a 1-channel model (channels=1) as ITU-R 601-2 luma, the grey of Pillow's convert("L")."""
     x0 = images[idx]  # reads only these images from the memory map
     if device.type == "cuda":
         x0 = x0.pin_memory()  # so that the copy below is asynchronous
@@ -480,6 +487,8 @@ def batch_images(images, idx, device, flip):
     if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
+    if channels == 1 and x0.shape[1] == 3:
+        x0 = (x0.float() * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).round()
     return x0.float().div_(127.5).sub_(1)
 
 
@@ -559,7 +568,10 @@ def claim_run_folder(out, resume):
         lock.seek(0)
         fail(f"--out {out} is in use by {lock.read().strip() or 'another process'}: wait for it, or choose another --out")
     if not resume:
-        earlier = sorted(set(os.listdir(out)) - {".lock"})
+        def left_behind(name):  # not the lock file, nor the empty samples/ of a start that failed
+            path = os.path.join(out, name)
+            return name != ".lock" and not (os.path.isdir(path) and not os.listdir(path))
+        earlier = sorted(filter(left_behind, os.listdir(out)))
         if earlier:
             hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
             fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
@@ -655,19 +667,14 @@ def train(args, ckpt, stop):
     lock = claim_run_folder(args.out, ckpt is not None) if master else None
     inception = setup_fid(args, device) if args.fid_every and master else None
 
-    # data: every process reads its own slice of each global batch
+    # data: every process maps the decoded images and reads its own slice of each global batch
     if distributed and not master:
         dist.barrier()  # rank 0 decodes and caches first; the others then read its cache
     images, labels, classes = load_dataset(args, size)
     if distributed and master:
         dist.barrier()
-    channels = images.shape[1]
-    if ckpt and args.cond and list(ckpt["classes"]) != list(classes):
-        fail(f"--resume: the class folders of --data {args.data} ({', '.join(classes)}) are not the checkpoint's "
-             f"({', '.join(ckpt['classes'])}); restore them, or start a new run")
+    channels = args.channels or images.shape[1]
     args.channels = channels  # recorded, so --resume can refuse another
-    if device.type == "cuda":
-        images, labels = images.pin_memory(), labels.pin_memory()
 
     # a resumed run keeps the network it was built with, whatever the presets have become since
     mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
@@ -768,7 +775,7 @@ def train(args, ckpt, stop):
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
         idx = batch_indices(step, args.batch, len(images), args.seed)[rank::world]
-        x0 = batch_images(images, idx, device, flip=not args.no_flip)
+        x0 = batch_images(images, idx, device, flip=not args.no_flip, channels=channels)
         y = None
         if args.cond:
             y = labels[idx].to(device, non_blocking=True)

@@ -318,3 +318,26 @@ def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path
     assert "--steps 8 (the checkpoint planned 4): the cosine learning rate is re-planned over 8 steps" in out
     lrs = [[json.loads(line)["lr"] for line in open(tmp_path / r / "metrics.jsonl")] for r in "ab"]
     assert lrs[0][4:] == lrs[1][4:] and lrs[0][3] < lrs[1][3]  # steps 5-8 as the 8-step run; step 4 had annealed
+
+
+def test_colour_images_for_a_one_channel_model_are_luma(made):
+    images = torch.tensor([[[[255]], [[0]], [[0]]], [[[0]], [[255]], [[0]]]], dtype=torch.uint8)  # red, green
+    x = train.batch_images(images, torch.tensor([0, 1]), torch.device("cpu"), flip=False, channels=1)
+    grey = [Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0)) for c in ((255, 0, 0), (0, 255, 0))]
+    assert x.shape == (2, 1, 1, 1) and ((x.flatten() + 1) * 127.5).round().tolist() == grey
+
+
+def test_resume_refuses_renamed_class_folders(tmp_path, capsys):
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--cond", "--steps", "1", *TINY])
+    (tmp_path / "data" / "dogs").rename(tmp_path / "data" / "wolves")
+    capsys.readouterr()
+    refused_elsewhere = snapshot(tmp_path / "r")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "class folders" in err and "wolves" in err and "dogs" in err
+    assert snapshot(tmp_path / "r") == refused_elsewhere
