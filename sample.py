@@ -112,13 +112,17 @@ def load_checkpoint(path):
 
 
 def build(ckpt, ema=True, device="cpu"):
-    """The network (EMA or raw weights, in eval mode) and the Diffusion a checkpoint describes."""
-    model = unet.UNet(**ckpt["model_config"])
+    """The network (EMA or raw weights, in eval mode) and the Diffusion a checkpoint describes. Raises
+    ValueError for a configuration these files cannot build or weights that do not fit it."""
     try:
+        model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
         model.load_state_dict(ckpt["ema" if ema else "model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit its own configuration ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), ddpm.Diffusion(**ckpt["diffusion"]).to(device)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"checkpoint: its configuration and weights do not build a network here "
+                         f"({str(e).strip().splitlines()[0][:200]})") from None
+    if not bool(((diffusion.betas > 0) & (diffusion.betas < 1)).all()):
+        raise ValueError(f"checkpoint: its diffusion {ckpt['diffusion']} has betas outside (0, 1)")
+    return model.to(device).eval(), diffusion.to(device)
 
 
 def class_labels(ckpt, cls, guidance, n, nrow=8):
@@ -172,6 +176,8 @@ def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
 def load_image(path, channels, size, resample=Image.Resampling.BICUBIC):
     """An image file as [1, C, H, W] in [-1, 1] at the model's size: EXIF orientation applied, scaled to
     cover and centre-cropped."""
+    if not os.path.isfile(path):  # a FIFO or a device would block the read
+        raise ValueError(f"{path}: not an image file")
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
@@ -286,7 +292,7 @@ def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--num-samples", "--n", dest="n", type=positive, help="number of images (default 64; a "
+    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="number of images (default 64; a "
                    "conditional checkpoint without --class: a row of 8 per class). torchrun takes --n for its own "
                    "--nnodes: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
@@ -304,7 +310,7 @@ def build_parser():
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
     p.add_argument("--grid", help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png (default: "
                    "beside the checkpoint)")
-    p.add_argument("--nrow", type=positive, default=8, help="images per grid row")
+    p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
     p.add_argument("--fid", metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
@@ -342,6 +348,9 @@ def build_parser():
 def check_writable(path, flag):
     """Raise ValueError unless a file can be written at `path` (its folder exists and takes a new file)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: exists and is not a regular file (a link to nowhere, a FIFO?); give "
+                         "another path")
     if os.path.isdir(path) or not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: {'a folder' if os.path.isdir(path) else 'its folder does not exist'}; "
                          "give a file path in an existing folder")
@@ -402,7 +411,8 @@ def check_out_dir(folder, replace):
         except OSError as e:
             raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
     found = sorted(os.listdir(folder))
-    images = [f for f in found if os.path.splitext(f)[1].lower() in Image.registered_extensions()]
+    images = [f for f in found if os.path.splitext(f)[1].lower() in Image.registered_extensions()
+              and os.path.isfile(os.path.join(folder, f))]
     if (images and not replace) or len(images) < len(found):
         raise ValueError(f"--out-dir {folder} already holds {len(found)} files (e.g. {found[0]}): choose an empty "
                          f"folder{'' if len(images) < len(found) else ', or add --replace to delete its images'}")
@@ -495,9 +505,9 @@ def sample_shard(diffusion, model, labels, shape, args, device, autocast, rank=0
     """Yield (indices, samples [B, C, H, W] in [-1, 1] on the CPU) for this process's share of the --n samples
     (every world-th), --batch-size at a time. Sample i's x_T and sampler noise come from its own generator,
     seeded by (--seed, i), so each image is the same whatever the batch size and the number of processes."""
-    mine = list(range(rank, args.n, world))
+    mine = range(rank, args.n, world)
     for start in range(0, len(mine), args.batch_size):
-        idx = mine[start:start + args.batch_size]
+        idx = list(mine[start:start + args.batch_size])
         generators = [torch.Generator(device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
         y = None if labels is None else labels[idx].to(device)
         with autocast:

@@ -679,7 +679,10 @@ def train(args, ckpt, stop):
     # a resumed run keeps the network it was built with, whatever the presets have become since
     mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
-    model = unet.UNet(**mcfg).to(device)
+    try:  # a resumed checkpoint's network configuration comes from its file
+        model = unet.UNet(**mcfg).to(device)
+    except (TypeError, ValueError) as e:
+        fail(f"--resume: the checkpoint's network configuration does not build here ({e})")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -693,8 +696,11 @@ def train(args, ckpt, stop):
     ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     start = 0
     if ckpt:
-        for part, name in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (scaler, "scaler")):
-            part.load_state_dict(ckpt[name])
+        try:
+            for part, name in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (scaler, "scaler")):
+                part.load_state_dict(ckpt[name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
         start, planned = ckpt["step"], ckpt["config"]["steps"]
         log(f"resumed {ckpt_path} at step {start}")
         if args.cosine and args.steps != planned:
