@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors ("sample.py: error: argument --eta: ..."), exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n".replace("\n", "\\n", message.count("\n")))
 
 
 def number(kind, interval):
@@ -373,6 +373,7 @@ def check_args(p, args, world=1):
         (args.resample != 1, picture == "inpaint", "--resample is only used with --inpaint"),
         (args.jump, args.resample > 1, "--jump is only used with --inpaint --resample R (R > 1)"),
         (args.replace, args.out_dir, "--replace needs --out-dir"),
+        (args.grid, picture != "process", "--grid is not used with --process: its picture goes to the --process path"),
         (args.out_dir or args.fid, not picture, f"--out-dir and --fid write samples, not the --{picture} picture"),
         (args.interp, args.sampler == "dpm++" or (args.sampler == "ddim" and not args.eta),
          "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),

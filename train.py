@@ -69,7 +69,7 @@ UNSET = object()  # marks a flag the command line did not give
 
 def fail(msg):
     """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
-    print(f"train.py: error: {msg}", file=sys.stderr)
+    print(f"train.py: error: {msg}".replace("\n", "\\n"), file=sys.stderr)  # one line, whatever a path holds
     raise SystemExit(2)
 
 
@@ -180,6 +180,8 @@ def parse_args(argv=None):
     if given.config is not UNSET:
         source = f"--config {given.config}"
         try:
+            if not os.path.isfile(given.config):  # a FIFO would block the read
+                raise OSError(0, "not a file")
             with open(given.config) as f:
                 base = json.load(f)
         except (OSError, ValueError) as e:
@@ -228,6 +230,9 @@ def check_args(parser, args, ckpt):
          f"--T 21 or more, or --schedule cosine"),
         (args.data == "shapes" and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up "
          f"to 256 pixels; give --data a folder of images for larger sizes"),
+        (args.data != "shapes" and os.path.abspath(args.out).startswith(os.path.join(args.data, "")),
+         f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; choose "
+         f"an --out outside it"),
         (args.data != "shapes" and not os.path.isdir(args.data),
          f"--data {args.data}: no such folder (give a folder of images, or 'shapes')"),
         (args.fid_every > 0 and not args.fid_ref,

@@ -41,6 +41,7 @@ def made(tmp_path_factory):
                          "bool_int": {"steps": True}}.items():
         (top / f"{name}.json").write_text(json.dumps(config))
     (top / "garbage.json").write_text("{not json")
+    (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
     ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
     ckpt["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
     (top / "nan").mkdir()
@@ -111,6 +112,8 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--fid-every", "5", "--fid-ref", "{d}/images", "--fid-n", "1"], ["--fid-n"]),
     (["--data", "{d}/missing"], ["--data", "missing", "no such folder"]),
     (["--data", "{d}/text.txt"], ["--data", "text.txt"]),
+    (["--data", "{d}", "--out", "{d}/run"], ["--out", "inside --data"]),
+    (["--data", "{d}/a\nb"], ["--data", "a\\nb"]),
     (["--bogus"], ["--bogus"]),
     (["--config", "{d}/missing.json"], ["--config", "missing.json"]),
     (["--config", "{d}/garbage.json"], ["--config", "garbage.json", "JSON"]),
@@ -175,6 +178,8 @@ SAMPLE = [
     (["--out-dir", "{d}/text.txt"], ["--out-dir", "a file"]),
     (["--out-dir", "{d}/full"], ["--out-dir", "--replace"]),
     (["--replace"], ["--replace", "--out-dir"]),
+    (["--process", "{d}/p.gif", "--grid", "{d}/g.png"], ["--grid", "--process"]),
+    (["--grid", "{d}/dangling.png"], ["--grid", "not a regular file"]),
     (["--interp", "0"], ["--interp"]),
     (["--interp", "1"], ["--interp"]),
     (["--interp", "4", "--sampler", "ddpm"], ["--interp", "deterministic"]),

@@ -187,7 +187,7 @@ def test_broken_images_are_skipped_with_their_reason(tmp_path):
     for name in ("zero.png", "truncated.png"):
         arr, why = train.load_image(str(tmp_path / name), (16, 16))
         assert arr is None and why, name
-    r = run("train.py", "--data", tmp_path, "--out", tmp_path / "run", "--steps", "1", *TINY)
+    r = run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--steps", "1", *TINY)
     assert r.returncode == 0, r.stderr
     assert "skipped 3 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
 

@@ -114,8 +114,9 @@ def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
 
 def test_grey_folder_trains_a_one_channel_model(tmp_path):
     for i in range(4):
-        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
-    train.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+        (tmp_path / "grey").mkdir(exist_ok=True)
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / "grey" / f"{i}.png")
+    train.main(["--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model_config"]["in_ch"] == 1
 
 
@@ -153,7 +154,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 def test_unreadable_images_only(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.png").write_bytes(b"\x89PNG garbage")
-    one_line_error(run("train.py", "--data", tmp_path, "--out", tmp_path / "r"), "none of the 2 image files")
+    one_line_error(run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-r"), "none of the 2 image files")
 
 
 def test_conditional_run_samples_a_class_with_guidance_and_a_row_per_class(folder, tmp_path, capsys):
