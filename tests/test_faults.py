@@ -26,26 +26,8 @@ def load(path):
 
 
 # --- distributed -----------------------------------------------------------------------------------------
-DDP_WORKER = """
-import sys, os, torch
-sys.path.insert(0, {root!r})
-import train, unet
-made = []
-class Recorded(unet.UNet):  # keep a handle on the training network of this process
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        made.append(self)
-unet.UNet = Recorded
-train.main(sys.argv[1:])
-torch.save(made[0].state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
-"""
-
-
-def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp_path):
-    out = tmp_path / "ddp"
-    out.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER.format(root=str(ROOT), out=str(out)))
+def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp_path, ddp_worker):
+    out, worker = tmp_path / "ddp", ddp_worker
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(worker), "--data", str(folder), "--out", str(out), "--steps", "4", *TINY],
