@@ -104,7 +104,7 @@ train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=Fal
 
 def test_a_decode_killed_midway_is_not_trusted(folder, tmp_path, capsys):
     marker, worker = tmp_path / "stuck", tmp_path / "worker.py"
-    worker.write_text(KILLED_WORKER.format(root=str(train.__file__[:-9]), marker=str(marker), data=str(folder)))
+    worker.write_text(KILLED_WORKER.format(root=os.path.dirname(train.__file__), marker=str(marker), data=str(folder)))
     p = subprocess.Popen([sys.executable, str(worker)], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     for _ in range(600):
         if marker.exists() or p.poll() is not None:
