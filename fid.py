@@ -21,6 +21,7 @@ download of pytorch-fid's published file, checked against its sha256 before it i
 import argparse
 import contextlib
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -477,7 +478,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape:
         raise FIDError(f'statistics do not match: {len(mu1)}-d and {len(mu2)}-d')
     diff = mu1 - mu2
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(over='ignore', invalid='ignore'):  # overflow: checked below
         # With fewer images than dimensions the product is singular and scipy warns; the checks below
         # decide whether the root is usable, as pytorch-fid's do.
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
@@ -492,10 +493,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}); '
                            'use more images')
         covmean = covmean.real
-    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    with np.errstate(over='ignore', invalid='ignore'):
+        value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     # d^2 is a squared norm plus the squared Bures distance of two PSD matrices, so >= 0. The square root is
     # good to about 1e-7 of the traces (a set of Inception features against itself gives -5e-5): a negative
     # within 1e-5 of them is rounding and reads 0; a larger one, or NaN, means a sigma is not PSD.
+    if not math.isfinite(value):
+        raise FIDError(f'the distance came out {value}: the statistics are too large for float64')
     if not value >= -1e-5 * (np.trace(sigma1) + np.trace(sigma2)):
         raise FIDError(f'the distance came out {value:.3g}: a sigma is not positive semi-definite, no covariance')
     return max(value, 0.0)
@@ -517,6 +521,8 @@ def load_stats(path, network=False):
             if missing:
                 raise FIDError(f'{path}: no {" or ".join(missing)} array; a statistics file needs keys mu and '
                                'sigma (write one with --save-stats)')
+            if any(f[k].dtype.kind not in 'fiu' for k in ('mu', 'sigma')):  # complex or bool would cast silently
+                raise FIDError(f'{path}: mu and sigma must hold real numbers, not {f["mu"].dtype} and {f["sigma"].dtype}')
             mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
             n = int(f['n']) if 'n' in f.files else None
     except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a .npy, an n [2]

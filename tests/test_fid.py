@@ -276,7 +276,8 @@ def bad(tmp_path_factory):
     stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'd0': (np.zeros(0), np.eye(0)),
              'mu2d': (np.zeros((2, 2)), np.eye(4)), 'sigma43': (np.zeros(4), np.ones((4, 3))),
              'sigma5': (np.zeros(4), np.eye(5)), 'nan': (np.full(4, np.nan), np.eye(4)), 'inf': (np.zeros(4), inf),
-             'nonsym': (np.zeros(4), nonsym), 'negvar': (np.zeros(4), -np.eye(4))}
+             'nonsym': (np.zeros(4), nonsym), 'negvar': (np.zeros(4), -np.eye(4)),
+             'complex': (np.zeros(4, complex), np.eye(4, dtype=complex)), 'huge': (np.full(4, 1e300), np.eye(4) * 1e300)}
     for name, (mu, sigma) in stats.items():
         np.savez(d / f'{name}.npz', mu=mu, sigma=sigma)
     return d
@@ -311,6 +312,8 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['good.npz', 'inf.npz'], 'inf.npz: NaN or infinite'),
     (['nonsym.npz', 'good.npz'], 'nonsym.npz: sigma is not symmetric'),
     (['negvar.npz', 'good.npz'], 'negvar.npz: a negative variance'),
+    (['complex.npz', 'good.npz'], 'complex.npz: mu and sigma must hold real numbers'),
+    (['huge.npz', 'good.npz'], 'too large for float64'),
     (STATS, '3-d'),
     (['imgs', 'good.npz'], '4-d'),                            # a folder's statistics are 2048-d
     (['imgs', '--save-stats', 'missing/out.npz'], 'cannot write in missing'),
