@@ -55,6 +55,13 @@ def number(kind, interval):
     return parse
 
 
+def path(text):
+    """An argparse type for paths: an empty one would quietly mean the current folder, or nothing."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def check_device(name):
     """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
     if name is None:
@@ -138,7 +145,7 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
         return (torch.arange(n) // nrow) % len(classes)
     if cls in classes:
         index = classes.index(cls)
-    elif cls.lstrip("-").isdigit() and 0 <= int(cls) < len(classes):
+    elif cls.isdecimal() and int(cls) < len(classes):
         index = int(cls)
     else:
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
@@ -291,7 +298,7 @@ def load_mask(path, size):
 def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
-    p.add_argument("ckpt", help="a checkpoint written by train.py")
+    p.add_argument("ckpt", type=path, help="a checkpoint written by train.py")
     p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="number of images (default 64; a "
                    "conditional checkpoint without --class: a row of 8 per class). torchrun takes --n for its own "
                    "--nnodes: write --num-samples there")
@@ -308,22 +315,22 @@ def build_parser():
                    "model. diffusers' guidance_scale is 1 + w")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
-    p.add_argument("--grid", help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png (default: "
+    p.add_argument("--grid", type=path, help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png (default: "
                    "beside the checkpoint)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
-    p.add_argument("--out-dir", help="also write each image as a PNG in this folder (new or empty)")
+    p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
-    p.add_argument("--fid", metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
+    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
                    "fid.py statistics .npz; a folder uses its first --n images)")
-    p.add_argument("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
+    p.add_argument("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
-    one.add_argument("--process", metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
+    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
                      "(every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t and predicted x_0)")
-    one.add_argument("--forward", metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
-    one.add_argument("--mix", nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
+    one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
+    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
                      "denoise from there (ancestral)")
-    one.add_argument("--inpaint", metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
+    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
                      "4) completions (RePaint, ancestral)")
     one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
                      "FRAMES samples whose x_T is slerped between two noise draws (needs a deterministic sampler: "
@@ -331,7 +338,7 @@ def build_parser():
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default 0 50 "
                    "100 250 500 750 999 / 100 250 400 550 700 850)")
-    v.add_argument("--mask", help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
+    v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
     v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
                    "--jump steps (1: one pass; RePaint's published setting: --resample 10 --jump 10, about r times "
                    "the time; README, Pictures)")
@@ -533,6 +540,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     try:
         main()
+    except OSError as e:  # a file that changed under us, a full disk: one line, not a traceback
+        print(f"sample.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2)
     except KeyboardInterrupt:
         print("\nsample.py: interrupted; nothing more was written", file=sys.stderr)
         raise SystemExit(130)

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageOps
 import ddpm
 import unet
 from sample import (DEFAULT_SAMPLER, DEFAULT_STEPS, Parser, check_device, fastest_precision, load_checkpoint, number,
-                    save_grid)
+                    path, save_grid)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
@@ -93,7 +93,7 @@ def build_parser(prog="train.py"):
         actions[action.dest] = action
     positive, count = number(int, "[1, inf)"), number(int, "[0, inf)")
     # data
-    a("--data", default="shapes", help="image folder (recursive), or 'shapes' for the built-in dataset")
+    a("--data", default="shapes", type=path, help="image folder (recursive), or 'shapes' for the built-in dataset")
     a("--size", type=image_size, default="32", help="image size: 128 or HxW like 64x128 (resize shorter side, "
       "centre crop)")
     a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
@@ -131,18 +131,19 @@ def build_parser(prog="train.py"):
     a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, timesteps and "
       "dropout")
     # run folder
-    a("--out", default="runs/run", help="run folder")
+    a("--out", default="runs/run", type=path, help="run folder")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--config", help="a run's config.json; flags given on the command line override it")
+    a("--config", type=path, help="a run's config.json; flags given on the command line override it (its out is "
+      "not used: give --out)")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
     a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
       "(0: never; costs --fid-n samples and Inception passes each time)")
-    a("--fid-ref", help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
+    a("--fid-ref", type=path, help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
     a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
-    a("--fid-weights", help="the FID Inception weights file (see fid.py --help)")
+    a("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     a("--device", help="cuda, cuda:1, cpu, mps, ... (default: cuda if available)")
     return p, actions
 
@@ -162,7 +163,7 @@ def config_words(config, actions):
                 raise ValueError(f"{key}: {value!r} is not true or false")
             words += [action.option_strings[0]] if value else action.option_strings[1:]
         elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{key}: {value!r} is not a {action.type.__name__ if action.type else 'string'}")
+            raise ValueError(f"{key}: {value!r} is not a single number or string")
         else:
             words += [action.option_strings[0], str(value)]
     return words
@@ -612,7 +613,7 @@ class Stop:
         if kind is KeyboardInterrupt:  # one line, no traceback
             kept = f"the checkpoint {self.saved[0]} (step {self.saved[1]}) is saved" if self.saved else "nothing was saved"
             print(f"\ntrain.py: stopped by {self.signal or 'SIGINT'}; {kept}", file=sys.stderr)
-            raise SystemExit(130)
+            raise SystemExit(128 + getattr(signal, self.signal or "SIGINT"))
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -646,6 +647,16 @@ def setup_fid(args, device):
     return inception
 
 
+def read_metrics(path):
+    """The records of metrics.jsonl; a line a killed process left half-written is dropped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return [m for m in records if isinstance(m, dict) and isinstance(m.get("step"), int)]
+
+
 def learning_rate(args, step):
     """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps. A function of the
     step and the run's length: extending a run's --steps re-plans the annealing over the new length."""
@@ -659,7 +670,10 @@ def learning_rate(args, step):
 def main(argv=None):
     args, ckpt = parse_args(argv)
     with Stop() as stop:
-        train(args, ckpt, stop)
+        try:
+            train(args, ckpt, stop)
+        except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable): one line
+            fail(f"{e.filename or ''}: {e.strerror or e}")
 
 
 def train(args, ckpt, stop):
@@ -703,7 +717,8 @@ def train(args, ckpt, stop):
     if ckpt:
         try:
             for part, name in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (scaler, "scaler")):
-                part.load_state_dict(ckpt[name])
+                if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
+                    part.load_state_dict(ckpt[name])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
         start, planned = ckpt["step"], ckpt["config"]["steps"]
@@ -718,8 +733,7 @@ def train(args, ckpt, stop):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint, drop the rest
-            with open(metrics_path) as f:
-                metrics = [m for m in map(json.loads, f) if m["step"] <= start]
+            metrics = [m for m in read_metrics(metrics_path) if m["step"] <= start]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
 

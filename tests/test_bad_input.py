@@ -112,6 +112,8 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--fid-every", "5", "--fid-ref", "{d}/images", "--fid-n", "1"], ["--fid-n"]),
     (["--data", "{d}/missing"], ["--data", "missing", "no such folder"]),
     (["--data", "{d}/text.txt"], ["--data", "text.txt"]),
+    (["--data", ""], ["--data", "empty path"]),
+    (["--out", ""], ["--out", "empty path"]),
     (["--data", "{d}", "--out", "{d}/run"], ["--out", "inside --data"]),
     (["--data", "{d}/a\nb"], ["--data", "a\\nb"]),
     (["--bogus"], ["--bogus"]),
@@ -178,6 +180,9 @@ SAMPLE = [
     (["--out-dir", "{d}/text.txt"], ["--out-dir", "a file"]),
     (["--out-dir", "{d}/full"], ["--out-dir", "--replace"]),
     (["--replace"], ["--replace", "--out-dir"]),
+    (["--process", ""], ["--process", "empty path"]),
+    (["--forward", ""], ["--forward", "empty path"]),
+    (["--out-dir", ""], ["--out-dir", "empty path"]),
     (["--process", "{d}/p.gif", "--grid", "{d}/g.png"], ["--grid", "--process"]),
     (["--grid", "{d}/dangling.png"], ["--grid", "not a regular file"]),
     (["--interp", "0"], ["--interp"]),
@@ -308,7 +313,7 @@ def test_the_checkpoint_is_saved_before_the_final_grid(made, tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "3", *TINY])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 130 and len(err.splitlines()) == 1
+    assert e.value.code == 128 + signal.SIGINT and len(err.splitlines()) == 1
     assert err.endswith(f"stopped by SIGINT; the checkpoint {tmp_path / 'r' / 'ckpt.pt'} (step 3) is saved")
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
 
@@ -346,3 +351,12 @@ def test_resume_refuses_renamed_class_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "class folders" in err and "wolves" in err and "dogs" in err
     assert snapshot(tmp_path / "r") == refused_elsewhere
+
+
+def test_a_half_written_metrics_line_and_a_precision_change_do_not_stop_a_resume(made, tmp_path, capsys):
+    train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "2", *TINY])
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # what a kill during an append leaves
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--precision", "fp16"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert steps == [2, 4] and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 4
