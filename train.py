@@ -687,10 +687,11 @@ def train(args, ckpt, stop):
     inception = setup_fid(args, device) if args.fid_every and master else None
 
     # data: every process maps the decoded images and reads its own slice of each global batch
-    if distributed and not master:
-        dist.barrier()  # rank 0 decodes and caches first; the others then read its cache
+    decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
+    if distributed and not decoder:
+        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
     images, labels, classes = load_dataset(args, size)
-    if distributed and master:
+    if distributed and decoder:
         dist.barrier()
     channels = args.channels or images.shape[1]
     args.channels = channels  # recorded, so --resume can refuse another
