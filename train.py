@@ -375,10 +375,10 @@ def decode_into(f, root, paths, size):
             now = time.perf_counter()
             if now - shown > (0.5 if lead else 30) or i == n - 1:  # a line redrawn on a terminal, else every 30 s
                 shown, rate = now, (i + 1) / max(now - t0, 1e-9)
-                print(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
-                      end="" if lead and i < n - 1 else "\n", flush=True)
+                log(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
+                    end="" if lead and i < n - 1 else "\n")
     if bad:
-        print(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0][0]} ({bad[0][1]})")
+        log(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0][0]} ({bad[0][1]})")
     if not keep:
         fail(f"--data {root}: none of the {n} image files could be read")
     f.seek(0)
@@ -422,7 +422,7 @@ def load_folder(root, paths, size, cond, stem):
         except OSError as e:
             if target == scratch:
                 fail(f"cannot write the decoded images to {scratch}.npy ({e}); free space there or set TMPDIR")
-            print(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
 
 
 def read_cache(stem, size):
@@ -437,7 +437,7 @@ def read_cache(stem, size):
             raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
         return images, meta
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        print(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
+        log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
 
 
 def load_dataset(args, size):
