@@ -123,10 +123,13 @@ def build(ckpt, ema=True, device="cpu"):
     ValueError for a configuration these files cannot build or weights that do not fit it."""
     try:
         model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint: its configuration does not build a network here ({e})") from None
+    try:
         model.load_state_dict(ckpt["ema" if ema else "model"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"checkpoint: its configuration and weights do not build a network here "
-                         f"({str(e).strip().splitlines()[0][:200]})") from None
+    except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
+        raise ValueError(f"checkpoint weights do not fit its own configuration "
+                         f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
     if not bool(((diffusion.betas > 0) & (diffusion.betas < 1)).all()):
         raise ValueError(f"checkpoint: its diffusion {ckpt['diffusion']} has betas outside (0, 1)")
     return model.to(device).eval(), diffusion.to(device)

@@ -185,9 +185,10 @@ def test_a_symlink_loop_in_the_data_folder_is_walked_once(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
-    Image.new("RGB", (16, 16), (50, 60, 70)).save(tmp / "a.png")
-    Image.new("RGB", (16, 16), (90, 60, 70)).save(tmp / "b.png")
-    train.main(["--data", str(tmp), "--out", str(tmp / "run"), "--steps", "1", *TINY])
+    (tmp / "data").mkdir()
+    Image.new("RGB", (16, 16), (50, 60, 70)).save(tmp / "data" / "a.png")
+    Image.new("RGB", (16, 16), (90, 60, 70)).save(tmp / "data" / "b.png")
+    train.main(["--data", str(tmp / "data"), "--out", str(tmp / "run"), "--steps", "1", *TINY])
     return tmp / "run" / "ckpt.pt"
 
 
