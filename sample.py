@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
     signal.signal(signal.SIGINT, lambda *_: sys.exit("\nsample.py: interrupted while starting; nothing was written"))
@@ -29,7 +30,6 @@ import unet
 # The default sampler and step count: the best quality for the time we measured (docs/benchmarks.md, "Samplers").
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
 GRID_MAX = 256  # the sample grid shows at most the first 256 samples
-CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")
 
 
 class Parser(argparse.ArgumentParser):
@@ -95,6 +95,63 @@ def fastest_precision(device):
                     conv(x)
                     seconds[name] = min(seconds[name], time.perf_counter() - start)
     return "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
+
+
+# --- files: images, atomic writes and the checkpoint (train.py writes through these too) ------------------
+def read_image(path, size, resample=Image.Resampling.LANCZOS):
+    """An image file as uint8 [H, W, 3]: EXIF orientation applied, first frame only, 16-bit grey scaled to 8
+    bits, alpha composited on white, resized on the shorter side and centre-cropped to size (H, W). Raises
+    ValueError naming the file for anything but a regular, decodable image file (a FIFO would block)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                    rgba = im.convert("RGBA")
+                    im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im.alpha_composite(rgba)
+                return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
+    except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def write_atomically(path, write, tmp=None):
+    """write(f) into a temporary file beside path (a new unique one unless `tmp` names it), flushed to disk,
+    then renamed to path: a reader never sees part of a file, and the previous file stays whole until then.
+    An error removes the temporary file; a kill leaves it, under a name nothing reads."""
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path) or ".")
+        f = open(fd, "wb")
+    else:
+        f = open(tmp, "wb")
+    try:
+        with f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return result
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+# The checkpoint, one dict of plain types and tensors (torch.load weights_only). format 2: attention's dense
+# layers stored 2-D. train.py adds the optimizer and scaler states, which sampling does not need.
+FORMAT = 2
+CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")
+
+
+def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler):
+    """What train.py saves: CHECKPOINT_KEYS, in order, then the training state."""
+    values = (FORMAT, step, config, model_config, diffusion.config(), classes, model.state_dict(), ema.state_dict())
+    return dict(zip(CHECKPOINT_KEYS, values), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
 
 
 def load_checkpoint(path):
@@ -183,18 +240,10 @@ def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
     grid_image(x, nrow, pad, scale, labels).save(path)
 
 
-def load_image(path, channels, size, resample=Image.Resampling.BICUBIC):
-    """An image file as [1, C, H, W] in [-1, 1] at the model's size: EXIF orientation applied, scaled to
-    cover and centre-cropped."""
-    if not os.path.isfile(path):  # a FIFO or a device would block the read
-        raise ValueError(f"{path}: not an image file")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    im = ImageOps.fit(im, (size[1], size[0]), resample)
-    return torch.from_numpy(np.array(im)).view(size[0], size[1], channels).permute(2, 0, 1)[None].float() / 127.5 - 1
+def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
+    """An image file (read_image) as [1, C, H, W] in [-1, 1]; grey (C = 1) is ITU-R 601-2 luma, as Pillow's "L"."""
+    image = Image.fromarray(read_image(path, size, resample)).convert("L" if channels == 1 else "RGB")
+    return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 # --- pictures of the process ---------------------------------------------------------------------------
@@ -250,42 +299,31 @@ def interpolation(diffusion, model, shape, frames, seed, y=None, **loop):
     return grid_image(x.float().clamp(-1, 1), nrow=frames, scale=2, labels=[f"{a:.2f}" for a in alphas.tolist()])
 
 
-def draw_picture(args, model, diffusion, labels, shape, g):
-    """The picture main() was asked for (one of --process, --forward, --mix, --inpaint, --interp), written to
-    its path, which is returned. Raises ValueError for a bad flag or image."""
+def draw_picture(picture, model, diffusion, shape, g, n, labels=None, images=(), hole=None, ts=(), weight=0.5, resample=1,
+                 jump=10, frames=2, seed=0, **loop):
+    """The picture of mode `picture` (process, forward, mix, inpaint or interp) of a model whose samples have
+    `shape` (C, H, W): a Pillow image, or for process the strip and the GIF frames."""
     device = g.device
-    loop = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, guidance=args.guidance)
-    ts = args.t or [t for t in ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
-                    if t < diffusion.T]
-    if args.process:
-        if not args.process.lower().endswith((".gif", ".png")):
-            raise ValueError(f"--process {args.process}: give a .gif or .png path")
-        x = torch.randn((args.n, *shape), generator=g, device=device)
+    if picture == "process":
         y = None if labels is None else labels.to(device)
-        strip, frames = process_frames(diffusion, model, x, y=y, generator=g, **loop)
-        if args.process.lower().endswith(".png"):
-            strip.save(args.process)
-        else:  # hold the last frame for two seconds
-            frames[0].save(args.process, save_all=True, append_images=frames[1:], loop=0,
-                           duration=[60] * (len(frames) - 1) + [2000])
-        return args.process
-    if args.forward:
-        picture, name = forward_strip(diffusion, load_image(args.forward, shape[0], shape[1:]).to(device), ts, g), "forward"
-    elif args.mix:
-        if not 0 <= args.weight <= 1:
-            raise ValueError("--weight must be in [0, 1]")
-        a, b = (load_image(f, shape[0], shape[1:]).to(device) for f in args.mix)
-        picture, name = mix_strip(diffusion, model, a, b, ts, args.weight, g), "mix"
-    elif args.inpaint:
-        image = load_image(args.inpaint, shape[0], shape[1:]).to(device)
-        hole = load_mask(args.mask, shape[1:]).to(device)
-        picture, name = inpaint_strip(diffusion, model, image, hole, args.n, args.resample, args.jump, g), "inpaint"
+        return process_frames(diffusion, model, torch.randn((n, *shape), generator=g, device=device), y=y, generator=g,
+                              **loop)
+    if picture == "forward":
+        return forward_strip(diffusion, images[0], ts, g)
+    if picture == "mix":
+        return mix_strip(diffusion, model, *images, ts, weight, g)
+    if picture == "inpaint":
+        return inpaint_strip(diffusion, model, images[0], hole, n, resample, jump, g)
+    return interpolation(diffusion, model, (n, *shape), frames, seed, labels, **loop)
+
+
+def save_picture(picture, path):
+    """A strip as PNG, or (strip, frames) as the strip's PNG or a GIF holding the last frame for two seconds."""
+    strip, frames = picture if isinstance(picture, tuple) else (picture, None)
+    if path.lower().endswith(".gif"):
+        frames[0].save(path, save_all=True, append_images=frames[1:], loop=0, duration=[60] * (len(frames) - 1) + [2000])
     else:
-        if args.interp < 2 or args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta):
-            raise ValueError("--interp needs at least 2 frames and a deterministic sampler (dpm++, or ddim with eta 0)")
-        picture, name = interpolation(diffusion, model, (args.n, *shape), args.interp, args.seed, labels, **loop), "interp"
-    picture.save(args.grid)
-    return args.grid
+        strip.save(path)
 
 
 def load_mask(path, size):
@@ -439,101 +477,108 @@ def main(argv=None):
         dist.init_process_group("gloo")
         if rank:
             sys.stdout = open(os.devnull, "w")
-    if picture:
-        args.n = args.n or 4
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.steps, args.eta, args.variance = args.steps or DEFAULT_STEPS, args.eta or 0.0, args.variance or "beta"
-    args.weight = 0.5 if args.weight is None else args.weight
-    args.jump = args.jump or 10
+    args.n = args.n or (4 if picture else None)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loop = dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS, eta=args.eta or 0.0,
+                variance=args.variance or "beta", guidance=args.guidance)
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
-        if args.sampler != "ddpm" and args.steps > diffusion.T:
-            raise ValueError(f"--steps {args.steps}: this checkpoint's diffusion has T = {diffusion.T} steps")
+        if args.sampler != "ddpm" and loop["steps"] > diffusion.T:
+            raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
         if args.t and max(args.t) >= diffusion.T:
             raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
         labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # a class per picture row
+        shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+        images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
+                  if f]
+        hole = load_mask(args.mask, shape[1:]).to(args.device) if args.mask else None
     except ValueError as e:
         p.error(str(e))
     args.n = len(labels) if labels is not None else args.n or 64
-    channels, h, w = model.conv_in.in_channels, *ckpt["model_config"]["image_size"]
-    device = torch.device(args.device)
-    inception = fid_meter(p, args, device) if args.fid else None
-    precision = fastest_precision(device) if args.precision == "auto" else args.precision
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    g = torch.Generator(device).manual_seed(args.seed)
+    inception = fid_meter(p, args) if args.fid else None
+    precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if picture:
-        args.grid = grid
-        try:
-            with autocast:
-                path = draw_picture(args, model, diffusion, labels, (channels, h, w), g)
-        except ValueError as e:
-            p.error(str(e))
-        print(f"wrote {path}")
+        ts = args.t or [t for t in ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
+                        if t < diffusion.T]
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        with autocast:
+            made = draw_picture(picture, model, diffusion, shape, g, args.n, labels, images, hole, ts,
+                                0.5 if args.weight is None else args.weight, args.resample, args.jump or 10,
+                                args.interp, args.seed, **loop)
+        save_picture(made, args.process or grid)
+        print(f"wrote {args.process or grid}")
         return
+    samples = write_samples(diffusion, model, labels, shape, args, loop, autocast, rank, world)
+    if rank:
+        return
+    steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
+    what = f"{args.sampler}{steps}, seed {args.seed}"
+    if labels is not None:
+        what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
+    save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
+    print(f"wrote {grid} ({min(len(samples), GRID_MAX)} of {args.n} images, {what})")
+    if args.out_dir:
+        print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
+    if args.fid:
+        import fid
+
+        value = fid.fid_from_samples(samples, args.fid, args.n, model=inception, device=args.device)
+        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
+
+
+def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
+    """Sample this process's share of the --n images, writing each to --out-dir as it is made. Returns, on
+    rank 0, the samples in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
     if args.replace and rank == 0:
-        for f in os.listdir(args.out_dir):  # checked above: only images
+        for f in os.listdir(args.out_dir):  # checked before: only images
             os.remove(os.path.join(args.out_dir, f))
     if world > 1:
         dist.barrier()  # every process has checked --out-dir before any writes to it
-    shown, kept = {}, []  # the grid's first GRID_MAX samples by index; all samples for --fid (one process)
-    for idx, x in sample_shard(diffusion, model, labels, (channels, h, w), args, device, autocast, rank, world):
+    kept = {}
+    for idx, x in sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank, world):
         if not torch.isfinite(x).all():  # never a black image that looks like a result
             print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
                   "out non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
             raise SystemExit(1)
         for i, image, im in zip(idx, x, to_uint8(x)):
             if args.out_dir:
-                Image.fromarray(im[..., 0] if channels == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
-            if i < GRID_MAX:
-                shown[i] = image
-        kept += [x] if args.fid else []
+                Image.fromarray(im[..., 0] if shape[0] == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
+            if i < GRID_MAX or args.fid:
+                kept[i] = image
         if rank == 0:
             print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)
     if world > 1:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object(shown, parts)
-        shown = {i: image for part in parts or [] for i, image in part.items()}
+        dist.gather_object(kept, parts)
+        kept = {i: image for part in parts or [] for i, image in part.items()}
         dist.destroy_process_group()
-    if rank:
-        return
     print(file=sys.stderr)
-    save_grid(torch.stack([shown[i] for i in sorted(shown)]), grid, nrow=args.nrow)
-    what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {args.steps} steps'}, seed {args.seed}"
-    if labels is not None:
-        what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
-    print(f"wrote {grid} ({len(shown)} of {args.n} images, {what})")
-    if args.out_dir:
-        print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
-    if args.fid:
-        import fid
-
-        value = fid.fid_from_samples(torch.cat(kept), args.fid, args.n, model=inception, device=args.device)
-        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
+    return torch.stack([kept[i] for i in sorted(kept)]) if rank == 0 else None
 
 
-def sample_shard(diffusion, model, labels, shape, args, device, autocast, rank=0, world=1):
+def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
     """Yield (indices, samples [B, C, H, W] in [-1, 1] on the CPU) for this process's share of the --n samples
     (every world-th), --batch-size at a time. Sample i's x_T and sampler noise come from its own generator,
     seeded by (--seed, i), so each image is the same whatever the batch size and the number of processes."""
     mine = range(rank, args.n, world)
     for start in range(0, len(mine), args.batch_size):
         idx = list(mine[start:start + args.batch_size])
-        generators = [torch.Generator(device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
-        y = None if labels is None else labels[idx].to(device)
+        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
+        y = None if labels is None else labels[idx].to(args.device)
         with autocast:
-            x = diffusion.sample(model, (len(idx), *shape), device=device, generator=generators, sampler=args.sampler,
-                                 steps=args.steps, eta=args.eta, variance=args.variance, y=y, guidance=args.guidance)
+            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
         yield idx, x.float().cpu()
 
 
-def fid_meter(p, args, device):
+def fid_meter(p, args):
     """The FID Inception and the reference statistics (cached), loaded before sampling so a bad one fails now."""
     import fid  # optional: only --fid needs fid.py
 
     try:
-        inception = fid.load_inception(args.fid_weights, device)
-        fid.reference_stats(args.fid, inception, n=args.n, device=device)
+        inception = fid.load_inception(args.fid_weights, args.device)
+        fid.reference_stats(args.fid, inception, n=args.n, device=args.device)
     except fid.FIDError as e:
         p.error(f"--fid: {e}")
     return inception

@@ -17,50 +17,33 @@ import copy
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
 import tempfile
 import time
-import warnings
 
+STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
     signal.signal(signal.SIGINT, lambda *_: sys.exit("\ntrain.py: interrupted while starting; nothing was written"))
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 import ddpm
+import sample
 import unet
-from sample import (DEFAULT_SAMPLER, DEFAULT_STEPS, Parser, check_device, fastest_precision, load_checkpoint, number,
-                    path, save_grid)
+from sample import number, path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-FORMAT = 2  # checkpoint format version (2: attention's dense layers stored 2-D)
-# Per-preset training defaults (flags override). 'paper' is Ho et al.'s recipe, per size; tiny's were measured
-# for quality per CPU-minute (docs/benchmarks.md, "Choosing the CPU presets"); small shares its recipe, not yet measured.
-PRESET_DEFAULTS = {
-    # the paper's settings: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999; lr and batch below
-    "paper": dict(target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
-    # CPU presets trained for minutes: v target (an eps net this young is too inexact at large t, where x_0 =
-    # (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies its error ~150x; README, "Quick start"),
-    # cosine schedule (fewer steps wasted on near-pure noise at low resolution), lr annealed to 0
-    "small": dict(target="v", schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True),
-    "tiny": dict(target="v", schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True),
-}
-# The paper preset's lr and batch at the size nearest the image's shorter side (unet.paper_size; its dropout
-# is unet.PAPER_NETWORKS'). Ho et al., Appendix B: "We set the batch size to 128 for CIFAR10 and 64 for larger
-# images"; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable to train with the larger
-# learning rate". Ho et al. trained no 64 or 128 network: 64 follows Nichol & Dhariwal 2021's ImageNet 64x64 runs
-# (lr 1e-4, batch 128 in their released flags), and 128, where neither paper trained, keeps that recipe.
-PAPER_LR_BATCH = {32: dict(lr=2e-4, batch=128), 64: dict(lr=1e-4, batch=128), 128: dict(lr=1e-4, batch=128),
-                  256: dict(lr=2e-5, batch=64)}
-
+TRAINING_KEYS = ("target", "schedule", "lr", "batch", "warmup", "ema", "cosine")  # the presets' recipe (unet.PRESETS)
 
 # The settings that make the network and the diffusion: --resume refuses to change any of them.
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")
@@ -69,8 +52,18 @@ UNSET = object()  # marks a flag the command line did not give
 
 def fail(msg):
     """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
-    print(f"train.py: error: {msg}".replace("\n", "\\n"), file=sys.stderr)  # one line, whatever a path holds
-    raise SystemExit(2)
+    sample.Parser(prog="train.py").error(msg)
+
+
+def duration(text):
+    """--time: "90s", "15m", "2h", "1h30m" or a bare number of seconds, as seconds."""
+    text = text.strip().lower()
+    if not re.fullmatch(r"(\d+(\.\d+)?[smh])+|\d+(\.\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give it like 90s, 15m, 2h or 1h30m")
+    total = sum(float(n) * {"s": 1, "m": 60, "h": 3600}[u or "s"] for n, u in re.findall(r"([\d.]+)([smh]?)", text))
+    if not 1 <= total < 1e7:
+        raise argparse.ArgumentTypeError(f"{text} is not a duration between 1 second and 100 days")
+    return total
 
 
 def image_size(text):
@@ -86,7 +79,7 @@ def image_size(text):
 
 def build_parser(prog="train.py"):
     """The parser and its actions by destination (for reading config files through the same checks)."""
-    p, actions = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
+    p, actions = sample.Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
 
     def a(*names, **kw):
         action = p.add_argument(*names, **kw)
@@ -94,42 +87,38 @@ def build_parser(prog="train.py"):
     positive, count = number(int, "[1, inf)"), number(int, "[0, inf)")
     # data
     a("--data", default="shapes", type=path, help="image folder (recursive), or 'shapes' for the built-in dataset")
-    a("--size", type=image_size, default="32", help="image size: 128 or HxW like 64x128 (resize shorter side, "
-      "centre crop)")
+    a("--size", type=image_size, default="32", help="128 or HxW like 64x128 (shorter side resized, centre crop)")
     a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
     a("--no-flip", action="store_true", help="disable random horizontal flips")
     a("--cond", action="store_true", help="class-conditional: labels from first-level subfolder names")
-    a("--p-uncond", type=number(float, "[0, 1)"), default=0.1, help="label dropout for classifier-free guidance "
-      "(Ho & Salimans)")
+    a("--p-uncond", type=number(float, "[0, 1)"), default=0.1, help="label dropout for guidance (Ho & Salimans)")
     a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset (README: defaults per size); "
-      "paper's lr, batch, dropout at the size nearest the shorter side: " + " | ".join(f"{s}: {r['lr']:.0e}, "
-      f"{r['batch']}, {unet.PAPER_NETWORKS[s]['dropout']:g}" for s, r in PAPER_LR_BATCH.items()))
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset and its training recipe (README: "
+      "defaults per size); paper's lr, batch, dropout at the size nearest the shorter side (64, 128: Nichol & "
+      "Dhariwal's): " + " | ".join(f"{s}: {r['lr']:.0e}, {r['batch']}, {r['dropout']:g}" for s, r in unet.PAPER_SIZES.items()))
     a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
     a("--T", type=number(int, "[2, 100000]"), default=1000, help="number of diffusion steps")
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
     a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
-    # optimisation (None: the --model preset's value)
+    # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
+    a("--time", type=duration, help="train for this wall-clock budget instead of --steps, like 15m, 2h or 90s: the step "
+      "count is planned from the measured speed (counted from the start, data decoding included)")
     a("--batch", type=positive, help="global batch size (over all processes and accumulation)")
     a("--accum", type=positive, default=1, help="gradient accumulation: micro-batches per step")
     a("--lr", type=number(float, "(0, 1]"), help="peak learning rate")
     a("--warmup", type=count, help="linear learning-rate warm-up steps")
-    a("--cosine", action=argparse.BooleanOptionalAction, help="cosine-anneal the learning rate to --lr-min after "
-      "warm-up (default: the --model preset's)")
+    a("--cosine", action=argparse.BooleanOptionalAction, help="cosine-anneal the lr to --lr-min after warm-up")
     a("--lr-min", type=number(float, "[0, 1]"), default=0.0, help="final learning rate with --cosine")
-    a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, as in "
-      "the paper)")
-    a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="clip the gradient norm (paper: 1.0); "
-      "0 disables")
+    a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, the paper's)")
+    a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="gradient norm clip (paper: 1.0; 0: none)")
     a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
       help="autocast precision; auto: bf16 where it is measured faster than fp32 (docs/benchmarks.md), else fp32")
     a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see docs/benchmarks.md)")
-    a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, timesteps and "
-      "dropout")
+    a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, t and dropout")
     # run folder
     a("--out", default="runs/run", type=path, help="run folder")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -192,7 +181,7 @@ def parse_args(argv=None):
     if given.resume is True:
         ckpt_path = os.path.join(out, "ckpt.pt")
         try:
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = sample.load_checkpoint(ckpt_path)
         except ValueError as e:
             parser.error(f"--resume: {e}")
         base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
@@ -206,12 +195,15 @@ def parse_args(argv=None):
                if ckpt and getattr(given, k) not in (UNSET, getattr(from_config, k))]
     if changed:
         parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
-    defaults = dict(PRESET_DEFAULTS[args.model])
-    if args.model == "paper":
-        defaults.update(PAPER_LR_BATCH[unet.paper_size(parse_size(args.size))])
-    for k, v in defaults.items():
+    if given.time is not UNSET and (given.steps is not UNSET or ckpt):
+        parser.error("--time plans the step count of a new run: give --time or --steps, not both (a resumed run "
+                     "trains to its planned --steps; give a larger --steps to extend it)")
+    if given.steps is not UNSET:
+        args.time = None  # the command line's --steps over a config's --time
+    recipe = unet.preset(args.model, parse_size(args.size))
+    for k in TRAINING_KEYS:
         if getattr(args, k) is None:
-            setattr(args, k, v)
+            setattr(args, k, recipe[k])
     if args.data != "shapes":
         args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
     check_args(parser, args, ckpt)
@@ -239,6 +231,8 @@ def check_args(parser, args, ckpt):
         (args.fid_every > 0 and not args.fid_ref,
          "--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data"),
         (bool(args.fid_ref) and not args.fid_every, "--fid-ref is only used with --fid-every N"),
+        (bool(args.time and args.fid_every and not ckpt), "--time cannot plan around the FIDs of --fid-every: give "
+         "--steps, or score the finished run with sample.py --fid"),
         (bool(args.fid_ref) and not os.path.exists(args.fid_ref or ""),
          f"--fid-ref {args.fid_ref}: no such folder or statistics file"),
         (ckpt is not None and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at "
@@ -254,7 +248,7 @@ def check_args(parser, args, ckpt):
                          f"checkpoint's ({', '.join(ckpt['classes'])}); restore them, or start a new run")
     try:
         unet.check_size(size, unet.model_config(args.model, size, 3)["ch_mult"])
-        check_device(args.device)
+        sample.check_device(args.device)
     except ValueError as e:
         parser.error(str(e if "--" in str(e) else f"--size {args.size}: {e}"))
 
@@ -313,28 +307,6 @@ def find_images(root):
     return sorted(found)
 
 
-def load_image(path, size):
-    """One file as uint8 [H, W, 3]: EXIF orientation applied, first frame only, alpha composited on white,
-    resized on the shorter side (Lanczos) and centre-cropped. Returns (array, None) or (None, reason)."""
-    h, w = size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.draft("RGB", (w, h))  # JPEG: decode at the smallest scale that still covers the size
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: to 8 bits
-                    im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
-                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                    rgba = im.convert("RGBA")
-                    im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    im.alpha_composite(rgba)
-                im = ImageOps.fit(im.convert("RGB"), (w, h), Image.Resampling.LANCZOS)
-                return np.asarray(im), None
-    except Exception as e:  # any decoder failure is a skipped file, never a crash
-        return None, f"{type(e).__name__}: {e}"
-
-
 def class_labels(root, paths, cond):
     """Each path's label (the index of its first-level subfolder of root, sorted) and the class names; with
     cond unset, all 0 and no names. Checked before decoding, so a bad layout fails at once."""
@@ -361,45 +333,30 @@ def decode_into(f, root, paths, size):
     keep, bad, grey, t0 = [], [], True, time.perf_counter()
     shown = t0
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        ahead = collections.deque(pool.submit(load_image, p, size) for p in paths[:4 * workers])
+        ahead = collections.deque(pool.submit(sample.read_image, p, size) for p in paths[:4 * workers])
         for i in range(n):
-            image, why = ahead.popleft().result()
+            done = ahead.popleft()
             if i + 4 * workers < n:
-                ahead.append(pool.submit(load_image, paths[i + 4 * workers], size))
-            if image is None:
-                bad.append((paths[i], why))
-            else:
+                ahead.append(pool.submit(sample.read_image, paths[i + 4 * workers], size))
+            try:
+                image = done.result()
                 f.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
                 keep.append(i)
                 grey = grey and bool((image[..., :1] == image[..., 1:]).all())
+            except ValueError as e:  # an unreadable file is skipped, never a crash
+                bad.append(str(e))
             now = time.perf_counter()
             if now - shown > (0.5 if lead else 30) or i == n - 1:  # a line redrawn on a terminal, else every 30 s
                 shown, rate = now, (i + 1) / max(now - t0, 1e-9)
                 log(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
                     end="" if lead and i < n - 1 else "\n")
     if bad:
-        log(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0][0]} ({bad[0][1]})")
+        log(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}")
     if not keep:
         fail(f"--data {root}: none of the {n} image files could be read")
     f.seek(0)
     np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(keep), 3, *size)})
     return keep, grey
-
-
-def write_atomically(path, write):
-    """write(f) into a new temporary file beside path, flushed to disk and then renamed to path: a reader never
-    sees part of a file, and an interrupted write leaves only the temporary file (removed where possible)."""
-    fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path))
-    try:
-        with open(fd, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return result
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_folder(root, paths, size, cond, stem):
@@ -411,10 +368,10 @@ def load_folder(root, paths, size, cond, stem):
     for target in [stem, scratch] if stem else [scratch]:
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            keep, grey = write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
+            keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
             meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey}
             if target == stem:
-                write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+                sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
             images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
             if target == scratch:
                 os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
@@ -527,24 +484,6 @@ def format_time(seconds):
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash, a kill or a full disk never leaves
-    a half-written checkpoint, and the previous one stays loadable until the new one is complete."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1] or type(e).__name__)[:200]
-        kept = f"{path}, the previous checkpoint, is untouched" if os.path.exists(path) else "no checkpoint exists yet"
-        fail(f"could not write the checkpoint {tmp} ({reason}); {kept}. Free disk space, then continue with --resume")
 
 
 # --- the run folder and signals ---------------------------------------------------------------------------
@@ -667,219 +606,425 @@ def learning_rate(args, step):
     return lr
 
 
-def main(argv=None):
+
+
+def available_memory(device):
+    """Bytes this process may still allocate on device: CUDA's free memory; on a CPU, the kernel's MemAvailable,
+    capped by the cgroup's (a container's) limit. None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):  # cgroup v2, then v1; "max" means no limit
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                found.append(int(f.read()) - int(g.read()))
+    return min(found) if found else None
+
+
+def step_memory(run):
+    """(fixed, per image): the bytes a training step adds to what is allocated now, as fixed + per image x the
+    images of a micro-batch. Fixed: the gradients and Adam's two moments (3x the weights); per image: the
+    tensors autograd keeps for the backward pass, measured on probes of 1 and 2 images (they grow linearly),
+    with 25% for the backward's transients."""
+    kept = []
+    for n in (1, 2):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x0 = torch.zeros(n, run.args.channels, *run.size, device=run.device)
+        y = torch.zeros(n, dtype=torch.int64, device=run.device) if run.args.cond else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), run.autocast:
+            run.diffusion.training_loss(run.model, x0, y)
+        kept.append(sum(storages.values()))
+    weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    per_image = 1.25 * (kept[1] - kept[0])
+    return 3 * weights + 1.25 * kept[0] - per_image, per_image
+
+
+def fit_memory(run):
+    """Before the first step: the gradient accumulation with which a step fits in the device's memory (the
+    global batch stays what was asked), or a one-line error if one image per micro-batch cannot fit. Returns
+    the estimate for the first log line."""
+    args, world, free = run.args, run.world, available_memory(run.device)
+    if free is None:
+        return "memory not known"
+    fixed, per_image = step_memory(run)
+    need = {a: fixed + args.batch // world // a * per_image for a in range(args.accum, args.batch // world + 1)
+            if args.batch % (world * a) == 0}
+    fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
+    if not fits:
+        fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.1f} GB "
+             f"and {run.device} has {free / 2**30:.1f} GB free; choose a smaller --model (tiny, small) or --size")
+    accum = fits[0]
+    if run.distributed:  # every process must accumulate alike
+        agreed = torch.tensor([accum], device=run.device)
+        dist.all_reduce(agreed, dist.ReduceOp.MAX)
+        accum = int(agreed.item())
+    if accum != args.accum:
+        log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
+            f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum {accum} "
+            f"instead of {args.accum} (the batch stays {args.batch})")
+        args.accum = accum
+    return f"about {need[accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
+
+
+def setup_run(args, ckpt, size, device, rank, world):
+    """Everything the loop shares, in one namespace: the data (mapped), the network, its EMA, the diffusion,
+    the optimizer, precision, and the run folder's files. A resumed run's state comes from its checkpoint."""
+    run = argparse.Namespace(args=args, size=size, device=device, rank=rank, world=world, distributed=world > 1,
+                             master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
+                             metrics_path=os.path.join(args.out, "metrics.jsonl"), sample_steps=min(sample.DEFAULT_STEPS, args.T))
+    run.inception = setup_fid(args, device) if args.fid_every and run.master else None
+    decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
+    if run.distributed and not decoder:
+        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
+    run.images, run.labels, run.classes = load_dataset(args, size)
+    if run.distributed and decoder:
+        dist.barrier()
+    args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
+    # a resumed run keeps the network it was built with, whatever the presets have become since
+    run.mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, args.channels,
+                                                                   len(run.classes) if args.cond else 0)
+    torch.manual_seed(args.seed)  # the initial weights, the same in every process
+    try:
+        run.model = unet.UNet(**run.mcfg).to(device)
+    except (TypeError, ValueError) as e:
+        fail(f"--resume: the checkpoint's network configuration does not build here ({e})")
+    run.ema = copy.deepcopy(run.model).requires_grad_(False).eval()
+    run.diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.precision == "auto":  # decided once and recorded, so a resumed run computes as it did
+        args.precision = sample.fastest_precision(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    run.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if ckpt:
+        resume(run, ckpt)
+    run.train_model = run.model
+    if run.distributed:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        run.train_model = torch.compile(run.train_model)
+    return run
+
+
+def resume(run, ckpt):
+    """Load a checkpoint's training state into the run, and say how a longer --steps changes a cosine plan."""
+    try:
+        for part, name in ((run.model, "model"), (run.ema, "ema"), (run.opt, "optimizer"), (run.scaler, "scaler")):
+            if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
+                part.load_state_dict(ckpt[name])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
+    args, start, planned = run.args, ckpt["step"], ckpt["config"]["steps"]
+    log(f"resumed {run.ckpt_path} at step {start}")
+    if args.cosine and args.steps != planned:
+        log(f"--steps {args.steps} (the checkpoint planned {planned}): the cosine learning rate is re-planned over "
+            f"{args.steps} steps, {learning_rate(argparse.Namespace(**{**vars(args), 'steps': planned}), start):.3g} -> "
+            f"{learning_rate(args, start):.3g} at step {start + 1}, as a {args.steps}-step run has it")
+
+
+def open_metrics(run, start):
+    """Write config.json, and keep metrics.jsonl's history up to the checkpoint's step (dropping the rest)."""
+    if not run.master:
+        return
+    with open(os.path.join(run.args.out, "config.json"), "w") as f:
+        json.dump(config_of(run.args), f, indent=1)
+    if os.path.exists(run.metrics_path):
+        run.metrics = [m for m in read_metrics(run.metrics_path) if m["step"] <= start]
+    with open(run.metrics_path, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in run.metrics)
+
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+
+
+def record(run, m):
+    run.metrics.append(m)
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+
+
+def train_step(run, x0, y, step):
+    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite
+    loss or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
+    args, micro, model = run.args, len(x0) // run.args.accum, run.model
+    loss_step = 0.0
+    for k in range(args.accum):
+        part = slice(k * micro, (k + 1) * micro)
+        last = not run.distributed or k == args.accum - 1
+        with contextlib.nullcontext() if last else run.train_model.no_sync(), run.autocast:
+            loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
+                                               immiscible=args.immiscible)
+        run.scaler.scale(loss / args.accum).backward()
+        loss_step += loss.item() / args.accum
+    run.scaler.unscale_(run.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    if not math.isfinite(loss_step) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
+        what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
+        good = f"the last good checkpoint is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
+        print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
+              f"Try a lower --lr or --precision fp32", file=sys.stderr)
+        raise SystemExit(1)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
+    with torch.no_grad():
+        for e, p in zip(run.ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+    return loss_step
+
+
+def checkpoint(run, step, stop):
+    """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
+    state = sample.checkpoint_state(step, config_of(run.args), run.mcfg, run.diffusion, run.classes, run.model,
+                                    run.ema, run.opt, run.scaler)
+    try:
+        sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1] or type(e).__name__)[:200]
+        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else \
+            "no checkpoint exists yet"
+        fail(f"could not write the checkpoint {run.ckpt_path}.tmp ({reason}); {kept}. Free disk space, then continue "
+             f"with --resume")
+    stop.saved = (run.ckpt_path, step)
+    draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
+
+
+def ema_samples(run, n, y=None, chunk=256):
+    """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
+    g, out = torch.Generator(run.device).manual_seed(run.args.seed), []
+    for i in range(0, n, chunk):
+        with run.autocast:
+            out.append(run.diffusion.sample(run.ema, (min(chunk, n - i), run.args.channels, *run.size), device=run.device,
+                                            generator=g, sampler=sample.DEFAULT_SAMPLER, steps=run.sample_steps,
+                                            y=None if y is None else y[i:i + chunk]).float())
+    return torch.cat(out)
+
+
+def grid_labels(run):
+    """The labels of a sample grid: a row of up to 8 per class for a conditional run, else None."""
+    per_class = min(8, run.args.sample_n)
+    return torch.arange(len(run.classes), device=run.device).repeat_interleave(per_class) if run.args.cond else None
+
+
+def write_grid(run, step):
+    y = grid_labels(run)
+    x = ema_samples(run, run.args.sample_n if y is None else len(y), y)
+    sample.save_grid(x, os.path.join(run.args.out, "samples", f"step_{step:07d}.png"),
+                     nrow=8 if y is None else min(8, run.args.sample_n))
+
+
+def log_fid(run, step):
+    """The FID of --fid-n EMA samples (conditional runs: uniformly drawn classes, unguided), into metrics.jsonl."""
+    import fid
+
+    args = run.args
+    g = torch.Generator().manual_seed(args.seed)
+    y = torch.randint(len(run.classes), (args.fid_n,), generator=g).to(run.device) if args.cond else None
+    value = fid.fid_from_samples(ema_samples(run, args.fid_n, y), args.fid_ref, args.fid_n, model=run.inception,
+                                 device=run.device)
+    m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
+    record(run, m)
+    log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
+
+
+def grid_seconds(run):
+    """The time a sample grid takes: one timed network evaluation on its images, times the sampler's steps."""
+    y = grid_labels(run)
+    n = run.args.sample_n if y is None else len(y)
+    x = torch.randn(min(n, 256), run.args.channels, *run.size, device=run.device)
+    t = torch.full((len(x),), run.args.T // 2, device=run.device)
+    start = time.perf_counter()
+    with torch.no_grad(), run.autocast:
+        run.ema(x, t, None if y is None else y[:len(x)]).float().sum().item()  # .item(): waits for a GPU
+    return (time.perf_counter() - start) * run.sample_steps * math.ceil(n / 256)
+
+
+def plan_steps(run, done, step_seconds, stop):
+    """--time: fix the run's --steps from the measured seconds per step, reserving the sample grids (periodic
+    and final) and the checkpoints, each timed here, and 2% of the budget. Stored in the config and the
+    checkpoint written here, so the learning-rate plan and the EMA finish with the budget and --resume continues
+    the same plan."""
+    args, grid, save = run.args, grid_seconds(run), 0.0
+    for _ in range(2 if run.master else 0):  # plan; time a checkpoint of it; plan with its cost, save again if moved
+        left = args.time * 0.98 - (time.time() - run.started) - grid - save
+        per_step = step_seconds + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
+        steps = done + max(0, int(left / per_step))
+        if steps == args.steps:
+            break
+        args.steps, start = steps, time.perf_counter()
+        checkpoint(run, done, stop)
+        save = time.perf_counter() - start
+    if run.distributed:  # rank 0's plan for every process
+        planned = torch.tensor([float(args.steps)], device=run.device)
+        dist.broadcast(planned, 0)
+        args.steps = int(planned.item())
+    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step after the warm-up, a sample grid {grid:.3g} s, a "
+        f"checkpoint {save:.3g} s: --steps {args.steps} (recorded in config.json; --resume trains to it)")
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config_of(args), f, indent=1)
+
+
+def report(run, meter, done, loss, lr):
+    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record."""
+    args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
+    meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
+    planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
+    rate = (done - meter["first"]) * args.batch / (now - meter["t0"])
+    eta = "?" if math.isinf(args.steps) else format_time((args.steps - done) * args.batch / max(rate, 1e-9))
+    if tty:
+        log(f"\rstep {done}/{planned} | loss {loss:.4f} | {rate:.1f} img/s | ETA {eta}  ", end="")
+    if done % args.log_every == 0 or done == args.steps:
+        rate = meter["n"] * args.batch / (now - meter["t_log"])
+        record(run, {"step": done, "loss": meter["loss"] / meter["n"], "lr": lr, "img_per_s": rate,
+                     "elapsed_s": now - meter["t0"]})
+        log(("\r" if tty else "") + f"step {done}/{planned} | loss {meter['loss'] / meter['n']:.4f} | lr {lr:.2e} | "
+            f"{rate:.1f} img/s | ETA {eta}")
+        meter.update(loss=0.0, n=0, t_log=time.perf_counter())
+
+
+def between_steps(run, done, stop):
+    """Rank 0's periodic work: a sample grid, an FID, a checkpoint. Sampling may take minutes: a signal
+    interrupts it, and the step is saved at once."""
+    args = run.args
+    stop.deferred = False
+    try:
+        if args.sample_every and done % args.sample_every == 0 and done != args.steps:
+            write_grid(run, done)
+        if args.fid_every and done % args.fid_every == 0:
+            log_fid(run, done)
+    except KeyboardInterrupt:
+        pass
+    stop.deferred = True
+    if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
+        checkpoint(run, done, stop)
+
+
+def stopped_anywhere(run, stop):
+    """Whether this process or (distributed) any other got a signal: every process must stop at the same step."""
+    if run.distributed:
+        flag = torch.tensor([float(stop.signal is not None)], device=run.device)
+        dist.all_reduce(flag)
+        if flag.item() and not stop.signal:
+            stop.signal = "a signal to another process"
+    return stop.signal is not None
+
+
+def main(argv=None, started=None):
+    """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
+    started = started or time.time()
     args, ckpt = parse_args(argv)
     with Stop() as stop:
         try:
-            train(args, ckpt, stop)
+            train(args, ckpt, stop, started)
         except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable): one line
             fail(f"{e.filename or ''}: {e.strerror or e}")
 
 
-def train(args, ckpt, stop):
-    size = parse_size(args.size)
+def train(args, ckpt, stop, started):
+    """Algorithm 1 of Ho et al.: repeat { x_0 ~ q(x_0), t ~ Uniform({1, ..., T}), eps ~ N(0, I); take a gradient
+    step on ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2 } for --steps (or --time)."""
     device, rank, world = setup_device(args)
-    distributed, master = world > 1, rank == 0
-    micro = args.batch // world // args.accum
-    if not master:
+    if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
-    lock = claim_run_folder(args.out, ckpt is not None) if master else None
-    inception = setup_fid(args, device) if args.fid_every and master else None
-
-    # data: every process maps the decoded images and reads its own slice of each global batch
-    decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
-    if distributed and not decoder:
-        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
-    images, labels, classes = load_dataset(args, size)
-    if distributed and decoder:
-        dist.barrier()
-    channels = args.channels or images.shape[1]
-    args.channels = channels  # recorded, so --resume can refuse another
-
-    # a resumed run keeps the network it was built with, whatever the presets have become since
-    mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, channels, len(classes) if args.cond else 0)
-    torch.manual_seed(args.seed)  # the initial weights, the same in every process
-    try:  # a resumed checkpoint's network configuration comes from its file
-        model = unet.UNet(**mcfg).to(device)
-    except (TypeError, ValueError) as e:
-        fail(f"--resume: the checkpoint's network configuration does not build here ({e})")
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.precision == "auto":  # decided once and recorded, so a resumed run computes as it did
-        args.precision = fastest_precision(device)
-    precision = args.precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
-    start = 0
-    if ckpt:
-        try:
-            for part, name in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (scaler, "scaler")):
-                if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
-                    part.load_state_dict(ckpt[name])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
-        start, planned = ckpt["step"], ckpt["config"]["steps"]
-        log(f"resumed {ckpt_path} at step {start}")
-        if args.cosine and args.steps != planned:
-            log(f"--steps {args.steps} (the checkpoint planned {planned}): the cosine learning rate is re-planned over "
-                f"{args.steps} steps, {learning_rate(argparse.Namespace(**{**vars(args), 'steps': planned}), start):.3g} -> "
-                f"{learning_rate(args, start):.3g} at step {start + 1}, as a {args.steps}-step run has it")
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
-    metrics = []
-    if master:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        if os.path.exists(metrics_path):  # keep the history up to the checkpoint, drop the rest
-            metrics = [m for m in read_metrics(metrics_path) if m["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
-
-    train_model = model
-    if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    def state(step):
-        return {"format": FORMAT, "step": step, "config": config, "model_config": mcfg,
-                "diffusion": diffusion.config(), "classes": classes, "model": model.state_dict(),
-                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
-
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, state(step))
-        stop.saved = (ckpt_path, step)
-        draw_loss_curve(metrics, os.path.join(args.out, "loss.png"))
-
-    sample_steps = min(DEFAULT_STEPS, args.T)
-
-    def ema_samples(n, y=None, chunk=256):
-        """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
-        g, out = torch.Generator(device).manual_seed(args.seed), []
-        for i in range(0, n, chunk):
-            yi = None if y is None else y[i:i + chunk]
-            with autocast:
-                out.append(diffusion.sample(ema, (min(chunk, n - i), channels, *size), device=device, generator=g,
-                                            sampler=DEFAULT_SAMPLER, steps=sample_steps, y=yi).float())
-        return torch.cat(out)
-
-    def write_grid(step):
-        n_classes = len(classes) if args.cond else 0
-        per_class = min(8, args.sample_n)
-        y = torch.arange(n_classes, device=device).repeat_interleave(per_class) if n_classes else None
-        x = ema_samples(len(y) if n_classes else args.sample_n, y)
-        save_grid(x, os.path.join(args.out, "samples", f"step_{step:07d}.png"), nrow=per_class if n_classes else 8)
-
-    def log_fid(step):
-        # conditional runs are scored on samples of uniformly drawn classes, unguided
-        g = torch.Generator().manual_seed(args.seed)
-        y = torch.randint(len(classes), (args.fid_n,), generator=g).to(device) if args.cond else None
-        value = fid.fid_from_samples(ema_samples(args.fid_n, y), args.fid_ref, args.fid_n, model=inception, device=device)
-        m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{DEFAULT_SAMPLER} {sample_steps} steps"}
-        metrics.append(m)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
-
-    if args.fid_every:
-        import fid
-    log(f"{len(images)} images {channels}x{size[0]}x{size[1]}, {len(classes) if args.cond else 'no'} classes | "
+    lock = claim_run_folder(args.out, ckpt is not None) if rank == 0 else None
+    run = setup_run(args, ckpt, parse_size(args.size), device, rank, world)
+    run.started = started
+    start = ckpt["step"] if ckpt else 0
+    memory = fit_memory(run)
+    open_metrics(run, start)
+    timed = args.time and not ckpt  # a --time run plans its --steps after measuring its first steps
+    if timed:
+        args.steps = math.inf
+    model, micro = run.model, args.batch // world // args.accum
+    log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) if args.cond else 'no'} classes | "
         f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
-        f"{', '.join(f'{h}x{w}' for h, w in model.attn_sizes)} and the middle | "
-        f"batch {args.batch} = {world} process(es) x {args.accum} accumulation x {micro} | {precision} on {device}")
-    tty = sys.stdout.isatty()
-    t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
-    t_start, step = time.perf_counter(), start
+        f"{', '.join(f'{h}x{w}' for h, w in model.attn_sizes)} and the middle | batch {args.batch} = {world} "
+        f"process(es) x {args.accum} accumulation x {micro} | {args.precision} on {device}, memory {memory}")
+    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), t_log=time.perf_counter())
     stop.deferred = True  # from here a signal stops the loop after the step in flight
-    for step in range(start, args.steps):
-        # the schedule, data and randomness are functions of the step: resume is exact
+    for step in itertools.count(start):
+        if step >= args.steps:
+            break
+        # the learning rate, data and randomness are functions of the step: resume is exact
         lr = learning_rate(args, step)
-        for group in opt.param_groups:
+        for group in run.opt.param_groups:
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
-        idx = batch_indices(step, args.batch, len(images), args.seed)[rank::world]
-        x0 = batch_images(images, idx, device, flip=not args.no_flip, channels=channels)
+        idx = batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
+        x0 = batch_images(run.images, idx, device, flip=not args.no_flip, channels=args.channels)
         y = None
-        if args.cond:
-            y = labels[idx].to(device, non_blocking=True)
+        if args.cond:  # label dropout: the null label -1 trains the unconditional model of guidance
+            y = run.labels[idx].to(device, non_blocking=True)
             y = torch.where(torch.rand(len(idx), device=device) < args.p_uncond, -1, y)
-
-        loss_step = 0.0
-        for k in range(args.accum):
-            part = slice(k * micro, (k + 1) * micro)
-            sync = contextlib.nullcontext() if not distributed or k == args.accum - 1 else train_model.no_sync()
-            with sync, autocast:
-                loss = diffusion.training_loss(train_model, x0[part], None if y is None else y[part], immiscible=args.immiscible)
-            scaler.scale(loss / args.accum).backward()
-            loss_step += loss.item() / args.accum
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        # stop before a non-finite loss or gradient reaches the weights (fp16: the scaler skips such steps)
-        if not math.isfinite(loss_step) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
-            what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
-            good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
-                  f"Try a lower --lr or --precision fp32", file=sys.stderr)
-            raise SystemExit(1)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-        loss_sum, n_loss, done = loss_sum + loss_step, n_loss + 1, step + 1
-        if master:
-            now = time.perf_counter()
-            if tty:
-                rate = (done - start) * args.batch / (now - t_start)
-                eta = (args.steps - done) * args.batch / max(rate, 1e-9)
-                log(f"\rstep {done}/{args.steps} | loss {loss_step:.4f} | {rate:.1f} img/s | ETA {format_time(eta)}  ", end="")
-            if done % args.log_every == 0 or done == args.steps:
-                rate = n_loss * args.batch / (now - t_log)
-                m = {"step": done, "loss": loss_sum / n_loss, "lr": lr, "img_per_s": rate,
-                     "elapsed_s": now - t_start}
-                metrics.append(m)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                log(("\r" if tty else "") + f"step {done}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
-                    f"{rate:.1f} img/s | ETA {format_time((args.steps - done) * args.batch / max(rate, 1e-9))}")
-                t_log, loss_sum, n_loss = time.perf_counter(), 0.0, 0
-            stop.deferred = False  # sampling may take minutes: a signal interrupts it, then the step is saved
-            try:
-                if args.sample_every and done % args.sample_every == 0 and done != args.steps:
-                    write_grid(done)
-                if args.fid_every and done % args.fid_every == 0:
-                    log_fid(done)
-            except KeyboardInterrupt:
-                pass
-            stop.deferred = True
-            if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
-                checkpoint(done)
-        if distributed:  # every process must see the same stop decision
-            flag = torch.tensor([float(stop.signal is not None)], device=device)
-            dist.all_reduce(flag)
-            if flag.item() and not stop.signal:
-                stop.signal = "a signal to another process"
-        if stop.signal:
+        try:
+            loss = train_step(run, x0, y, step)
+        except torch.cuda.OutOfMemoryError:
+            fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
+                 f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
+        done = step + 1
+        if done == start + 1:
+            meter["step1"] = time.perf_counter()
+            warn_if_slow(run, done, meter["step1"] - meter["t0"])
+        if timed and math.isinf(args.steps) and time_to_plan(run, done - start, meter["step1"], stop):
+            timed_steps = done - start - 1  # the first step warms up; a signal before the second leaves only it
+            plan_steps(run, done, (time.perf_counter() - meter["step1"]) / timed_steps if timed_steps else
+                       meter["step1"] - meter["t0"], stop)
+        if run.master:
+            report(run, meter, done, loss, lr)
+            between_steps(run, done, stop)
+        if stopped_anywhere(run, stop):
             break
-    done = step + 1
-    if master:
-        checkpoint(done)
+    finish(run, done, stop, lock)
+
+
+def time_to_plan(run, steps, since, stop):
+    """--time: whether the steps after the first (which warms up allocators and kernels) have run long enough
+    to time: at least 3, over 2% of the budget or 30 s, whichever is shorter; or a signal came first. Rank 0
+    decides for all processes."""
+    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and time.perf_counter() - since >=
+                                                            min(30.0, run.args.time / 50)))], device=run.device)
+    if run.distributed:
+        dist.broadcast(ready, 0)
+    return bool(ready.item())
+
+
+def warn_if_slow(run, done, seconds):
+    """After the first step on a CPU: say so when the run would take more than a day."""
+    args = run.args
+    if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
+        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
+            f"pace; --model tiny or small trains in minutes here (README, Quick start), or use a GPU")
+
+
+def finish(run, done, stop, lock):
+    """The final checkpoint, then (unless stopped) the final sample grid; a stopped run exits 128 + signal."""
+    if run.master:
+        checkpoint(run, done, stop)
         stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
         if stop.signal:
-            log(f"\nstopped by {stop.signal}: saved {ckpt_path} at step {done}; continue with --out {args.out} --resume")
+            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --out {run.args.out} "
+                f"--resume")
         else:
-            write_grid(done)
-            log(f"done: {ckpt_path} (step {done}), samples in {os.path.join(args.out, 'samples')}")
+            write_grid(run, done)
+            log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
         lock.close()
-    if distributed:
+    if run.distributed:
         dist.destroy_process_group()
     if stop.signal:
         raise SystemExit(128 + getattr(signal, stop.signal, signal.SIGINT))
 
 
 if __name__ == "__main__":
-    main()
+    main(started=STARTED)

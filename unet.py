@@ -18,41 +18,51 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Network settings per image size. The paper gives 32x32 (four resolutions, 32 to 4) and 256x256 (six, 256 to
-# 8); between them we follow Nichol & Dhariwal's choices (64: 1,2,3,4; 128: 1,1,2,3,4). Dropout (Ho et al.,
-# Appendix B): 0.1 on CIFAR-10, "We set dropout rate on the other datasets to zero without sweeping"; at 64 and
-# 128 none either, as in Nichol & Dhariwal's ImageNet 64x64 runs (of their runs only CIFAR-10 uses dropout).
-PAPER_NETWORKS = {
-    32: dict(ch_mult=(1, 2, 2, 2), dropout=0.1),
-    64: dict(ch_mult=(1, 2, 3, 4), dropout=0.0),
-    128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0),
-    256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+# A preset is a network and the training recipe it goes with (train.py takes the recipe keys as its defaults).
+# The paper preset grows with the image, per the size nearest the shorter side (paper_size). Ho et al., Appendix
+# B: 32x32 (ch_mult 1,2,2,2) and 256x256 (1,1,2,2,4,4); dropout 0.1 on CIFAR-10 and "zero without sweeping" on
+# the other datasets; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable to train with
+# the larger learning rate"; "batch size to 128 for CIFAR10 and 64 for larger images". Ho et al. trained no 64
+# or 128 network: those follow Nichol & Dhariwal 2021 (64: 1,2,3,4; 128: 1,1,2,3,4; their ImageNet 64x64 runs:
+# lr 1e-4, batch 128, no dropout), and say so in --help.
+PAPER_SIZES = {
+    32: dict(ch_mult=(1, 2, 2, 2), dropout=0.1, lr=2e-4, batch=128),
+    64: dict(ch_mult=(1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
+    128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
+    256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, lr=2e-5, batch=64),
+}
+NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout")
+PRESETS = {
+    # the paper's: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999
+    "paper": dict(ch=128, num_res_blocks=2, target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
+    # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe,
+    # not yet measured): v target (an eps net this young is too inexact at large t, where x_0 = (x_t - sqrt(1 -
+    # alpha-bar) eps) / sqrt(alpha-bar) magnifies its error ~150x), cosine schedule (fewer steps wasted on
+    # near-pure noise at low resolution), lr annealed to --lr-min
+    "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, target="v", schedule="cosine", lr=1e-3,
+                  batch=64, warmup=200, ema=0.999, cosine=True),
+    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, target="v", schedule="cosine", lr=2e-3,
+                 batch=32, warmup=100, ema=0.995, cosine=True),
 }
 
-# Small networks for CPUs; the names are what `train.py --model` accepts.
-PRESETS = {
-    "paper": dict(ch=128, num_res_blocks=2),  # ch_mult and dropout from PAPER_NETWORKS by size
-    "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1),
-    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0),
-}
+
+def preset(name, image_size):
+    """The preset's settings at an image size (H, W): its network keys and its training recipe."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **(PAPER_SIZES[paper_size(image_size)] if name == "paper" else {})}
 
 
 def paper_size(image_size):
-    """The size in PAPER_NETWORKS nearest to the shorter side of (H, W) by ratio: 48 -> 64, 24 -> 32."""
+    """The size in PAPER_SIZES nearest to the shorter side of (H, W) by ratio: 48 -> 64, 24 -> 32."""
     short = min(image_size)
-    return min(PAPER_NETWORKS, key=lambda s: abs(math.log2(s / short)))
+    return min(PAPER_SIZES, key=lambda s: abs(math.log2(s / short)))
 
 
-def model_config(preset, image_size, in_ch, num_classes=0):
+def model_config(name, image_size, in_ch, num_classes=0):
     """The UNet keyword arguments for a preset name at an image size (H, W), as plain Python types."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = dict(PRESETS[preset])
-    if preset == "paper":  # the paper network grows with the image: bottom resolution 4 to 8
-        cfg.update(PAPER_NETWORKS[paper_size(image_size)])
-    cfg.update(in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
-    cfg["ch_mult"] = tuple(cfg["ch_mult"])
-    return cfg
+    cfg = {k: v for k, v in preset(name, image_size).items() if k in NETWORK_KEYS}
+    return dict(cfg, ch_mult=tuple(cfg["ch_mult"]), in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
 
 
 def attention_levels(image_size, ch_mult, attn_res=(16,)):

@@ -2,6 +2,7 @@
 
     python bench/bench_mnist.py --out runs/mnist15 --minutes 15                  # tiny preset, the defaults
     python bench/bench_mnist.py --out runs/mnist15_eps --minutes 15 -- --target eps  # anything after -- goes to train.py
+    python bench/bench_mnist.py --out runs/mnist_time15 --minutes 20 -- --time 15m    # a budget train.py plans itself
 
 The MNIST digits of ../shared/data/mnist.npz are exported once as 32x32 PNGs (28x28 padded with 2 black
 pixels, as LeNet did): train in one folder per class, test flat. train.py runs on the train folder without
@@ -51,8 +52,9 @@ def main():
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     export(args.data)
+    length = [] if "--time" in args.train_args else ["--steps", "1000000"]  # --time plans the steps itself
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", os.path.join(args.data, "train"), "--size", "32",
-           "--model", "tiny", "--steps", "1000000", "--sample-every", "0", "--ckpt-every", "500", "--out", args.out,
+           "--model", "tiny", *length, "--sample-every", "0", "--ckpt-every", "500", "--out", args.out,
            "--no-flip",  # a mirrored 2, 3 or 5 is not a digit
            *args.train_args]
     print(" ".join(cmd), flush=True)

@@ -2,7 +2,6 @@
 stderr that names the flag or file, with no traceback, before any work, and leave an existing run folder as
 it was. Then the faults of a running process: signals, a closed stdout, a second process on the same run."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,6 +73,12 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--accum", "-1"], ["--accum"]),
     (["--steps", "0"], ["--steps"]),
     (["--steps", "1.5"], ["--steps", "integer"]),
+    (["--time", "0s"], ["--time", "between 1 second"]),
+    (["--time", "15x"], ["--time", "not a duration", "15m"]),
+    (["--time", "-5m"], ["--time", "not a duration"]),
+    (["--time", "5m", "--steps", "10"], ["--time", "--steps", "not both"]),
+    (["--resume", "--time", "5m"], ["--time", "resumed run"]),
+    (["--time", "5m", "--fid-every", "5", "--fid-ref", "{d}/images"], ["--time", "--fid-every"]),
     (["--log-every", "0"], ["--log-every"]),
     (["--ckpt-every", "0"], ["--ckpt-every"]),
     (["--sample-every", "-1"], ["--sample-every"]),
@@ -309,7 +314,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
 def test_the_checkpoint_is_saved_before_the_final_grid(made, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("SIGINT")
-    monkeypatch.setattr(train, "save_grid", interrupted)
+    monkeypatch.setattr(sample, "save_grid", interrupted)
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "3", *TINY])
     err = capsys.readouterr().err.strip()

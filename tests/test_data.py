@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import train
 from test_train import TINY, folder  # noqa: F401  (folder is a fixture)
 
@@ -23,8 +24,8 @@ def load(folder):
 
 
 def decoded(folder):
-    """What load_image gives for every image file under folder, as uint8 [N, 3, H, W]."""
-    return torch.from_numpy(np.stack([train.load_image(p, SIZE)[0].transpose(2, 0, 1) for p in train.find_images(str(folder))]))
+    """What read_image gives for every image file under folder, as uint8 [N, 3, H, W]."""
+    return torch.from_numpy(np.stack([sample.read_image(p, SIZE).transpose(2, 0, 1) for p in train.find_images(str(folder))]))
 
 
 def mapped_file(tensor):
@@ -74,14 +75,14 @@ def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, dam
 
 
 def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
-    real = train.load_image
+    real = sample.read_image
 
     def ctrl_c_at_the_fifth(path, size):
         if path.endswith("5.png"):
             raise KeyboardInterrupt
         return real(path, size)
 
-    monkeypatch.setattr(train, "load_image", ctrl_c_at_the_fifth)
+    monkeypatch.setattr(sample, "read_image", ctrl_c_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         load(folder)
     assert cache_files(tmp_path) == []  # the temporary file is gone too
@@ -90,14 +91,14 @@ def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
 KILLED_WORKER = """
 import sys, time, types
 sys.path.insert(0, {root!r})
-import train
-real = train.load_image
+import sample, train
+real = sample.read_image
 def stuck_at_the_fifth(path, size):
     if path.endswith("5.png"):
         open({marker!r}, "w").close()
         time.sleep(60)
     return real(path, size)
-train.load_image = stuck_at_the_fifth
+sample.read_image = stuck_at_the_fifth
 train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=False, channels=None), (16, 16))
 """
 

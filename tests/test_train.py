@@ -1,7 +1,9 @@
 """End to end through train.py and sample.py on tiny data, and the errors users see for bad input."""
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +226,51 @@ def test_samples_are_the_same_for_any_batch_size_and_number_of_processes(folder,
         for f in names:
             assert (tmp_path / name / f).read_bytes() == (tmp_path / "one_b2" / f).read_bytes(), (name, f)
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one_b2.png").read_bytes()
+
+
+def test_a_time_budget_fixes_the_step_count_and_trains_as_that_many_steps_would(folder, tmp_path, capsys):
+    started = time.time()
+    train.main(["--data", str(folder), "--out", str(tmp_path / "timed"), "--time", "8s", *TINY])
+    seconds = time.time() - started
+    log = capsys.readouterr().out
+    planned = json.loads((tmp_path / "timed" / "config.json").read_text())["steps"]
+    timed = torch.load(tmp_path / "timed" / "ckpt.pt", weights_only=True)
+    assert f"--steps {planned} (recorded in config.json" in log and timed["step"] == timed["config"]["steps"] == planned
+    assert planned > 4 and seconds < 16  # inside the budget, give or take a busy machine
+    # the timed run is the fixed run of its planned length, bit for bit: the plan was made before the warm-up ended
+    train.main(["--data", str(folder), "--out", str(tmp_path / "fixed"), "--steps", str(planned), *TINY])
+    fixed = torch.load(tmp_path / "fixed" / "ckpt.pt", weights_only=True)
+    for name in fixed["ema"]:
+        torch.testing.assert_close(timed["ema"][name], fixed["ema"][name], rtol=0, atol=0)
+
+
+def test_a_step_too_big_for_memory_accumulates_or_is_refused(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "step_memory", lambda run: (0.0, 1e6))  # 1 MB an image
+    monkeypatch.setattr(train, "available_memory", lambda device: 10e6)  # 90% of it: 9 images a micro-batch
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--batch", "32"])
+    assert "--accum 4 instead of 1 (the batch stays 32)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["accum"] == 4
+    monkeypatch.setattr(train, "available_memory", lambda device: 1e6)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(tmp_path / "s"), "--steps", "2", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--model (tiny, small) or --size" in err
+
+
+def test_the_memory_estimate_grows_with_the_pixels_and_covers_the_optimizer():
+    def estimate(side):
+        model = unet.UNet(**unet.model_config("tiny", (side, side), 3))
+        run = argparse.Namespace(args=argparse.Namespace(channels=3, cond=False), size=(side, side), model=model,
+                                 device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
+                                 diffusion=ddpm.Diffusion("cosine", 1000, "v"))
+        return train.step_memory(run), sum(p.numel() * 4 for p in model.parameters())
+    (fixed16, per16), weights = estimate(16)
+    (fixed32, per32), _ = estimate(32)
+    assert 3.5 < per32 / per16 < 4.5 and fixed16 >= 3 * weights  # activations scale with H x W
+
+
+def test_a_cpu_run_of_more_than_a_day_says_so_and_names_the_cpu_presets(capsys):
+    run = argparse.Namespace(device=torch.device("cpu"), args=argparse.Namespace(steps=1_000_000))
+    train.warn_if_slow(run, 1, 0.5)
+    out = capsys.readouterr().out
+    assert "about 5.8 days on this CPU" in out and "--model tiny or small" in out
