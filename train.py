@@ -3,6 +3,7 @@
     python train.py --data shapes --size 16 --model tiny --steps 1200 --out runs/shapes   # CPU, minutes
     python train.py --data ./images --size 128 --out runs/mine                           # paper network
     python train.py --out runs/mine --resume --steps 200000                              # continue a run
+    python train.py --data ./images --size 32 --model small --time 2h --out runs/2h       # a wall-clock budget
     torchrun --nproc_per_node=4 train.py --data ./images --size 128 --batch 128          # data parallel
     python train.py --data ./images --size 32 --fid-every 5000 --fid-ref real.npz        # FID in metrics.jsonl
 
@@ -638,10 +639,10 @@ def step_memory(run):
         def pack(t):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        x0 = torch.zeros(n, run.args.channels, *run.size, device=run.device)
-        y = torch.zeros(n, dtype=torch.int64, device=run.device) if run.args.cond else None
+        x_t = torch.zeros(n, run.args.channels, *run.size, device=run.device)
+        t = torch.zeros(n, dtype=torch.int64, device=run.device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), run.autocast:
-            run.diffusion.training_loss(run.model, x0, y)
+            run.model(x_t, t, t if run.args.cond else None)
         kept.append(sum(storages.values()))
     weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
     per_image = 1.25 * (kept[1] - kept[0])

@@ -75,7 +75,7 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--steps", "1.5"], ["--steps", "integer"]),
     (["--time", "0s"], ["--time", "between 1 second"]),
     (["--time", "15x"], ["--time", "not a duration", "15m"]),
-    (["--time", "-5m"], ["--time", "not a duration"]),
+    (["--time=-5m"], ["--time", "not a duration"]),
     (["--time", "5m", "--steps", "10"], ["--time", "--steps", "not both"]),
     (["--resume", "--time", "5m"], ["--time", "resumed run"]),
     (["--time", "5m", "--fid-every", "5", "--fid-ref", "{d}/images"], ["--time", "--fid-every"]),
