@@ -44,7 +44,6 @@ import unet
 from sample import number, path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-TRAINING_KEYS = ("target", "schedule", "lr", "batch", "warmup", "ema", "cosine")  # the presets' recipe (unet.PRESETS)
 
 # The settings that make the network and the diffusion: --resume refuses to change any of them.
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")
@@ -201,10 +200,9 @@ def parse_args(argv=None):
                      "trains to its planned --steps; give a larger --steps to extend it)")
     if given.steps is not UNSET:
         args.time = None  # the command line's --steps over a config's --time
-    recipe = unet.preset(args.model, parse_size(args.size))
-    for k in TRAINING_KEYS:
-        if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
+    for k, v in unet.preset(args.model, parse_size(args.size)).items():  # the preset's recipe under the flags
+        if k not in unet.NETWORK_KEYS and getattr(args, k) is None:
+            setattr(args, k, v)
     if args.data != "shapes":
         args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
     check_args(parser, args, ckpt)
