@@ -127,11 +127,9 @@ def write_atomically(path, write, tmp=None):
     An error removes the temporary file; a kill leaves it, under a name nothing reads."""
     if tmp is None:
         fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path) or ".")
-        f = open(fd, "wb")
-    else:
-        f = open(tmp, "wb")
+        os.close(fd)
     try:
-        with f:
+        with open(tmp, "wb") as f:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -735,8 +735,7 @@ def open_metrics(run, start):
     """Write config.json, and keep metrics.jsonl's history up to the checkpoint's step (dropping the rest)."""
     if not run.master:
         return
-    with open(os.path.join(run.args.out, "config.json"), "w") as f:
-        json.dump(config_of(run.args), f, indent=1)
+    write_config(run.args)
     if os.path.exists(run.metrics_path):
         run.metrics = [m for m in read_metrics(run.metrics_path) if m["step"] <= start]
     with open(run.metrics_path, "w") as f:
@@ -745,6 +744,11 @@ def open_metrics(run, start):
 
 def config_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+
+
+def write_config(args):
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config_of(args), f, indent=1)
 
 
 def record(run, m):
@@ -871,8 +875,8 @@ def plan_steps(run, done, step_seconds, stop):
         args.steps = int(planned.item())
     log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step after the warm-up, a sample grid {grid:.3g} s, a "
         f"checkpoint {save:.3g} s: --steps {args.steps} (recorded in config.json; --resume trains to it)")
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config_of(args), f, indent=1)
+    if run.master:
+        write_config(args)
 
 
 def report(run, meter, done, loss, lr):
