@@ -24,7 +24,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -44,9 +43,7 @@ import unet
 from sample import number, path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
-# The settings that make the network and the diffusion: --resume refuses to change any of them.
-FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")
+FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")  # --resume cannot change these
 UNSET = object()  # marks a flag the command line did not give
 
 
@@ -69,12 +66,17 @@ def duration(text):
 def image_size(text):
     """--size: "128" or "HxW" like "64x128", each side 8 to 2048; returned in that canonical spelling."""
     try:
-        h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+        h, w = parse_size(text.lower())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give 128 or HxW like 64x128") from None
     if not (8 <= h <= 2048 and 8 <= w <= 2048):
         raise argparse.ArgumentTypeError(f"{text} is outside 8 to 2048 pixels a side")
     return str(h) if h == w else f"{h}x{w}"
+
+
+def parse_size(text):
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
 
 
 def build_parser(prog="train.py"):
@@ -139,7 +141,9 @@ def build_parser(prog="train.py"):
 
 def config_words(config, actions):
     """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
-    types, choices and ranges of the flags. Raises ValueError for an unknown key or a wrongly typed value."""
+    flags' types, choices and ranges. Raises ValueError for an unknown key or a wrongly typed value."""
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object of settings")
     words = []
     for key, value in config.items():
         action = actions.get(key)
@@ -163,7 +167,6 @@ def parse_args(argv=None):
     checked by the same rules. Returns the settings and the checkpoint to resume (or None)."""
     parser, actions = build_parser()
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
-    out = "runs/run" if given.out is UNSET else given.out
     base, ckpt, source = {}, None, None
     if given.config is not UNSET and given.resume is True:
         parser.error("--config and --resume: choose one (a resumed run keeps its checkpoint's settings)")
@@ -171,15 +174,13 @@ def parse_args(argv=None):
         source = f"--config {given.config}"
         try:
             if not os.path.isfile(given.config):  # a FIFO would block the read
-                raise OSError(0, "not a file")
+                raise OSError("not a file")
             with open(given.config) as f:
                 base = json.load(f)
         except (OSError, ValueError) as e:
             parser.error(f"{source}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})")
-        if not isinstance(base, dict):
-            parser.error(f"{source}: not a JSON object of settings")
     if given.resume is True:
-        ckpt_path = os.path.join(out, "ckpt.pt")
+        ckpt_path = os.path.join("runs/run" if given.out is UNSET else given.out, "ckpt.pt")
         try:
             ckpt = sample.load_checkpoint(ckpt_path)
         except ValueError as e:
@@ -211,36 +212,34 @@ def parse_args(argv=None):
 
 def check_args(parser, args, ckpt):
     """The checks that involve more than one flag, the file system or the machine; each a one-line error."""
-    size, world = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1"))
+    size, world, folder = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1")), args.data != "shapes"
     betas = ddpm.beta_schedule(args.schedule, args.T)
     problems = [
-        (args.batch % (world * args.accum) != 0,
-         f"--batch {args.batch} must be divisible by processes x --accum = {world} x {args.accum}"),
+        (args.batch % (world * args.accum), f"--batch {args.batch} must be divisible by processes x --accum = "
+         f"{world} x {args.accum}"),
         (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
-        (not bool(((betas > 0) & (betas < 1)).all()),
-         f"--T {args.T} is too small for the {args.schedule} schedule (its betas must stay in (0, 1)): use "
-         f"--T 21 or more, or --schedule cosine"),
-        (args.data == "shapes" and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up "
-         f"to 256 pixels; give --data a folder of images for larger sizes"),
-        (args.data != "shapes" and os.path.abspath(args.out).startswith(os.path.join(args.data, "")),
-         f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; choose "
-         f"an --out outside it"),
-        (args.data != "shapes" and not os.path.isdir(args.data),
-         f"--data {args.data}: no such folder (give a folder of images, or 'shapes')"),
-        (args.fid_every > 0 and not args.fid_ref,
-         "--fid-every needs --fid-ref: an image folder or a fid.py statistics .npz of the real data"),
-        (bool(args.fid_ref) and not args.fid_every, "--fid-ref is only used with --fid-every N"),
-        (bool(args.time and args.fid_every and not ckpt), "--time cannot plan around the FIDs of --fid-every: give "
-         "--steps, or score the finished run with sample.py --fid"),
-        (bool(args.fid_ref) and not os.path.exists(args.fid_ref or ""),
-         f"--fid-ref {args.fid_ref}: no such folder or statistics file"),
-        (ckpt is not None and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at "
-         f"step {ckpt and ckpt['step']}; give a larger --steps to train on"),
+        (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule (its "
+         f"betas must stay in (0, 1)): use --T 21 or more, or --schedule cosine"),
+        (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up to 256 pixels; "
+         f"give --data a folder of images for larger sizes"),
+        (folder and os.path.abspath(args.out).startswith(os.path.join(args.data, "")), f"--out {args.out} is inside "
+         f"--data {args.data}: its sample grids would become training images; choose an --out outside it"),
+        (folder and not os.path.isdir(args.data), f"--data {args.data}: no such folder (give a folder of images, or "
+         f"'shapes')"),
+        (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py statistics "
+         ".npz of the real data"),
+        (args.fid_ref and not args.fid_every, "--fid-ref is only used with --fid-every N"),
+        (args.time and args.fid_every and not ckpt, "--time cannot plan around the FIDs of --fid-every: give --steps, "
+         "or score the finished run with sample.py --fid"),
+        (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or statistics "
+         f"file"),
+        (ckpt and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at step "
+         f"{ckpt and ckpt['step']}; give a larger --steps to train on"),
     ]
     for bad, message in problems:
         if bad:
             parser.error(message)
-    if ckpt and args.cond and args.data != "shapes":  # a renamed class folder would silently remap the labels
+    if ckpt and args.cond and folder:  # a renamed class folder would silently remap the labels
         classes = class_labels(args.data, find_images(args.data), True)[1]
         if classes != list(ckpt["classes"]):
             parser.error(f"--resume: the class folders of --data {args.data} ({', '.join(classes)}) are not the "
@@ -252,41 +251,33 @@ def check_args(parser, args, ckpt):
         parser.error(str(e if "--" in str(e) else f"--size {args.size}: {e}"))
 
 
-def parse_size(text):
-    h, _, w = text.partition("x")
-    return int(h), int(w or h)
-
-
 # --- data ------------------------------------------------------------------------------------------------
 SHAPES = ("circle", "square", "triangle", "cross")
 PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40), (220, 60, 220), (40, 210, 220)])
 
 
 def make_shapes(n, size, seed=0):
-    """The built-in dataset: one coloured shape per image on a plain background, drawn 4x larger and
-    downsampled for smooth edges. Returns uint8 [n, H, W, 3] and the shape index of each as its label."""
+    """The built-in dataset: one bright shape per image on a dark background (high contrast, few colours: learned
+    in minutes), drawn 4x larger and downsampled for smooth edges. uint8 [n, H, W, 3] and each shape's index."""
     h, w = size
     rng = np.random.default_rng(seed)
     images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
     for i in range(n):
-        # a dark background and a bright, saturated shape: high contrast, few colours, learned in minutes
-        bg = rng.integers(0, 70, 3)
-        fg = np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.integers(-25, 26, 3), 0, 255)
-        im = Image.new("RGB", (4 * w, 4 * h), tuple(int(c) for c in bg))
+        bg = tuple(int(c) for c in rng.integers(0, 70, 3))
+        colour = tuple(int(c) for c in np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.integers(-25, 26, 3), 0, 255))
+        im = Image.new("RGB", (4 * w, 4 * h), bg)
         r = rng.uniform(0.22, 0.4) * 4 * min(h, w)
-        cx, cy = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
-        draw, colour = ImageDraw.Draw(im), tuple(int(c) for c in fg)
+        x, y = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
+        draw, s, t = ImageDraw.Draw(im), r * 0.85, r * 0.3
         if labels[i] == 0:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         elif labels[i] == 1:
-            s = r * 0.85
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
+            draw.rectangle([x - s, y - s, x + s, y + s], fill=colour)
         elif labels[i] == 2:
-            draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)], fill=colour)
+            draw.polygon([(x, y - r), (x - r * 0.95, y + r * 0.75), (x + r * 0.95, y + r * 0.75)], fill=colour)
         else:
-            t = r * 0.3
-            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
-            draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
+            draw.rectangle([x - r, y - t, x + r, y + t], fill=colour)
+            draw.rectangle([x - t, y - r, x + t, y + r], fill=colour)
         images[i] = np.asarray(im.resize((w, h), Image.Resampling.LANCZOS))
     return images, labels
 
@@ -301,7 +292,7 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
-        paths = [os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
 
@@ -318,27 +309,24 @@ def class_labels(root, paths, cond):
     loose = [p for p, t in zip(paths, tops) if len(t) == 1]
     if loose:
         fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[t[0]] for t in tops], np.int64), classes
+    return np.array([classes.index(t[0]) for t in tops], np.int64), classes
 
 
 def decode_into(f, root, paths, size):
-    """Decode `paths` in threads (Pillow releases the GIL) and write them in order to the open file f as a .npy
-    of uint8 [N, 3, H, W]: only a few images per thread are held at a time, whatever N. Prints progress.
-    Returns the indices of the readable paths and whether every image is grey."""
+    """Decode `paths` in threads (Pillow releases the GIL) into the open file f as a .npy of uint8 [N, 3, H, W],
+    holding only a few images per thread whatever N. Returns the readable paths' indices and whether all are grey."""
     n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
     header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
     np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
     keep, bad, grey, t0 = [], [], True, time.perf_counter()
     shown = t0
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        ahead = collections.deque(pool.submit(sample.read_image, p, size) for p in paths[:4 * workers])
+        futures = (pool.submit(sample.read_image, p, size) for p in paths)
+        ahead = collections.deque(itertools.islice(futures, 4 * workers))
         for i in range(n):
-            done = ahead.popleft()
-            if i + 4 * workers < n:
-                ahead.append(pool.submit(sample.read_image, paths[i + 4 * workers], size))
+            ahead.extend(itertools.islice(futures, 1))
             try:
-                image = done.result()
+                image = ahead.popleft().result()
                 f.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
                 keep.append(i)
                 grey = grey and bool((image[..., :1] == image[..., 1:]).all())
@@ -359,9 +347,9 @@ def decode_into(f, root, paths, size):
 
 
 def load_folder(root, paths, size, cond, stem):
-    """Decode `paths` once into the cache stem.npy (uint8 [N, 3, H, W]), then stem.json (labels, class names,
-    whether all are grey), which makes it trusted. Without a stem, or if it cannot be written, the images go to
-    a temporary file, deleted once mapped. Returns the memory-mapped images and the metadata."""
+    """Decode `paths` once into the cache stem.npy, then write stem.json (labels, class names, whether all are
+    grey), which makes it trusted. Without a stem, or if it cannot be written, the images go to a temporary
+    file, deleted once mapped. Returns the memory-mapped images and the metadata."""
     labels, classes = class_labels(root, paths, cond)
     scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
     for target in [stem, scratch] if stem else [scratch]:
@@ -404,17 +392,17 @@ def load_dataset(args, size):
         images, labels = make_shapes(8192, size)
         images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
     else:
-        root = os.path.abspath(args.data)
+        root, stem = os.path.abspath(args.data), None
         if not os.path.isdir(root):
             fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
-        paths, stem = find_images(root), None
+        paths = find_images(root)
         if not paths:
             fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
         if not args.no_cache:
             stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
-            cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit")
-            stem = os.path.join(cache_dir, f"data-{key}")
+            stem = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit",
+                                f"data-{key}")
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
     # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
     # three planes even for --channels 1, which batch_images turns into luma
@@ -430,22 +418,16 @@ def epoch_order(n, seed, epoch):
 def batch_indices(step, batch, n, seed):
     """The global batch of a step: positions [step*batch, (step+1)*batch) in a sequence of per-epoch
     permutations. A function of the step alone, so resuming (with any number of processes) is exact."""
-    parts, pos, end = [], step * batch, (step + 1) * batch
-    while pos < end:
-        epoch, offset = divmod(pos, n)
-        take = min(n - offset, end - pos)
-        parts.append(epoch_order(n, seed, epoch)[offset:offset + take])
-        pos += take
-    return torch.cat(parts)
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    epochs = positions // n
+    return torch.cat([epoch_order(n, seed, int(e))[positions[epochs == e] % n] for e in epochs.unique()])
 
 
 def batch_images(images, idx, device, flip, channels=None):
     """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip;
     colour images for a 1-channel model (channels=1) as ITU-R 601-2 luma, the grey of Pillow's convert("L")."""
     x0 = images[idx]  # reads only these images from the memory map
-    if device.type == "cuda":
-        x0 = x0.pin_memory()  # so that the copy below is asynchronous
-    x0 = x0.to(device, non_blocking=True)
+    x0 = (x0.pin_memory() if device.type == "cuda" else x0).to(device, non_blocking=True)  # pinned: an async copy
     if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
@@ -454,38 +436,34 @@ def batch_images(images, idx, device, flip, channels=None):
     return x0.float().div_(127.5).sub_(1)
 
 
-# --- pictures and logs -----------------------------------------------------------------------------------
+# --- pictures, logs, the run folder and signals --------------------------------------------------------------
 def draw_loss_curve(metrics, path):
     """loss (log scale) against step as a PNG, drawn with Pillow."""
-    metrics = [m for m in metrics if "loss" in m]  # FID lines have none
-    steps = [m["step"] for m in metrics]
-    losses = [math.log10(max(m["loss"], 1e-12)) for m in metrics]
-    if len(steps) < 2:
+    points = [(m["step"], math.log10(max(m["loss"], 1e-12))) for m in metrics if "loss" in m]  # FID lines have none
+    if len(points) < 2:
         return
+    (first, _), (last, _) = points[0], points[-1]
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    hi = hi if hi > lo else lo + 1
     W, H, L, B = 640, 360, 70, 40
+    xy = lambda s, v: (L + (s - first) / max(last - first, 1) * (W - L - 20), 20 + (hi - v) / (hi - lo) * (H - 20 - B))
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1
-    sx = lambda s: L + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - L - 20)
-    sy = lambda v: 20 + (hi - v) / (hi - lo) * (H - 20 - B)
     d.rectangle([L, 20, W - 20, H - B], outline="black")
-    d.line([(sx(s), sy(v)) for s, v in zip(steps, losses)], fill=(31, 119, 180), width=2)
+    d.line([xy(s, v) for s, v in points], fill=(31, 119, 180), width=2)
     for v in (lo, (lo + hi) / 2, hi):
-        d.text((4, sy(v) - 6), f"{10 ** v:.4g}", fill="black")
-    d.text((L, H - B + 6), str(steps[0]), fill="black")
-    d.text((W - 70, H - B + 6), str(steps[-1]), fill="black")
+        d.text((4, xy(first, v)[1] - 6), f"{10 ** v:.4g}", fill="black")
+    d.text((L, H - B + 6), str(first), fill="black")
+    d.text((W - 70, H - B + 6), str(last), fill="black")
     d.text((W // 2 - 60, H - 18), "step (loss on a log scale)", fill="black")
     im.save(path)
 
 
 def format_time(seconds):
     m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
-# --- the run folder and signals ---------------------------------------------------------------------------
 def log(*parts, end="\n"):
     """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
     goes nowhere, and metrics.jsonl keeps the record."""
@@ -511,17 +489,15 @@ def claim_run_folder(out, resume):
     except OSError:
         lock.seek(0)
         fail(f"--out {out} is in use by {lock.read().strip() or 'another process'}: wait for it, or choose another --out")
-    if not resume:
-        def left_behind(name):  # not the lock file, nor the empty samples/ of a start that failed
-            path = os.path.join(out, name)
-            return name != ".lock" and not (os.path.isdir(path) and not os.listdir(path))
-        earlier = sorted(filter(left_behind, os.listdir(out)))
-        if earlier:
-            hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
-            fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
+    # left by an earlier run: anything but the lock file and the empty samples/ of a start that failed
+    earlier = [] if resume else sorted(f for f in os.listdir(out) if f != ".lock" and not (
+        os.path.isdir(os.path.join(out, f)) and not os.listdir(os.path.join(out, f))))
+    if earlier:
+        hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
+        fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
     lock.seek(0)
     lock.truncate()
-    lock.write(f"train.py process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.write(f"train.py process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     return lock
@@ -557,63 +533,34 @@ class Stop:
 # --- training --------------------------------------------------------------------------------------------
 def setup_device(args):
     """(device, rank, world) from torchrun's environment and --device; CUDA gets TF32 matmuls."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank = dist.get_rank() if world > 1 else 0
+    if args.device or not torch.cuda.is_available():
+        device = torch.device(args.device or "cpu")
     else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, rank, world
 
 
-def setup_fid(args, device):
-    """The FID meter and its reference statistics (cached), loaded before training so a bad one fails now."""
-    import fid  # optional: only --fid-every needs fid.py
-
-    try:
-        inception = fid.load_inception(args.fid_weights, device)
-        fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
-    except fid.FIDError as e:
-        fail(f"--fid-ref/--fid-weights: {e}")
-    return inception
-
-
-def read_metrics(path):
-    """The records of metrics.jsonl; a line a killed process left half-written is dropped."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return [m for m in records if isinstance(m, dict) and isinstance(m.get("step"), int)]
-
-
 def learning_rate(args, step):
     """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps. A function of the
     step and the run's length: extending a run's --steps re-plans the annealing over the new length."""
-    lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
     if args.cosine and step >= args.warmup:
         progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
-        lr = args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
-    return lr
-
-
+        return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
 def available_memory(device):
     """Bytes this process may still allocate on device: CUDA's free memory; on a CPU, the kernel's MemAvailable,
     capped by the cgroup's (a container's) limit. None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
-        return None
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     found = []
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as f:
@@ -661,35 +608,34 @@ def fit_memory(run):
     if not fits:
         fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.1f} GB "
              f"and {run.device} has {free / 2**30:.1f} GB free; choose a smaller --model (tiny, small) or --size")
-    accum = fits[0]
-    if run.distributed:  # every process must accumulate alike
-        agreed = torch.tensor([accum], device=run.device)
-        dist.all_reduce(agreed, dist.ReduceOp.MAX)
-        accum = int(agreed.item())
-    if accum != args.accum:
+    accum = torch.tensor([fits[0]], device=run.device)
+    if world > 1:  # every process must accumulate alike
+        dist.all_reduce(accum, dist.ReduceOp.MAX)
+    if accum.item() != args.accum:
         log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
-            f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum {accum} "
-            f"instead of {args.accum} (the batch stays {args.batch})")
-        args.accum = accum
-    return f"about {need[accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
+            f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum "
+            f"{accum.item()} instead of {args.accum} (the batch stays {args.batch})")
+        args.accum = int(accum.item())
+    return f"about {need[args.accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
 
 
-def setup_run(args, ckpt, size, device, rank, world):
+def setup_run(args, ckpt, device, rank, world, started):
     """Everything the loop shares, in one namespace: the data (mapped), the network, its EMA, the diffusion,
     the optimizer, precision, and the run folder's files. A resumed run's state comes from its checkpoint."""
-    run = argparse.Namespace(args=args, size=size, device=device, rank=rank, world=world, distributed=world > 1,
+    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, rank=rank, world=world,
                              master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
-                             metrics_path=os.path.join(args.out, "metrics.jsonl"), sample_steps=min(sample.DEFAULT_STEPS, args.T))
+                             metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
+                             sample_steps=min(sample.DEFAULT_STEPS, args.T))
     run.inception = setup_fid(args, device) if args.fid_every and run.master else None
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
-    if run.distributed and not decoder:
+    if world > 1 and not decoder:
         dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
-    run.images, run.labels, run.classes = load_dataset(args, size)
-    if run.distributed and decoder:
+    run.images, run.labels, run.classes = load_dataset(args, run.size)
+    if world > 1 and decoder:
         dist.barrier()
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
-    run.mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, args.channels,
+    run.mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
                                                                    len(run.classes) if args.cond else 0)
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
@@ -707,12 +653,24 @@ def setup_run(args, ckpt, size, device, rank, world):
     if ckpt:
         resume(run, ckpt)
     run.train_model = run.model
-    if run.distributed:
+    if world > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         run.train_model = torch.compile(run.train_model)
     return run
+
+
+def setup_fid(args, device):
+    """The FID meter and its reference statistics (cached), loaded before training so a bad one fails now."""
+    import fid  # optional: only --fid-every needs fid.py
+
+    try:
+        inception = fid.load_inception(args.fid_weights, device)
+        fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
+    except fid.FIDError as e:
+        fail(f"--fid-ref/--fid-weights: {e}")
+    return inception
 
 
 def resume(run, ckpt):
@@ -732,12 +690,16 @@ def resume(run, ckpt):
 
 
 def open_metrics(run, start):
-    """Write config.json, and keep metrics.jsonl's history up to the checkpoint's step (dropping the rest)."""
-    if not run.master:
-        return
+    """Write config.json, and keep metrics.jsonl's history up to the checkpoint's step (a line a killed process
+    left half-written is dropped)."""
     write_config(run.args)
     if os.path.exists(run.metrics_path):
-        run.metrics = [m for m in read_metrics(run.metrics_path) if m["step"] <= start]
+        with open(run.metrics_path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    m = json.loads(line)
+                    if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= start:
+                        run.metrics.append(m)
     with open(run.metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in run.metrics)
 
@@ -764,7 +726,7 @@ def train_step(run, x0, y, step):
     loss_step = 0.0
     for k in range(args.accum):
         part = slice(k * micro, (k + 1) * micro)
-        last = not run.distributed or k == args.accum - 1
+        last = run.world == 1 or k == args.accum - 1
         with contextlib.nullcontext() if last else run.train_model.no_sync(), run.autocast:
             loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
                                                immiscible=args.immiscible)
@@ -816,15 +778,16 @@ def ema_samples(run, n, y=None, chunk=256):
 
 
 def grid_labels(run):
-    """The labels of a sample grid: a row of up to 8 per class for a conditional run, else None."""
-    per_class = min(8, run.args.sample_n)
-    return torch.arange(len(run.classes), device=run.device).repeat_interleave(per_class) if run.args.cond else None
+    """A sample grid's labels and size: a row of up to 8 per class for a conditional run, else no labels."""
+    if not run.args.cond:
+        return None, run.args.sample_n
+    y = torch.arange(len(run.classes), device=run.device).repeat_interleave(min(8, run.args.sample_n))
+    return y, len(y)
 
 
 def write_grid(run, step):
-    y = grid_labels(run)
-    x = ema_samples(run, run.args.sample_n if y is None else len(y), y)
-    sample.save_grid(x, os.path.join(run.args.out, "samples", f"step_{step:07d}.png"),
+    y, n = grid_labels(run)
+    sample.save_grid(ema_samples(run, n, y), os.path.join(run.args.out, "samples", f"step_{step:07d}.png"),
                      nrow=8 if y is None else min(8, run.args.sample_n))
 
 
@@ -842,34 +805,34 @@ def log_fid(run, step):
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
-def grid_seconds(run):
-    """The time a sample grid takes: one timed network evaluation on its images, times the sampler's steps."""
-    y = grid_labels(run)
-    n = run.args.sample_n if y is None else len(y)
-    x = torch.randn(min(n, 256), run.args.channels, *run.size, device=run.device)
-    t = torch.full((len(x),), run.args.T // 2, device=run.device)
+def plan_steps(run, done, steps, meter, stop):
+    """--time, once the steps after the first (a warm-up) ran at least 3 and for 2% of the budget or 30 s, or a
+    signal came: fix --steps from the seconds a step, reserving the sample grids (periodic and final) and the
+    checkpoints, each timed here, and 2% of the budget. Stored in config.json and in the checkpoint written
+    here, so the lr plan and the EMA finish with the budget and --resume continues it. Rank 0 plans for all."""
+    args, seconds = run.args, time.perf_counter() - meter["step1"]
+    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))])
+    if run.world > 1:
+        dist.broadcast(ready := ready.to(run.device), 0)
+    if not ready.item():
+        return
+    step_seconds = seconds / (steps - 1) if steps > 1 else meter["step1"] - meter["t0"]  # a signal before step 2
+    y, n = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
+    x = torch.randn(min(n, 256), args.channels, *run.size, device=run.device)
+    t = torch.full((len(x),), args.T // 2, device=run.device)
     start = time.perf_counter()
     with torch.no_grad(), run.autocast:
         run.ema(x, t, None if y is None else y[:len(x)]).float().sum().item()  # .item(): waits for a GPU
-    return (time.perf_counter() - start) * run.sample_steps * math.ceil(n / 256)
-
-
-def plan_steps(run, done, step_seconds, stop):
-    """--time: fix the run's --steps from the measured seconds per step, reserving the sample grids (periodic
-    and final) and the checkpoints, each timed here, and 2% of the budget. Stored in the config and the
-    checkpoint written here, so the learning-rate plan and the EMA finish with the budget and --resume continues
-    the same plan."""
-    args, grid, save = run.args, grid_seconds(run), 0.0
+    grid, save = (time.perf_counter() - start) * run.sample_steps * math.ceil(n / 256), 0.0
     for _ in range(2 if run.master else 0):  # plan; time a checkpoint of it; plan with its cost, save again if moved
         left = args.time * 0.98 - (time.time() - run.started) - grid - save
         per_step = step_seconds + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
-        steps = done + max(0, int(left / per_step))
-        if steps == args.steps:
+        if done + max(0, int(left / per_step)) == args.steps:
             break
-        args.steps, start = steps, time.perf_counter()
+        args.steps, start = done + max(0, int(left / per_step)), time.perf_counter()
         checkpoint(run, done, stop)
         save = time.perf_counter() - start
-    if run.distributed:  # rank 0's plan for every process
+    if run.world > 1:  # rank 0's plan for every process
         planned = torch.tensor([float(args.steps)], device=run.device)
         dist.broadcast(planned, 0)
         args.steps = int(planned.item())
@@ -902,13 +865,11 @@ def between_steps(run, done, stop):
     interrupts it, and the step is saved at once."""
     args = run.args
     stop.deferred = False
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         if args.sample_every and done % args.sample_every == 0 and done != args.steps:
             write_grid(run, done)
         if args.fid_every and done % args.fid_every == 0:
             log_fid(run, done)
-    except KeyboardInterrupt:
-        pass
     stop.deferred = True
     if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
         checkpoint(run, done, stop)
@@ -916,7 +877,7 @@ def between_steps(run, done, stop):
 
 def stopped_anywhere(run, stop):
     """Whether this process or (distributed) any other got a signal: every process must stop at the same step."""
-    if run.distributed:
+    if run.world > 1:
         flag = torch.tensor([float(stop.signal is not None)], device=run.device)
         dist.all_reduce(flag)
         if flag.item() and not stop.signal:
@@ -926,11 +887,10 @@ def stopped_anywhere(run, stop):
 
 def main(argv=None, started=None):
     """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
-    started = started or time.time()
     args, ckpt = parse_args(argv)
     with Stop() as stop:
         try:
-            train(args, ckpt, stop, started)
+            train(args, ckpt, stop, started or time.time())
         except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable): one line
             fail(f"{e.filename or ''}: {e.strerror or e}")
 
@@ -942,14 +902,13 @@ def train(args, ckpt, stop, started):
     if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
     lock = claim_run_folder(args.out, ckpt is not None) if rank == 0 else None
-    run = setup_run(args, ckpt, parse_size(args.size), device, rank, world)
-    run.started = started
+    run = setup_run(args, ckpt, device, rank, world, started)
     start = ckpt["step"] if ckpt else 0
     memory = fit_memory(run)
-    open_metrics(run, start)
-    timed = args.time and not ckpt  # a --time run plans its --steps after measuring its first steps
-    if timed:
-        args.steps = math.inf
+    if run.master:
+        open_metrics(run, start)
+    if args.time and not ckpt:
+        args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
     model, micro = run.model, args.batch // world // args.accum
     log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) if args.cond else 'no'} classes | "
         f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
@@ -980,27 +939,14 @@ def train(args, ckpt, stop, started):
         if done == start + 1:
             meter["step1"] = time.perf_counter()
             warn_if_slow(run, done, meter["step1"] - meter["t0"])
-        if timed and math.isinf(args.steps) and time_to_plan(run, done - start, meter["step1"], stop):
-            timed_steps = done - start - 1  # the first step warms up; a signal before the second leaves only it
-            plan_steps(run, done, (time.perf_counter() - meter["step1"]) / timed_steps if timed_steps else
-                       meter["step1"] - meter["t0"], stop)
+        if math.isinf(args.steps):
+            plan_steps(run, done, done - start, meter, stop)
         if run.master:
             report(run, meter, done, loss, lr)
             between_steps(run, done, stop)
         if stopped_anywhere(run, stop):
             break
     finish(run, done, stop, lock)
-
-
-def time_to_plan(run, steps, since, stop):
-    """--time: whether the steps after the first (which warms up allocators and kernels) have run long enough
-    to time: at least 3, over 2% of the budget or 30 s, whichever is shorter; or a signal came first. Rank 0
-    decides for all processes."""
-    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and time.perf_counter() - since >=
-                                                            min(30.0, run.args.time / 50)))], device=run.device)
-    if run.distributed:
-        dist.broadcast(ready, 0)
-    return bool(ready.item())
 
 
 def warn_if_slow(run, done, seconds):
@@ -1023,7 +969,7 @@ def finish(run, done, stop, lock):
             write_grid(run, done)
             log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
         lock.close()
-    if run.distributed:
+    if run.world > 1:
         dist.destroy_process_group()
     if stop.signal:
         raise SystemExit(128 + getattr(signal, stop.signal, signal.SIGINT))
