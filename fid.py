@@ -4,16 +4,14 @@
     python fid.py samples/ train_stats.npz           # ... or against saved statistics (keys mu, sigma)
     python fid.py data/train/ --save-stats train_stats.npz
 
-The network is TensorFlow's inception-2015-12-05 graph as pytorch-fid ports it, and the numbers follow
-pytorch-fid's (PIL decoding to RGB, bilinear resize to 299x299, inputs in [-1, 1], 2048-d pool3 features,
-float64 statistics, scipy's matrix square root); statistics files are interchangeable with it. Weights:
---weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit (~/.cache), else a sha256-checked download.
-Bad input is one line on stderr and exit status 2, before the network is loaded.
+The network is TensorFlow's inception-2015-12-05 graph as pytorch-fid ports it; the numbers and statistics
+files follow pytorch-fid's (PIL decoding to RGB, bilinear resize to 299x299, 2048-d pool3 features, float64
+statistics, scipy's sqrtm). Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit
+(~/.cache), else a sha256-checked download. Bad input: one line on stderr, exit status 2, before any work.
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
 import argparse
 import hashlib
-import math
 import os
 import sys
 import tempfile
@@ -51,13 +49,13 @@ def check_counts(**counts):
             raise FIDError(f'{name} = {value!r}: must be a whole number >= {COUNTS[name]}')
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The network. Attribute names are pytorch-fid's (torchvision's Inception3), so its state dict loads strictly.
+# --- The network. Attribute names are pytorch-fid's (torchvision's Inception3), so its state dict loads strictly.
 
 class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (TF's eps 0.001; no scale, the weight is all ones), ReLU."""
+    """Convolution without bias, batch norm (TF's eps 0.001; no scale, the weight is all ones), ReLU.
+    padding 'same' is TF's SAME (stride 1, odd kernels: k // 2 each side); VALID convolutions pass 0."""
 
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding='same'):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
@@ -76,126 +74,99 @@ class BasicConv2d(nn.Module):
         self.bn = nn.Identity()
 
 
+class NamedConvs(nn.Module):
+    """BasicConv2d(*args) as attribute NAME for each NAME=args, args (in, out, kernel[, stride, padding])."""
+
+    def __init__(self, **convs):
+        super().__init__()
+        for name, args in convs.items():
+            self.add_module(name, BasicConv2d(*args))
+
+
 def avg_pool_3x3(x):
     # TF averages over the pixels inside the image only, hence count_include_pad=False (torchvision's differs).
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionA(nn.Module):
+class InceptionA(NamedConvs):
     """35x35 block (Mixed_5b, 5c, 5d): 1x1, 5x5, double 3x3 and pooled branches, concatenated."""
 
     def __init__(self, in_ch, pool_ch):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_ch, pool_ch, 1)
+        super().__init__(branch1x1=(in_ch, 64, 1), branch5x5_1=(in_ch, 48, 1), branch5x5_2=(48, 64, 5),
+                         branch3x3dbl_1=(in_ch, 64, 1), branch3x3dbl_2=(64, 96, 3), branch3x3dbl_3=(96, 96, 3),
+                         branch_pool=(in_ch, pool_ch, 1))
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           self.branch_pool(avg_pool_3x3(x))], 1)
 
 
-class InceptionB(nn.Module):
+class InceptionB(NamedConvs):
     """Reduction 35x35 -> 17x17 (Mixed_6a)."""
 
     def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+        super().__init__(branch3x3=(in_ch, 384, 3, 2, 0), branch3x3dbl_1=(in_ch, 64, 1),
+                         branch3x3dbl_2=(64, 96, 3), branch3x3dbl_3=(96, 96, 3, 2, 0))
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionC(nn.Module):
+class InceptionC(NamedConvs):
     """17x17 block (Mixed_6b..6e): 7x7 convolutions factored into 1x7 and 7x1."""
 
     def __init__(self, in_ch, mid):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_ch, mid, 1)
-        self.branch7x7_2 = BasicConv2d(mid, mid, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(mid, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_ch, mid, 1)
-        self.branch7x7dbl_2 = BasicConv2d(mid, mid, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(mid, mid, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(mid, mid, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(mid, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
+        super().__init__(branch1x1=(in_ch, 192, 1), branch7x7_1=(in_ch, mid, 1), branch7x7_2=(mid, mid, (1, 7)),
+                         branch7x7_3=(mid, 192, (7, 1)), branch7x7dbl_1=(in_ch, mid, 1),
+                         branch7x7dbl_2=(mid, mid, (7, 1)), branch7x7dbl_3=(mid, mid, (1, 7)),
+                         branch7x7dbl_4=(mid, mid, (7, 1)), branch7x7dbl_5=(mid, 192, (1, 7)),
+                         branch_pool=(in_ch, 192, 1))
 
     def forward(self, x):
         dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-        return torch.cat([self.branch1x1(x),
-                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)),
-                          self.branch_pool(avg_pool_3x3(x))], 1)
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)), self.branch_pool(avg_pool_3x3(x))], 1)
 
 
-class InceptionD(nn.Module):
+class InceptionD(NamedConvs):
     """Reduction 17x17 -> 8x8 (Mixed_7a)."""
 
     def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+        super().__init__(branch3x3_1=(in_ch, 192, 1), branch3x3_2=(192, 320, 3, 2, 0), branch7x7x3_1=(in_ch, 192, 1),
+                         branch7x7x3_2=(192, 192, (1, 7)), branch7x7x3_3=(192, 192, (7, 1)),
+                         branch7x7x3_4=(192, 192, 3, 2, 0))
 
     def forward(self, x):
-        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),
-                          self.branch7x7x3_4(self.branch7x7x3_3(b7)),
+        b7 = self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), self.branch7x7x3_4(b7),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionE(nn.Module):
+class InceptionE(NamedConvs):
     """8x8 block (Mixed_7b, 7c) with 1x3 / 3x1 splits; the TF graph's Mixed_7c pools by maximum (`max_pool`)."""
 
     def __init__(self, in_ch, max_pool):
-        super().__init__()
+        super().__init__(branch1x1=(in_ch, 320, 1), branch3x3_1=(in_ch, 384, 1), branch3x3_2a=(384, 384, (1, 3)),
+                         branch3x3_2b=(384, 384, (3, 1)), branch3x3dbl_1=(in_ch, 448, 1),
+                         branch3x3dbl_2=(448, 384, 3), branch3x3dbl_3a=(384, 384, (1, 3)),
+                         branch3x3dbl_3b=(384, 384, (3, 1)), branch_pool=(in_ch, 192, 1))
         self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
-                          self.branch_pool(pool)], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl), self.branch_pool(pool)], 1)
 
 
-class FIDInception(nn.Module):
+class FIDInception(NamedConvs):
     """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed."""
 
     def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2, 0), Conv2d_2a_3x3=(32, 32, 3, 1, 0), Conv2d_2b_3x3=(32, 64, 3),
+                         Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3, 1, 0))
         self.Mixed_5b, self.Mixed_5c = InceptionA(192, pool_ch=32), InceptionA(256, pool_ch=64)
         self.Mixed_5d = InceptionA(288, pool_ch=64)
         self.Mixed_6a = InceptionB(288)
@@ -211,23 +182,20 @@ class FIDInception(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 147x147
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)                                     # 35x35
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6a(x)                                                 # 17x17
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # 8x8
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)                        # pool3
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # 17x17
+        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))  # 8x8
+        return F.adaptive_avg_pool2d(self.Mixed_7c(self.Mixed_7b(x)), 1).flatten(1)  # pool3
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights
+# --- Weights
 
 def cache_dir():
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ddpm-toolkit'
 
 
 def find_weights(weights=None, download=True):
-    """Path of the weights file: `weights`, else $FID_WEIGHTS, else the cache file, else a verified download
-    (download=False: FIDError). A local file is taken as it is: a re-saved copy with other bytes is fine."""
+    """The weights file: `weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed: a re-saved
+    copy is fine), else a verified download (download=False: FIDError instead)."""
     for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS'), 'FID_WEIGHTS')):
         if path:
             if not Path(path).is_file():
@@ -242,8 +210,7 @@ def find_weights(weights=None, download=True):
 
 
 def download_weights(dest):
-    """pytorch-fid's weights into a temporary file beside `dest`, renamed into place once its sha256 is right:
-    an interrupted or altered download never becomes the cache file."""
+    """pytorch-fid's weights into a temporary file renamed to `dest` once its sha256 is right (never half a file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=WEIGHTS_NAME, suffix='.part')
@@ -261,14 +228,12 @@ def download_weights(dest):
         raise FIDError(f'no FID weights and the download failed ({e}): put {WEIGHTS_NAME} at {dest}, '
                        'or set FID_WEIGHTS=PATH, or pass --weights PATH') from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def load_inception(weights=None, device='cpu'):
-    """The FID Inception in eval mode on `device`: float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048].
-    The file's `fc.*` tensors (1008-way logits) are not needed for pool3; the batch norms are folded after a
-    strict load, so the model's own state_dict is no longer in pytorch-fid's layout."""
+    """The FID Inception (FIDInception) in eval mode on `device`, batch norms folded after a strict load of the
+    file (its `fc.*` logits are not needed for pool3), so its state_dict is no longer in pytorch-fid's layout."""
     path = find_weights(weights)
     model = FIDInception()
     try:
@@ -285,8 +250,7 @@ def load_inception(weights=None, device='cpu'):
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Images -> activations
+# --- Images to activations
 
 def to_uint8(images):
     """uint8 [N, H, W, 3] tensor from uint8 [N, H, W(, C)] or float [N, C, H, W] in [-1, 1], C 1 or 3. Floats
@@ -304,8 +268,7 @@ def to_uint8(images):
 
 def model_input(images, device):
     """uint8 [N, H, W, 3] (or a list of [H, W, 3] of mixed sizes) -> float [N, 3, 299, 299] in [0, 1], as
-    pytorch-fid: x / 255, bilinear resize with align_corners=False (the model then scales to [-1, 1]).
-    The permuted view is already channels_last, the model's layout."""
+    pytorch-fid: x / 255, bilinear resize, align_corners=False. The permuted view is already channels_last."""
     if isinstance(images, list):                                             # mixed sizes: one by one
         return torch.cat([model_input(image[None], device) for image in images])
     x = images.to(device).permute(0, 3, 1, 2).float() / 255
@@ -331,10 +294,9 @@ def show_progress(label, done, total, seconds):
 
 
 def run_model(model, make_batch, n, batch_size, device, workers, label, progress):
-    """float32 [n, 2048] pool3 features of images [0, n) in batches that `make_batch(start, stop)` gives as
-    uint8. `workers` background threads decode and resize them (on `device`) while the network runs: on 2 CPU
-    cores, 1.2x the images/s for 512x512 PNGs against decoding on this thread (none for 28x28), and the resize
-    there rather than here 1.1x to 1.3x."""
+    """float32 [n, 2048] pool3 features of images [0, n), batches of uint8 from `make_batch(start, stop)`. `workers`
+    threads decode and resize them (on `device`) while the network runs: 1.2x the images/s for 512x512 PNGs on
+    2 CPU cores against decoding on this thread (none for 28x28), and the resize there, not here, 1.1x-1.3x."""
     check_counts(batch_size=batch_size, workers=workers)
     model_device = next(model.parameters()).device
     batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
@@ -349,22 +311,20 @@ def run_model(model, make_batch, n, batch_size, device, workers, label, progress
     try:
         with ThreadPoolExecutor(workers) as pool, torch.inference_mode():
             pending = [pool.submit(prepare, *batch) for batch in batches[:workers + 1]]
-            for i in range(len(batches)):
+            for i, (_, stop) in enumerate(batches):
                 x = pending.pop(0).result()
-                if i + workers + 1 < len(batches):
-                    pending.append(pool.submit(prepare, *batches[i + workers + 1]))
+                pending += [pool.submit(prepare, *batch) for batch in batches[i + workers + 1:i + workers + 2]]
                 outputs.append(model(x.to(model_device)).cpu())
                 if progress:
-                    show_progress(label, batches[i][1], n, time.perf_counter() - start_time)
+                    show_progress(label, stop, n, time.perf_counter() - start_time)
     finally:
         torch.backends.cudnn.conv.fp32_precision = saved
     return torch.cat(outputs).numpy()
 
 
 def activations(images, model, batch_size=50, device=None, progress=False):
-    """pool3 features, float32 [N, 2048], of in-memory images: uint8 [N, H, W(, C)] (numpy or tensor, like
-    decoded files) or float [N, C, H, W] in [-1, 1] (the toolkit's convention), C 1 or 3. `device` is where
-    the resize runs (default: the model's)."""
+    """pool3 features, float32 [N, 2048], of uint8 [N, H, W(, C)] (numpy or tensor) or float [N, C, H, W] in
+    [-1, 1] images, C 1 or 3. `device` is where the resize runs (default: the model's)."""
     if len(images) < 1:
         raise FIDError('no images')
     return run_model(model, lambda start, stop: to_uint8(images[start:stop]), len(images), batch_size,
@@ -372,9 +332,8 @@ def activations(images, model, batch_size=50, device=None, progress=False):
 
 
 def image_files(path, n=None):
-    """The first n image files under folder `path`, found recursively by extension, sorted, after checking
-    there are at least 2 (for a covariance) and n. Other files are skipped; a file with an image extension that
-    PIL cannot read is an error later, since dropping it would silently change n."""
+    """The first n image files under folder `path` (recursive, by extension, sorted), after checking there are
+    at least 2 and n. A file with an image extension that PIL cannot read is an error later, not skipped."""
     check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: no such folder')
@@ -399,8 +358,7 @@ def folder_activations(path, model, n=None, batch_size=50, device=None, workers=
                      workers, str(path), progress)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Statistics and the distance
+# --- Statistics and the distance
 
 def statistics(acts):
     """Mean [D] and covariance [D, D] of activations [N, D], in float64 (np.cov, rowvar=False: N - 1)."""
@@ -421,10 +379,11 @@ STATS_CHECKS = (
 
 
 def check_stats(mu, sigma, name, network=False):
-    """Raises FIDError naming `name` unless float64 mu and sigma pass STATS_CHECKS."""
+    """(mu, sigma) as they came after checking them (float64) with STATS_CHECKS; FIDError naming `name`."""
     for problem, ok in STATS_CHECKS:
         if not ok(mu, sigma, network):
             raise FIDError(f'{name}: {problem} (mu {list(mu.shape)}, sigma {list(sigma.shape)})')
+    return mu, sigma
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -436,8 +395,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     check_stats(mu2, sigma2, 'the second statistics')
     if mu1.shape != mu2.shape:
         raise FIDError(f'statistics do not match: {len(mu1)}-d and {len(mu2)}-d')
-    # With fewer images than dimensions the product is singular and scipy warns; the checks below decide
-    # whether the root is usable, as pytorch-fid's do. Overflow is checked below too.
+    # Few images make the product singular and scipy warn (overflow too): the checks below judge the root.
     with warnings.catch_warnings(), np.errstate(over='ignore', invalid='ignore'):
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -448,12 +406,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if imaginary > 1e-3:  # rounding leaves a tiny imaginary part; a large one, no trustworthy root
             raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}); '
                            'use more images')
-        diff = mu1 - mu2
-        value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-    # d^2 is a squared norm plus the squared Bures distance of two PSD matrices, so >= 0. The square root is
-    # good to about 1e-7 of the traces (a set of Inception features against itself gives -5e-5): a negative
-    # within 1e-5 of them is rounding and reads 0; a larger one, or NaN, means a sigma is not PSD.
-    if not math.isfinite(value):
+        value = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+    # d^2 (a squared norm plus the squared Bures distance of two PSD matrices) is >= 0. sqrtm is good to about 1e-7
+    # of the traces (Inception features against themselves give -5e-5): a negative within 1e-5 of them reads 0.
+    if not np.isfinite(value):
         raise FIDError(f'the distance came out {value}: the statistics are too large for float64')
     if not value >= -1e-5 * (np.trace(sigma1) + np.trace(sigma2)):
         raise FIDError(f'the distance came out {value:.3g}: a sigma is not positive semi-definite, no covariance')
@@ -461,8 +417,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def save_stats(path, mu, sigma, n=None):
-    """Writes `path` exactly (np.savez would append .npz) with keys mu, sigma (pytorch-fid's) and n, through a
-    temporary file renamed into place, so that a reader never sees half a file."""
+    """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place."""
     with open(f'{path}.part', 'wb') as f:
         np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
     os.replace(f'{path}.part', path)
@@ -483,9 +438,7 @@ def load_stats(path, network=False):
                        '(write one with --save-stats)')
     if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu':  # complex or bool would cast silently
         raise FIDError(f'{path}: mu and sigma must hold real numbers, not {mu.dtype} and {sigma.dtype}')
-    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
-    check_stats(mu, sigma, path, network)
-    return mu, sigma, n
+    return (*check_stats(mu.astype(np.float64), sigma.astype(np.float64), path, network), n)
 
 
 def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
@@ -507,8 +460,8 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
 
 
 def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
-    """FID between the first n of `samples` (float [N, C, H, W] in [-1, 1]) and the reference `ref` (a folder,
-    its first n images, or a .npz of statistics). Loads the network if no `model` is given."""
+    """FID of the first n `samples` (float [N, C, H, W] in [-1, 1]) against `ref`'s first n images or its .npz
+    statistics, loading the network if no `model` is given."""
     check_counts(n=n)
     if len(samples) < max(n, 2):
         raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
@@ -519,8 +472,7 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line
+# --- Command line
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's errors as one line like every other (its own prints the usage too)
@@ -537,14 +489,13 @@ def count_flag(name):
 
 
 def check_args(args):
-    """(device, inputs) after checking every flag and input, so that a typo fails in a second, not after the
-    first folder. inputs: (path, stats): stats is (mu, sigma, n) of a .npz, None for a folder."""
+    """(device, [(path, (mu, sigma, n) of a .npz or None for a folder)]) after checking every flag and input."""
     if len(args.paths) != (1 if args.save_stats else 2):
         raise FIDError('--save-stats writes the statistics of one PATH; give exactly one' if args.save_stats
                        else 'give two PATHs to compare, or one PATH and --save-stats OUT.npz')
     if args.save_stats:  # can save_stats write there? Asked now, not after the work
         out = Path(args.save_stats)
-        if out.suffix != '.npz' or out.is_dir() or (out.exists() and not out.is_file()):
+        if out.suffix != '.npz' or (out.exists() and not out.is_file()):
             raise FIDError(f'--save-stats {out}: give a new or regular file whose name ends in .npz')
         try:
             tempfile.TemporaryFile(dir=out.parent).close()  # a nameless file, gone when closed
@@ -582,8 +533,7 @@ def main(argv=None):
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
     parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
     parser.add_argument('--n', type=count_flag('n'), help='use the first N images of each folder (sorted paths)')
-    parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50,
-                        help='images per network call (default 50)')
+    parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50, help='images per batch (default 50)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
     parser.add_argument('--weights', metavar='PATH', help=f'the weights file ({WEIGHTS_NAME} from pytorch-fid); '
                         'default: $FID_WEIGHTS, then the cache folder, then a verified download')
