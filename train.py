@@ -66,7 +66,7 @@ def duration(text):
 def image_size(text):
     """--size: "128" or "HxW" like "64x128", each side 8 to 2048; returned in that canonical spelling."""
     try:
-        h, w = parse_size(text.lower())
+        h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give 128 or HxW like 64x128") from None
     if not (8 <= h <= 2048 and 8 <= w <= 2048):
@@ -393,9 +393,7 @@ def load_dataset(args, size):
         images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
     else:
         root, stem = os.path.abspath(args.data), None
-        if not os.path.isdir(root):
-            fail(f"--data {root}: no such folder (give a folder of images, or 'shapes')")
-        paths = find_images(root)
+        paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
             fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
         if not args.no_cache:
