@@ -4,11 +4,9 @@
     loss = diffusion.training_loss(model, x0)                  # Algorithm 1
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
 
-Schedules (linear, cosine), q(x_t | x_0), the training loss (eps / x0 / v targets, MSE / L1), immiscible
-noise assignment, samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)) with classifier-free guidance, and
-what is built on them: RePaint inpainting, mixing two images, spherical interpolation of x_T.
-`model` is any callable model(x_t, t, y=None) -> prediction; y = -1 is the null label. Images are
-[N, C, H, W] in [-1, 1]; timesteps are integers in [0, T). Depends on torch and scipy only.
+Also DDIM and DPM-Solver++(2M) with classifier-free guidance, RePaint inpainting, mixing and slerp. `model` is
+any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in [-1, 1];
+timesteps are integers in [0, T). Depends on torch and scipy only.
 """
 import math
 
@@ -19,13 +17,11 @@ from scipy.optimize import linear_sum_assignment
 
 def beta_schedule(name, T):
     """Betas [T] in float64: 'linear' (Ho et al.: 1e-4 to 0.02 at T = 1000, scaled by 1000/T otherwise, as
-    Nichol & Dhariwal do) or 'cosine' (Nichol & Dhariwal 2021, eq. 17, s = 0.008)."""
+    Nichol & Dhariwal do) or 'cosine' (Nichol & Dhariwal 2021, eq. 17, s = 0.008, clipped at 0.999)."""
     if name == "linear":
         return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     if name == "cosine":
-        s = 0.008
-        steps = torch.arange(T + 1, dtype=torch.float64) / T
-        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped to avoid a singular end
     raise ValueError(f"unknown beta schedule {name!r}; choose 'linear' or 'cosine'")
 
@@ -33,9 +29,13 @@ def beta_schedule(name, T):
 def immiscible_noise(x0, noise):
     """Li et al. 2024 (arXiv 2406.12303): reorder the batch's noise so that the total L2 distance between
     each image and its noise is minimal (a linear assignment on the [N, N] distance matrix)."""
-    cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float())
-    _, cols = linear_sum_assignment(cost.cpu().numpy())
+    _, cols = linear_sum_assignment(torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).cpu().numpy())
     return noise[torch.as_tensor(cols, device=noise.device)]
+
+
+def _at(a, t, x):
+    """a[t] (a per-timestep tensor) as x's dtype and device, shaped to broadcast over [N, C, H, W]."""
+    return a.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
 
 
 def randn(shape, generator=None, device="cpu"):
@@ -55,13 +55,12 @@ def spaced_timesteps(T, steps):
 
 
 def repaint_schedule(T, jump=10, resample=10):
-    """The states RePaint visits (Lugmayr et al. 2022, sec. 4.2 and the jump schedule of their code), as
-    timesteps from T-1 (pure noise) to -1 (the finished image). Go down one step at a time; at each multiple of
-    `jump` from which a jump stays below T, jump back up by `jump` and come down again, until that stretch has
-    been walked `resample` times. A jump is one move here, q(x_{t+jump} | x_t); their code walks it up step by
-    step, which is the same distribution. The last step, 0 to -1, is taken once.
-    T=8, jump=2, resample=2 -> [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]. The published setting
-    is jump 10, resample 10 on 250 steps (sec. 5.1); jump 1 is Algorithm 1 as printed."""
+    """The timesteps RePaint visits (Lugmayr et al. 2022, sec. 4.2, and their code's jump schedule), from T-1
+    (pure noise) to -1 (the image): down one step at a time; at each multiple of `jump` from which a jump stays
+    below T, back up `jump` steps and down again, until that stretch is walked `resample` times. A jump is one
+    move, q(x_{t+jump} | x_t) (their code walks it step by step: the same distribution). The last step is once.
+    T=8, jump=2, resample=2 -> [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]. Published: jump 10,
+    resample 10 on 250 steps (sec. 5.1); jump 1 is Algorithm 1 as printed."""
     if jump < 1 or resample < 1:
         raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
     ts = []
@@ -75,15 +74,13 @@ def repaint_schedule(T, jump=10, resample=10):
 def slerp(z0, z1, alpha):
     """Spherical interpolation between two noise tensors per sample (Shoemake 1985), as DDIM (Song et al.
     2021, sec. 5.3) interpolates x_T: a straight line would shrink the norm a Gaussian sample has."""
-    cos = F.cosine_similarity(z0.flatten(1), z1.flatten(1)).clamp(-1, 1).view(-1, *[1] * (z0.dim() - 1))
-    theta = torch.acos(cos)
+    theta = torch.acos(F.cosine_similarity(z0.flatten(1), z1.flatten(1)).clamp(-1, 1)).view(-1, *[1] * (z0.dim() - 1))
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
 class Diffusion:
-    """The fixed forward process and everything derived from it. Per-timestep tensors are computed once in
-    float64 and named after the paper's symbols; `target` is what the network predicts ('eps', 'x0' or
-    'v') and `loss` how it is scored ('mse' or 'l1')."""
+    """The fixed forward process and what follows from it: per-timestep tensors computed once in float64, named
+    after the paper's symbols. `target`: what the network predicts (eps, x0 or v); `loss`: mse or l1."""
 
     def __init__(self, schedule="linear", T=1000, target="eps", loss="mse"):
         if target not in ("eps", "x0", "v") or loss not in ("mse", "l1"):
@@ -104,88 +101,61 @@ class Diffusion:
 
     def to(self, device):
         """Move the per-timestep tensors to a device (kept in float64 where the device has it)."""
-        for name, value in vars(self).items():
-            if torch.is_tensor(value):
-                setattr(self, name, value.to(device))
+        vars(self).update({name: v.to(device) for name, v in vars(self).items() if torch.is_tensor(v)})
         return self
 
     def config(self):
         return dict(schedule=self.schedule, T=self.T, target=self.target, loss=self.loss)
 
-    @staticmethod
-    def _at(a, t, x):
-        """a[t] as x's dtype and device, shaped to broadcast over [N, C, H, W]."""
-        return a.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
-
-    # --- the forward process ---------------------------------------------------------------------------
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), eq. 4."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return _at(self.sqrt_alphas_cumprod, t, x0) * x0 + _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_sample_from(self, x_s, s, t, noise):
-        """x_t ~ q(x_t | x_s) for states s < t: eq. 2 applied t - s times, which collapses as eq. 4 does into
-        N(sqrt(alpha-bar_t / alpha-bar_s) x_s, (1 - alpha-bar_t / alpha-bar_s) I), the ratio being the product
-        of alpha_{s+1} ... alpha_t."""
+        """x_t ~ q(x_t | x_s) for s < t: eq. 2 applied t - s times collapses, as eq. 4 does, into
+        N(sqrt(alpha-bar_t / alpha-bar_s) x_s, (1 - alpha-bar_t / alpha-bar_s) I)."""
         a = (self.alphas_cumprod[t] / self.alphas_cumprod[s]).item()
         return math.sqrt(a) * x_s + math.sqrt(1 - a) * noise
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t)
+        mean = _at(self.posterior_mean_coef1, t, x_t) * x0 + _at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _at(self.posterior_variance, t, x_t)
 
     def predict_x0_from_eps(self, x_t, t, eps):
         """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
-        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return _at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (_at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     def v_target(self, x0, t, noise):
         """Salimans & Ho 2022: v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return _at(self.sqrt_alphas_cumprod, t, x0) * noise - _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
-    # --- training ----------------------------------------------------------------------------------------
     def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False):
-        """Algorithm 1 (eq. 14 for target 'eps'): a scalar loss averaged over the batch and pixels.
-        t defaults to uniform in [0, T), noise to N(0, I); with `immiscible` the noise is first reassigned
-        to the images, and that reassigned noise is both the input's noise and the regression target."""
-        if t is None:
-            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if immiscible:
-            noise = immiscible_noise(x0, noise)
-        x_t = self.q_sample(x0, t, noise)
-        if self.target == "eps":
-            target = noise
-        elif self.target == "x0":
-            target = x0
-        else:
-            target = self.v_target(x0, t, noise)
-        pred = model(x_t, t, y).float()
+        """Algorithm 1 (eq. 14 for target 'eps'), averaged over batch and pixels; t ~ U[0, T) and noise ~ N(0, I)
+        unless given. `immiscible` reassigns the noise to the images: as the input's noise and as the target."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        noise = immiscible_noise(x0, noise) if immiscible else noise
+        target = noise if self.target == "eps" else x0 if self.target == "x0" else self.v_target(x0, t, noise)
+        pred = model(self.q_sample(x0, t, noise), t, y).float()
         return F.mse_loss(pred, target) if self.loss == "mse" else F.l1_loss(pred, target)
 
-    # --- the reverse process -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, model, x_t, t, y=None, guidance=0.0):
-        """(eps, x0) at x_t, with x0 clipped to [-1, 1] and eps made consistent with it, as in the paper's
-        sampler. Classifier-free guidance (Ho & Salimans 2022, eq. 6) when guidance w != 0:
-        eps = (1 + w) eps(x_t, y) - w eps(x_t, null), with both halves in one batched forward pass."""
+        """(eps, x0) at x_t, x0 clipped to [-1, 1] and eps made consistent with it, as the paper's sampler does.
+        Guidance w (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x_t, y) - w eps(x_t, null), in one batched call."""
         t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        if guidance:
-            out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)])).float()
-            cond, uncond = out.chunk(2)
-            out = (1 + guidance) * cond - guidance * uncond  # linear, so guiding x0 or v is the same as eps
+        if guidance:  # linear, so guiding x0 or v is the same as guiding eps
+            cond, uncond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([y, torch.full_like(y, -1)])).chunk(2)
+            out = (1 + guidance) * cond.float() - guidance * uncond.float()
         else:
             out = model(x_t, t, y).float()
-        if self.target == "eps":
-            x0 = self.predict_x0_from_eps(x_t, t, out)
-        elif self.target == "x0":
-            x0 = out
-        else:  # v: x_0 = sqrt(alpha-bar) x_t - sqrt(1 - alpha-bar) v
-            x0 = self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
-        x0 = x0.clamp(-1, 1)
+        if self.target == "v":  # x_0 = sqrt(alpha-bar) x_t - sqrt(1 - alpha-bar) v
+            out = _at(self.sqrt_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
+        x0 = (self.predict_x0_from_eps(x_t, t, out) if self.target == "eps" else out).clamp(-1, 1)
         return self.predict_eps_from_x0(x_t, t, x0), x0
 
     def ddpm_step(self, model, x, t, y=None, guidance=0.0, variance="beta", generator=None):
@@ -199,18 +169,16 @@ class Diffusion:
         return mean + math.sqrt(var) * randn(x.shape, generator, x.device), x0
 
     def ddpm_loop(self, model, x, y=None, guidance=0.0, variance="beta", generator=None, t_start=None):
-        """Algorithm 2, ancestral sampling from x = x_T (or x = x_{t_start}, an image noised to that step)
-        down to x_0, yielding (t, x_{t-1}, predicted x_0)."""
+        """Algorithm 2: ancestral sampling from x = x_T (or x_{t_start}, an image noised to that step) to x_0."""
         for t in range(self.T - 1 if t_start is None else t_start, -1, -1):
             x, x0 = self.ddpm_step(model, x, t, y, guidance, variance, generator)
             yield t, x, x0
 
     def inpaint_loop(self, model, image, known, resample=1, y=None, guidance=0.0, generator=None, jump=10):
-        """RePaint (Lugmayr et al. 2022) with an unconditional model, along `repaint_schedule(T, jump, resample)`.
-        Each reverse step is Algorithm 1's: the `known` pixels (a {0, 1} mask broadcastable to `image`) are
-        taken from q(x_{t-1} | x_0 = image), the rest from the model's step (eq. 8). Each jump back up re-noises
-        all of x with q(x_{t+jump} | x_t) (sec. 4.2), so the generated region gets `resample` passes to agree
-        with the known one. Yields (t, x_{t-1}, predicted x_0) at each reverse step."""
+        """RePaint (Lugmayr et al. 2022, unconditional model) along `repaint_schedule(T, jump, resample)`, yielding at
+        each reverse step, their Algorithm 1's: the `known` pixels (a {0, 1} mask broadcastable to `image`) from
+        q(x_{t-1} | x_0 = image), the rest from the model's step (eq. 8). Each jump back up re-noises all of x by
+        q(x_{t+jump} | x_t) (sec. 4.2), so the generated region gets `resample` passes to agree with the known one."""
         ts = repaint_schedule(self.T, jump, resample)
         x = randn(image.shape, generator, image.device)
         for t, t_next in zip(ts, ts[1:]):
@@ -225,9 +193,9 @@ class Diffusion:
             yield t, x, x0
 
     def mix(self, model, a, b, t, weight=0.5, generator=None):
-        """Blend two images after noising them to step t (report 000's mixing). With the same noise for both,
-        (1 - weight) x_t(a) + weight x_t(b) is q_sample of the pixel blend, a proper x_t; ancestral sampling
-        then denoises it from t. Small t keeps the blend; large t lets the model redraw it."""
+        """Blend two images noised to step t with one noise (report 000's mixing), which is q_sample of their pixel
+        blend, a proper x_t, and denoise it from t (ancestral). Small t keeps the blend; large t lets the model
+        redraw it."""
         noise = randn(a.shape, generator, a.device)
         x = self.q_sample((1 - weight) * a + weight * b, torch.full((len(a),), t, device=a.device), noise)
         for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):
@@ -235,8 +203,7 @@ class Diffusion:
         return x.clamp(-1, 1)
 
     def ddim_loop(self, model, x, steps=50, eta=0.0, y=None, guidance=0.0, generator=None):
-        """DDIM (Song et al. 2021, eq. 12) on `steps` spaced timesteps; eta=0 is deterministic, eta=1 is
-        DDPM-like. Yields (t, x_prev, predicted x_0)."""
+        """DDIM (Song et al. 2021, eq. 12) on `steps` spaced timesteps; eta=0 is deterministic, eta=1 DDPM-like."""
         ts = spaced_timesteps(self.T, steps)
         for i, t in enumerate(ts):
             eps, x0 = self.predict(model, x, t, y, guidance)
@@ -249,9 +216,9 @@ class Diffusion:
             yield t, x, x0
 
     def dpm_solver_loop(self, model, x, steps=20, y=None, guidance=0.0):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order in the data prediction
-        x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM); the last lands on
-        sigma = 0, where the first-order update is x_0 itself, as in DDIM. Yields (t, x, predicted x_0)."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, r = h_prev / h): multistep, second order in the data
+        prediction x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM); the last
+        lands on sigma = 0, where the first-order update is x_0 itself, as in DDIM."""
         ts = spaced_timesteps(self.T, steps)
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = (alpha / sigma).log()
@@ -263,13 +230,13 @@ class Diffusion:
             else:
                 t = ts[i + 1]
                 h = (lam[t] - lam[s]).item()
-                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev  # r = h_prev / h
+                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
                 x = (sigma[t] / sigma[s]).item() * x - (alpha[t] * math.expm1(-h)).item() * d
                 x0_prev, h_prev = x0, h
             yield s, x, x0
 
     def loop(self, model, x, sampler="ddim", steps=50, eta=0.0, variance="beta", y=None, guidance=0.0, generator=None):
-        """The named sampler's step iterator from x_T = x."""
+        """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
         if sampler == "ddpm":
             return self.ddpm_loop(model, x, y, guidance, variance, generator)
         if sampler == "ddim":
@@ -280,9 +247,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, shape, device="cpu", generator=None, **kwargs):
-        """Draw x_T ~ N(0, I) of `shape` and run a sampler (see `loop` for the options) to x_0 in [-1, 1];
-        `generator` may be a list of one per sample (see `randn`)."""
-        x = randn(shape, generator, device)
-        for _, x, _ in self.loop(model, x, generator=generator, **kwargs):
+        """x_T ~ N(0, I) of `shape` (`generator`: one, or one per sample, see `randn`) run through `loop` to x_0."""
+        for _, x, _ in self.loop(model, randn(shape, generator, device), generator=generator, **kwargs):
             pass
         return x.clamp(-1, 1)

@@ -4,13 +4,11 @@ A U-Net on the PixelCNN++ backbone (Appendix B): ResNet blocks with GroupNorm an
 embedding added in every block, self-attention at 16x16 (at other sizes: the level nearest 16x16, see
 `attention_levels`), dropout, two ResNet blocks per resolution. The constructor's defaults are the paper's
 CIFAR-10 network (35.7M parameters). Weight names follow the paper's code as ported by pesser/pytorch_diffusion
-(`down[i].block[j]`, `mid.attn_1`, `norm_out`).
+(`down[i].block[j]`, `mid.attn_1`, `norm_out`). Depends on torch only.
 
     model = UNet(in_ch=3, image_size=(32, 32))
     eps = model(x_t, t)          # x_t [N, C, H, W], t [N] integer timesteps in [0, T)
     eps = model(x_t, t, y)       # with num_classes > 0: y [N] labels, -1 meaning the null label
-
-Depends on torch only.
 """
 import math
 
@@ -18,13 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# A preset is a network and the training recipe it goes with (train.py takes the recipe keys as its defaults).
-# The paper preset grows with the image, per the size nearest the shorter side (paper_size). Ho et al., Appendix
-# B: 32x32 (ch_mult 1,2,2,2) and 256x256 (1,1,2,2,4,4); dropout 0.1 on CIFAR-10 and "zero without sweeping" on
-# the other datasets; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable to train with
-# the larger learning rate"; "batch size to 128 for CIFAR10 and 64 for larger images". Ho et al. trained no 64
-# or 128 network: those follow Nichol & Dhariwal 2021 (64: 1,2,3,4; 128: 1,1,2,3,4; their ImageNet 64x64 runs:
-# lr 1e-4, batch 128, no dropout), and say so in --help.
+# A preset is a network and its training recipe (train.py's defaults). The paper's grows with the image, per the
+# size nearest the shorter side (paper_size). Ho et al., Appendix B: 32x32 and 256x256; dropout 0.1 on CIFAR-10,
+# "zero without sweeping" on the others; lr 2e-4, "lowered it to 2e-5 for the 256x256 images, which seemed unstable
+# to train with the larger learning rate"; "batch size to 128 for CIFAR10 and 64 for larger images". 64 and 128
+# follow Nichol & Dhariwal 2021 (ch_mult; lr, batch, dropout of their ImageNet 64x64 runs), and say so in --help.
 PAPER_SIZES = {
     32: dict(ch_mult=(1, 2, 2, 2), dropout=0.1, lr=2e-4, batch=128),
     64: dict(ch_mult=(1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
@@ -33,12 +29,10 @@ PAPER_SIZES = {
 }
 NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout")
 PRESETS = {
-    # the paper's: eps target, linear schedule, Adam, warm-up 5000, EMA 0.9999
     "paper": dict(ch=128, num_res_blocks=2, target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
-    # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe,
-    # not yet measured): v target (an eps net this young is too inexact at large t, where x_0 = (x_t - sqrt(1 -
-    # alpha-bar) eps) / sqrt(alpha-bar) magnifies its error ~150x), cosine schedule (fewer steps wasted on
-    # near-pure noise at low resolution), lr annealed to --lr-min
+    # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe, not
+    # yet measured): v target (at large t, x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies a young
+    # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, target="v", schedule="cosine", lr=1e-3,
                   batch=64, warmup=200, ema=0.999, cosine=True),
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, target="v", schedule="cosine", lr=2e-3,
@@ -55,8 +49,7 @@ def preset(name, image_size):
 
 def paper_size(image_size):
     """The size in PAPER_SIZES nearest to the shorter side of (H, W) by ratio: 48 -> 64, 24 -> 32."""
-    short = min(image_size)
-    return min(PAPER_SIZES, key=lambda s: abs(math.log2(s / short)))
+    return min(PAPER_SIZES, key=lambda s: abs(math.log2(s / min(image_size))))
 
 
 def model_config(name, image_size, in_ch, num_classes=0):
@@ -66,12 +59,10 @@ def model_config(name, image_size, in_ch, num_classes=0):
 
 
 def attention_levels(image_size, ch_mult, attn_res=(16,)):
-    """The levels (0: full size, one per entry of ch_mult) with self-attention: for each side in attn_res, the
-    one level whose shorter side is nearest to it by ratio. The paper attends at 16x16 in its 32x32 and
-    256x256 networks; where no level is 16 (sizes 24, 48, 96, 192: levels ..., 24, 12, ...) the nearest
-    level gets it. Nearest by ratio, as the levels are a factor 2 apart (so the token count H*W, which sets
-    attention's cost, is nearest to the paper's 16*16 too): 24 and 12 are 1.5x and 1.33x from 16, so 12.
-    No tie can occur: sides s and s/2 equally far from r would need s = r * sqrt(2), which no integer is."""
+    """The levels (0: full size, one per entry of ch_mult) with self-attention: for each side r in attn_res, the
+    level whose shorter side is nearest to r by ratio. The paper attends at 16x16 in its 32x32 and 256x256 networks;
+    sizes 24, 48, 96 and 192 have levels 24 and 12 (1.5x and 1.33x from 16), so 12. By ratio, as levels are a factor
+    2 apart, so the token count H*W (attention's cost) is nearest the paper's too; a tie would need a side r*sqrt(2)."""
     sides = [min(image_size) // 2 ** level for level in range(len(ch_mult))]
     return sorted({min(range(len(sides)), key=lambda i: abs(math.log2(sides[i] / r))) for r in attn_res})
 
@@ -112,10 +103,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        return self.nin_shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
 
 class AttnBlock(nn.Module):
@@ -143,34 +132,22 @@ class AttnBlock(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-class Downsample(nn.Module):
-    """A stride-2 3x3 convolution, padded on the bottom and right like TensorFlow's 'SAME'."""
+class Resample(nn.Module):
+    """Halving (a stride-2 3x3 convolution, padded bottom and right like TensorFlow's 'SAME') or doubling (nearest
+    neighbour, then a 3x3 convolution)."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour doubling followed by a 3x3 convolution."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
 
 
 class UNet(nn.Module):
-    """Ho et al.'s U-Net. Defaults: the paper's CIFAR-10 model (ch 128, ch_mult 1,2,2,2, two ResNet blocks
-    per level, attention at 16x16, dropout 0.1). `image_size` (H, W) decides where attention goes: the
-    level nearest each side in `attn_res` (`attention_levels`), plus the middle block; `attn_sizes` lists
-    those levels' (H, W). `num_classes` > 0 adds a class embedding with one extra null row, selected by
-    label -1, for classifier-free guidance."""
+    """Ho et al.'s U-Net. Attention goes in the middle block and at the levels nearest each side in `attn_res`
+    (`attention_levels` of `image_size` (H, W); `attn_sizes` lists their (H, W)). `num_classes` > 0 adds a class
+    embedding with one extra null row, selected by label -1, for classifier-free guidance."""
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
                  image_size=(32, 32), num_classes=0):
@@ -182,7 +159,6 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.class_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
-
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         skip_chs, block_in = [ch], ch
         self.down = nn.ModuleList()
@@ -195,15 +171,13 @@ class UNet(nn.Module):
                 down.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
                 skip_chs.append(block_in)
             if level != len(ch_mult) - 1:
-                down.downsample = Downsample(block_in)
+                down.downsample = Resample(block_in, up=False)
                 skip_chs.append(block_in)
             self.down.append(down)
-
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
-
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             up = nn.Module()
@@ -213,9 +187,8 @@ class UNet(nn.Module):
                 block_in = ch * mult
                 up.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
             if level != 0:
-                up.upsample = Upsample(block_in)
+                up.upsample = Resample(block_in, up=True)
             self.up.insert(0, up)  # stored in resolution order, like the down path
-
         self.norm_out = norm(block_in)
         self.conv_out = nn.Conv2d(block_in, in_ch, 3, padding=1)
         self._init_weights()
