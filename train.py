@@ -347,9 +347,8 @@ def decode_into(f, root, paths, size):
 
 
 def load_folder(root, paths, size, cond, stem):
-    """Decode `paths` once into the cache stem.npy, then write stem.json (labels, class names, whether all are
-    grey), which makes it trusted. Without a stem, or if it cannot be written, the images go to a temporary
-    file, deleted once mapped. Returns the memory-mapped images and the metadata."""
+    """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey), which makes it trusted; without
+    a writable stem, into a temporary file deleted once mapped. Returns the memory-mapped images and the metadata."""
     labels, classes = class_labels(root, paths, cond)
     scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
     for target in [stem, scratch] if stem else [scratch]:
@@ -571,10 +570,9 @@ def available_memory(device):
 
 
 def step_memory(run):
-    """(fixed, per image): the bytes a training step adds to what is allocated now, as fixed + per image x the
-    images of a micro-batch. Fixed: the gradients and Adam's two moments (3x the weights); per image: the
-    tensors autograd keeps for the backward pass, measured on probes of 1 and 2 images (they grow linearly),
-    with 25% for the backward's transients."""
+    """(fixed, per image): the bytes a step adds to what is allocated, fixed + per image x micro-batch. Fixed: the
+    gradients and Adam's two moments (3x the weights); per image: the tensors autograd keeps for the backward,
+    measured on probes of 1 and 2 images (they grow linearly), plus 25% for the backward's transients."""
     kept = []
     for n in (1, 2):
         storages = {}
@@ -593,9 +591,8 @@ def step_memory(run):
 
 
 def fit_memory(run):
-    """Before the first step: the gradient accumulation with which a step fits in the device's memory (the
-    global batch stays what was asked), or a one-line error if one image per micro-batch cannot fit. Returns
-    the estimate for the first log line."""
+    """Raise --accum until a step fits in the device's memory (the global batch stays), or a one-line error if one
+    image per micro-batch cannot fit. Returns the estimate for the first log line."""
     args, world, free = run.args, run.world, available_memory(run.device)
     if free is None:
         return "memory not known"
@@ -688,8 +685,7 @@ def resume(run, ckpt):
 
 
 def open_metrics(run, start):
-    """Write config.json, and keep metrics.jsonl's history up to the checkpoint's step (a line a killed process
-    left half-written is dropped)."""
+    """Write config.json; keep metrics.jsonl's records up to step `start`, less any line a kill left half-written."""
     write_config(run.args)
     if os.path.exists(run.metrics_path):
         with open(run.metrics_path) as f:
