@@ -76,9 +76,8 @@ def check_device(name):
 
 
 def fastest_precision(device):
-    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32'. On CUDA that is any GPU
-    with bf16; on a CPU it depends on the hardware (with AVX512-BF16/AMX bf16 wins; on AVX2 it is ~50x
-    slower), so time one convolution of the network's kind both ways."""
+    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32': any CUDA GPU with bf16; on a
+    CPU it depends (AVX512-BF16/AMX: bf16 wins; AVX2: ~50x slower), so time a convolution of the network's kind."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -122,9 +121,9 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
 
 
 def write_atomically(path, write, tmp=None):
-    """write(f) into a temporary file beside path (a new unique one unless `tmp` names it), flushed to disk,
-    then renamed to path: a reader never sees part of a file, and the previous file stays whole until then.
-    An error removes the temporary file; a kill leaves it, under a name nothing reads."""
+    """write(f) into a temporary file beside path (unique unless `tmp` names it), flushed to disk, then renamed:
+    a reader never sees part of a file. An error removes the temporary file; a kill leaves it, under a name nothing
+    reads."""
     if tmp is None:
         fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path) or ".")
         os.close(fd)
@@ -201,11 +200,8 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
     if cls is None:
         n = n or nrow * len(classes)
         return (torch.arange(n) // nrow) % len(classes)
-    if cls in classes:
-        index = classes.index(cls)
-    elif cls.isdecimal() and int(cls) < len(classes):
-        index = int(cls)
-    else:
+    index = classes.index(cls) if cls in classes else int(cls) if cls.isdecimal() and int(cls) < len(classes) else None
+    if index is None:
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
                          f"of {', '.join(map(str, classes))}")
     return torch.full((n or 64,), index)
@@ -260,59 +256,40 @@ def process_frames(diffusion, model, x, picks=10, **loop):
     return strip, frames
 
 
-def forward_strip(diffusion, image, ts, generator):
-    """q(x_t | x_0 = image) at each t in `ts` (one noise draw), as a labelled strip."""
-    noise = torch.randn(image.shape, generator=generator, device=image.device)
-    x = torch.cat([diffusion.q_sample(image, torch.tensor([t], device=image.device), noise) for t in ts])
-    return grid_image(x.clamp(-1, 1), nrow=len(ts), scale=2, labels=[f"t={t}" for t in ts])
-
-
-def mix_strip(diffusion, model, a, b, ts, weight, generator):
-    """a, b, their pixel blend, then the blend denoised from each t in `ts` (Diffusion.mix)."""
-    mixes = [diffusion.mix(model, a, b, t, weight, generator) for t in ts]
-    x = torch.cat([a, b, (1 - weight) * a + weight * b, *mixes])
-    return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *[f"t={t}" for t in ts]])
-
-
-def inpaint_strip(diffusion, model, image, hole, n, resample, jump, generator):
-    """The image, the image with its hole greyed out, then n RePaint completions."""
-    known = 1 - hole
-    x = image.repeat(n, 1, 1, 1)
-    for _, x, _ in diffusion.inpaint_loop(model, x, known, resample, generator=generator, jump=jump):
-        pass
-    x = torch.cat([image, image * known, x.float().clamp(-1, 1)])
-    return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
-
-
-def interpolation(diffusion, model, shape, frames, seed, y=None, **loop):
-    """For each of shape[0] rows, x_T slerped (ddpm.slerp) from one seed's noise to the next seed's in
-    `frames` steps, each sampled by a deterministic sampler."""
-    g = torch.Generator().manual_seed(seed)
-    z0, z1 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    alphas = torch.linspace(0, 1, frames)
-    x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1)
-    y = None if y is None else y.repeat_interleave(frames)
-    for _, x, _ in diffusion.loop(model, x.to(next(model.parameters()).device), y=y, **loop):
-        pass
-    return grid_image(x.float().clamp(-1, 1), nrow=frames, scale=2, labels=[f"{a:.2f}" for a in alphas.tolist()])
-
-
 def draw_picture(picture, model, diffusion, shape, g, n, labels=None, images=(), hole=None, ts=(), weight=0.5, resample=1,
                  jump=10, frames=2, seed=0, **loop):
-    """The picture of mode `picture` (process, forward, mix, inpaint or interp) of a model whose samples have
-    `shape` (C, H, W): a Pillow image, or for process the strip and the GIF frames."""
-    device = g.device
+    """The picture of mode `picture` of a model whose samples have `shape` (C, H, W), as a Pillow image (process: the
+    strip and the GIF frames). forward: q(x_t | x_0 = image) at each t in `ts`, one noise draw. mix: a, b, their
+    pixel blend, then the blend denoised from each t (Diffusion.mix). inpaint: the image, the image with its hole
+    greyed out, then n RePaint completions. interp: for each of n rows, x_T slerped (ddpm.slerp) from one seed's
+    noise to the next seed's in `frames` steps, each sampled by a deterministic sampler."""
+    device, columns = g.device, [f"t={t}" for t in ts]
+    y = None if labels is None else labels.to(device)
     if picture == "process":
-        y = None if labels is None else labels.to(device)
         return process_frames(diffusion, model, torch.randn((n, *shape), generator=g, device=device), y=y, generator=g,
                               **loop)
     if picture == "forward":
-        return forward_strip(diffusion, images[0], ts, g)
+        noise = torch.randn(images[0].shape, generator=g, device=device)
+        x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
+        return grid_image(x.clamp(-1, 1), nrow=len(ts), scale=2, labels=columns)
     if picture == "mix":
-        return mix_strip(diffusion, model, *images, ts, weight, g)
+        a, b = images
+        mixes = [diffusion.mix(model, a, b, t, weight, g) for t in ts]
+        x = torch.cat([a, b, (1 - weight) * a + weight * b, *mixes])
+        return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *columns])
     if picture == "inpaint":
-        return inpaint_strip(diffusion, model, images[0], hole, n, resample, jump, g)
-    return interpolation(diffusion, model, (n, *shape), frames, seed, labels, **loop)
+        for _, x, _ in diffusion.inpaint_loop(model, images[0].repeat(n, 1, 1, 1), 1 - hole, resample, generator=g,
+                                              jump=jump):
+            pass
+        x = torch.cat([images[0], images[0] * (1 - hole), x.float().clamp(-1, 1)])
+        return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
+    noise = torch.Generator().manual_seed(seed)  # interp
+    z0, z1 = torch.randn((n, *shape), generator=noise), torch.randn((n, *shape), generator=noise)
+    alphas = torch.linspace(0, 1, frames)
+    x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(device)
+    for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
+        pass
+    return grid_image(x.float().clamp(-1, 1), nrow=frames, scale=2, labels=[f"{a:.2f}" for a in alphas.tolist()])
 
 
 def save_picture(picture, path):
@@ -527,15 +504,22 @@ def main(argv=None):
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """Sample this process's share of the --n images, writing each to --out-dir as it is made. Returns, on
-    rank 0, the samples in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
+    """Sample this process's share of the --n images (every world-th), --batch-size at a time, writing each to
+    --out-dir as it is made. Sample i's x_T and sampler noise come from its own generator, seeded by (--seed, i),
+    so each image is the same whatever the batch size and the number of processes. Returns, on rank 0, the
+    samples [N, C, H, W] in [-1, 1] in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
     if args.replace and rank == 0:
         for f in os.listdir(args.out_dir):  # checked before: only images
             os.remove(os.path.join(args.out_dir, f))
     if world > 1:
         dist.barrier()  # every process has checked --out-dir before any writes to it
-    kept = {}
-    for idx, x in sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank, world):
+    kept, mine = {}, range(rank, args.n, world)
+    for start in range(0, len(mine), args.batch_size):
+        idx = list(mine[start:start + args.batch_size])
+        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
+        with autocast:
+            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators,
+                                 y=None if labels is None else labels[idx].to(args.device), **loop).float().cpu()
         if not torch.isfinite(x).all():  # never a black image that looks like a result
             print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
                   "out non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
@@ -554,20 +538,6 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
         dist.destroy_process_group()
     print(file=sys.stderr)
     return torch.stack([kept[i] for i in sorted(kept)]) if rank == 0 else None
-
-
-def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """Yield (indices, samples [B, C, H, W] in [-1, 1] on the CPU) for this process's share of the --n samples
-    (every world-th), --batch-size at a time. Sample i's x_T and sampler noise come from its own generator,
-    seeded by (--seed, i), so each image is the same whatever the batch size and the number of processes."""
-    mine = range(rank, args.n, world)
-    for start in range(0, len(mine), args.batch_size):
-        idx = list(mine[start:start + args.batch_size])
-        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
-        y = None if labels is None else labels[idx].to(args.device)
-        with autocast:
-            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
-        yield idx, x.float().cpu()
 
 
 def fid_meter(p, args):
