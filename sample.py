@@ -471,7 +471,10 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     args.n = len(labels) if labels is not None else args.n or 64
-    inception = fid_meter(p, args) if args.fid else None
+    try:
+        inception = fid_meter(args.fid, args.n, args.fid_weights, args.device) if args.fid else None
+    except ValueError as e:
+        p.error(f"--fid: {e}")
     precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if picture:
@@ -540,15 +543,15 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
     return torch.stack([kept[i] for i in sorted(kept)]) if rank == 0 else None
 
 
-def fid_meter(p, args):
-    """The FID Inception and the reference statistics (cached), loaded before sampling so a bad one fails now."""
-    import fid  # optional: only --fid needs fid.py
+def fid_meter(ref, n, weights, device):
+    """The FID Inception and ref's statistics (cached), loaded before sampling so a bad one fails now (ValueError)."""
+    import fid  # optional: only FIDs need fid.py
 
     try:
-        inception = fid.load_inception(args.fid_weights, args.device)
-        fid.reference_stats(args.fid, inception, n=args.n, device=args.device)
+        inception = fid.load_inception(weights, device)
+        fid.reference_stats(ref, inception, n=n, device=device)
     except fid.FIDError as e:
-        p.error(f"--fid: {e}")
+        raise ValueError(str(e)) from None
     return inception
 
 

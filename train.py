@@ -620,8 +620,12 @@ def setup_run(args, ckpt, device, rank, world, started):
     run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, rank=rank, world=world,
                              master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
                              metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
-                             sample_steps=min(sample.DEFAULT_STEPS, args.T))
-    run.inception = setup_fid(args, device) if args.fid_every and run.master else None
+                             sample_steps=min(sample.DEFAULT_STEPS, args.T), inception=None)
+    if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
+        try:
+            run.inception = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device)
+        except ValueError as e:
+            fail(f"--fid-ref/--fid-weights: {e}")
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
     if world > 1 and not decoder:
         dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
@@ -654,18 +658,6 @@ def setup_run(args, ckpt, device, rank, world, started):
     if args.compile:
         run.train_model = torch.compile(run.train_model)
     return run
-
-
-def setup_fid(args, device):
-    """The FID meter and its reference statistics (cached), loaded before training so a bad one fails now."""
-    import fid  # optional: only --fid-every needs fid.py
-
-    try:
-        inception = fid.load_inception(args.fid_weights, device)
-        fid.reference_stats(args.fid_ref, inception, n=args.fid_n, device=device)
-    except fid.FIDError as e:
-        fail(f"--fid-ref/--fid-weights: {e}")
-    return inception
 
 
 def resume(run, ckpt):
