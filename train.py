@@ -309,7 +309,8 @@ def class_labels(root, paths, cond):
     loose = [p for p, t in zip(paths, tops) if len(t) == 1]
     if loose:
         fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
-    return np.array([classes.index(t[0]) for t in tops], np.int64), classes
+    index = {c: i for i, c in enumerate(classes)}  # a dict: a list's index() would be slow with many classes
+    return np.array([index[t[0]] for t in tops], np.int64), classes
 
 
 def decode_into(f, root, paths, size):
