@@ -48,8 +48,8 @@ def number(kind, interval):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        inside = (value > low if interval[0] == "(" else value >= low) and (value < high if interval[-1] == ")" else value <= high)
-        if not (math.isfinite(value) and inside):
+        if not (math.isfinite(value) and (value > low if interval[0] == "(" else value >= low)
+                and (value < high if interval[-1] == ")" else value <= high)):
             raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
         return value
     return parse
@@ -64,25 +64,21 @@ def path(text):
 
 def check_device(name):
     """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
-    if name is None:
-        return
     try:
-        device = torch.device(name)
+        device = torch.device(name or "cpu")
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend and backend.is_available() and (device.index or 0) < backend.device_count()):
+    api = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
+    if device.type != "cpu" and not (api and api.is_available() and (device.index or 0) < api.device_count()):
         raise ValueError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
 
 
 def fastest_precision(device):
-    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32': any CUDA GPU with bf16; on a
-    CPU it depends (AVX512-BF16/AMX: bf16 wins; AVX2: ~50x slower), so time a convolution of the network's kind."""
+    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32': on CUDA any GPU with bf16; on a
+    CPU it depends (AVX512-BF16/AMX: bf16 wins; AVX2: ~50x slower), so one convolution is timed both ways."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type != "cpu":
-        return "fp32"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(8, 64, 16, 16)
     seconds = {"fp32": math.inf, "bf16": math.inf}
     with torch.no_grad():
@@ -98,9 +94,8 @@ def fastest_precision(device):
 
 # --- files: images, atomic writes and the checkpoint (train.py writes through these too) ------------------
 def read_image(path, size, resample=Image.Resampling.LANCZOS):
-    """An image file as uint8 [H, W, 3]: EXIF orientation applied, first frame only, 16-bit grey scaled to 8
-    bits, alpha composited on white, resized on the shorter side and centre-cropped to size (H, W). Raises
-    ValueError naming the file for anything but a regular, decodable image file (a FIFO would block)."""
+    """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
+    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (a FIFO blocks)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not an image file")
     try:
@@ -112,18 +107,15 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                     im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
                 if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                    rgba = im.convert("RGBA")
-                    im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    im.alpha_composite(rgba)
+                    im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
                 return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
     except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def write_atomically(path, write, tmp=None):
-    """write(f) into a temporary file beside path (unique unless `tmp` names it), flushed to disk, then renamed:
-    a reader never sees part of a file. An error removes the temporary file; a kill leaves it, under a name nothing
-    reads."""
+    """write(f) to a temporary file beside path (`tmp`, or a new unique one), flushed, then renamed to path: no reader
+    sees part of a file. An error removes the temporary file; a kill leaves it, under a name nothing reads."""
     if tmp is None:
         fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path) or ".")
         os.close(fd)
@@ -152,14 +144,13 @@ def checkpoint_state(step, config, model_config, diffusion, classes, model, ema,
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint as a dict, loaded without running any code from the file (weights_only).
-    Raises ValueError with a one-line message for a missing, truncated or foreign file."""
+    """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file (train.py writes RUN_DIR/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, a pickle that wants code, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise ValueError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -173,8 +164,7 @@ def load_checkpoint(path):
 
 
 def build(ckpt, ema=True, device="cpu"):
-    """The network (EMA or raw weights, in eval mode) and the Diffusion a checkpoint describes. Raises
-    ValueError for a configuration these files cannot build or weights that do not fit it."""
+    """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; ValueError if they do not build or fit."""
     try:
         model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
     except (TypeError, ValueError, RuntimeError) as e:
@@ -198,13 +188,11 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
             raise ValueError("--class/--guidance: this checkpoint is unconditional (train with --cond for classes)")
         return None
     if cls is None:
-        n = n or nrow * len(classes)
-        return (torch.arange(n) // nrow) % len(classes)
-    index = classes.index(cls) if cls in classes else int(cls) if cls.isdecimal() and int(cls) < len(classes) else None
-    if index is None:
+        return (torch.arange(n or nrow * len(classes)) // nrow) % len(classes)
+    if cls not in classes and not (cls.isdecimal() and int(cls) < len(classes)):
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
                          f"of {', '.join(map(str, classes))}")
-    return torch.full((n or 64,), index)
+    return torch.full((n or 64,), classes.index(cls) if cls in classes else int(cls))
 
 
 def to_uint8(x):
@@ -213,16 +201,15 @@ def to_uint8(x):
 
 
 def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
-    """Images [N, C, H, W] in [-1, 1] as one Pillow image, nrow per row on a white background, each enlarged
-    `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a caption above each column."""
+    """Images [N, C, H, W] in [-1, 1] (clamped) as one Pillow image, nrow per row on a white background, each
+    enlarged `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a caption above each column."""
     images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
     top = 12 if labels else 0
-    rows = math.ceil(n / nrow)
-    grid = np.full((top + rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, im in enumerate(images):
-        r, k = divmod(i, nrow)
-        grid[top + pad + r * (h + pad):top + pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
+        row, left = top + pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
+        grid[row:row + h, left:left + w] = im
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
     draw = ImageDraw.Draw(picture)
     for k, text in enumerate(labels or []):
@@ -240,70 +227,59 @@ def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
     return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-# --- pictures of the process ---------------------------------------------------------------------------
-# Each returns a Pillow image (or GIF frames) from a real run of the model.
-
-def process_frames(diffusion, model, x, picks=10, **loop):
-    """The reverse process of the samples x_T = x: a strip (rows x_t and predicted x_0 for each sample,
-    `picks` steps as columns) and GIF frames of every step (x_t over predicted x_0)."""
-    steps = [(t, xt.float().clamp(-1, 1), x0.float()) for t, xt, x0 in diffusion.loop(model, x, **loop)]
-    chosen = [steps[round(i * (len(steps) - 1) / (picks - 1))] for i in range(picks)]
-    rows = [torch.stack([s[k][i] for s in chosen]) for i in range(len(x)) for k in (1, 2)]
-    strip = grid_image(torch.cat(rows), nrow=picks, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
-    every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
-    shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
-    frames = [grid_image(torch.cat([xt, x0]), nrow=len(x), scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
-    return strip, frames
-
-
-def draw_picture(picture, model, diffusion, shape, g, n, labels=None, images=(), hole=None, ts=(), weight=0.5, resample=1,
-                 jump=10, frames=2, seed=0, **loop):
-    """The picture of mode `picture` of a model whose samples have `shape` (C, H, W), as a Pillow image (process: the
-    strip and the GIF frames). forward: q(x_t | x_0 = image) at each t in `ts`, one noise draw. mix: a, b, their
-    pixel blend, then the blend denoised from each t (Diffusion.mix). inpaint: the image, the image with its hole
-    greyed out, then n RePaint completions. interp: for each of n rows, x_T slerped (ddpm.slerp) from one seed's
-    noise to the next seed's in `frames` steps, each sampled by a deterministic sampler."""
-    device, columns = g.device, [f"t={t}" for t in ts]
-    y = None if labels is None else labels.to(device)
-    if picture == "process":
-        return process_frames(diffusion, model, torch.randn((n, *shape), generator=g, device=device), y=y, generator=g,
-                              **loop)
-    if picture == "forward":
-        noise = torch.randn(images[0].shape, generator=g, device=device)
-        x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
-        return grid_image(x.clamp(-1, 1), nrow=len(ts), scale=2, labels=columns)
-    if picture == "mix":
-        a, b = images
-        mixes = [diffusion.mix(model, a, b, t, weight, g) for t in ts]
-        x = torch.cat([a, b, (1 - weight) * a + weight * b, *mixes])
-        return grid_image(x, nrow=len(x), scale=2, labels=["a", "b", "blend", *columns])
-    if picture == "inpaint":
-        for _, x, _ in diffusion.inpaint_loop(model, images[0].repeat(n, 1, 1, 1), 1 - hole, resample, generator=g,
-                                              jump=jump):
+def draw_picture(picture, model, diffusion, shape, args, labels, images, hole, loop):
+    """The picture of mode `picture` (process, forward, mix, inpaint or interp) for samples of `shape` (C, H, W): a
+    strip with a caption per column, or for process the strip and GIF frames of every step (x_t over predicted x_0)."""
+    g, n = torch.Generator(args.device).manual_seed(args.seed), args.n
+    y = None if labels is None else labels.to(args.device)
+    ts = args.t or [t for t in ((0, 50, 100, 250, 500, 750, 999) if args.forward else (100, 250, 400, 550, 700, 850))
+                    if t < diffusion.T]
+    if picture == "process":  # the strip: 10 steps as columns, rows x_t and predicted x_0 for each sample
+        x = torch.randn((n, *shape), generator=g, device=args.device)
+        steps = [(t, xt.float(), x0.float()) for t, xt, x0 in diffusion.loop(model, x, y=y, generator=g, **loop)]
+        chosen = [steps[round(i * (len(steps) - 1) / 9)] for i in range(10)]
+        rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
+        strip = grid_image(torch.cat(rows), nrow=10, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
+        every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
+        shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
+        return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
+    if picture == "forward":  # q(x_t | x_0 = image) at each t, one noise draw
+        noise = torch.randn(images[0].shape, generator=g, device=args.device)
+        x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=args.device), noise) for t in ts])
+        columns = [f"t={t}" for t in ts]
+    elif picture == "mix":  # a, b, their pixel blend, then the blend denoised from each t (Diffusion.mix)
+        (a, b), weight = images, 0.5 if args.weight is None else args.weight
+        x = torch.cat([a, b, (1 - weight) * a + weight * b, *[diffusion.mix(model, a, b, t, weight, g) for t in ts]])
+        columns = ["a", "b", "blend", *[f"t={t}" for t in ts]]
+    elif picture == "inpaint":  # the image, the image with its hole greyed out, then n RePaint completions
+        image, known = images[0], 1 - hole
+        for _, x, _ in diffusion.inpaint_loop(model, image.repeat(n, 1, 1, 1), known, args.resample, generator=g,
+                                              jump=args.jump or 10):
             pass
-        x = torch.cat([images[0], images[0] * (1 - hole), x.float().clamp(-1, 1)])
-        return grid_image(x, nrow=len(x), scale=2, labels=["image", "masked", *["filled"] * n])
-    noise = torch.Generator().manual_seed(seed)  # interp
-    z0, z1 = torch.randn((n, *shape), generator=noise), torch.randn((n, *shape), generator=noise)
-    alphas = torch.linspace(0, 1, frames)
-    x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(device)
-    for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
-        pass
-    return grid_image(x.float().clamp(-1, 1), nrow=frames, scale=2, labels=[f"{a:.2f}" for a in alphas.tolist()])
+        x, columns = torch.cat([image, image * known, x]), ["image", "masked", *["filled"] * n]
+    else:  # interp: each of n rows slerps x_T (ddpm.slerp) between two noise draws, in --interp frames
+        z = torch.Generator().manual_seed(args.seed)
+        z0, z1 = torch.randn((n, *shape), generator=z), torch.randn((n, *shape), generator=z)
+        alphas = torch.linspace(0, 1, args.interp)
+        x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(args.device)
+        for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(args.interp), **loop):
+            pass
+        columns = [f"{a:.2f}" for a in alphas.tolist()]
+    return grid_image(x, nrow=len(columns), scale=2, labels=columns)
 
 
 def save_picture(picture, path):
     """A strip as PNG, or (strip, frames) as the strip's PNG or a GIF holding the last frame for two seconds."""
     strip, frames = picture if isinstance(picture, tuple) else (picture, None)
     if path.lower().endswith(".gif"):
-        frames[0].save(path, save_all=True, append_images=frames[1:], loop=0, duration=[60] * (len(frames) - 1) + [2000])
+        frames[0].save(path, save_all=True, append_images=frames[1:], loop=0,
+                       duration=[60] * (len(frames) - 1) + [2000])
     else:
         strip.save(path)
 
 
 def load_mask(path, size):
-    """--mask as a {0, 1} tensor [1, 1, H, W], 1 where the picture is to be filled: the white pixels (128 and
-    up) of an 8-bit mask, or the 1s of a mask stored as 0/1 values. Raises ValueError for an empty mask."""
+    """--mask as {0, 1} [1, 1, H, W], 1 where to fill: white (128 and up) in an 8-bit mask, 1 in a 0/1 mask."""
     pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()
     hole = pixels >= (1 if pixels.max() <= 1 else 128)
     if not hole.any():
@@ -315,52 +291,46 @@ def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", type=path, help="a checkpoint written by train.py")
-    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="number of images (default 64; a "
-                   "conditional checkpoint without --class: a row of 8 per class). torchrun takes --n for its own "
-                   "--nnodes: write --num-samples there")
+    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="images (default 64; a "
+                   "conditional one without --class: 8 per class); torchrun takes --n itself, so write --num-samples")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
-    p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of the initial noise and "
-                   "sampler noise")
+    p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
     p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS})")
-    p.add_argument("--class", dest="cls", metavar="CLASS",
-                   help="conditional checkpoints: the class, by name (a training subfolder) or index")
-    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance "
-                   "weight w (Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional "
-                   "model. diffusers' guidance_scale is 1 + w")
+    p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
+    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance weight "
+                   "w (Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional model. "
+                   "diffusers' guidance_scale is 1 + w")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
-    p.add_argument("--grid", type=path, help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png (default: "
-                   "beside the checkpoint)")
+    p.add_argument("--grid", type=path, help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png "
+                   "(default: beside the checkpoint)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
-    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID of the --n samples against REF (a folder or "
-                   "fid.py statistics .npz; a folder uses its first --n images)")
+    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID of the --n samples against REF (a "
+                   "folder or fid.py statistics .npz; a folder uses its first --n images)")
     p.add_argument("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
-    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: OUT.gif "
-                     "(every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t and predicted x_0)")
+    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: "
+                     "OUT.gif (every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t, predicted x_0)")
     one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
-    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="blend images A and B noised to each --t, then "
-                     "denoise from there (ancestral)")
-    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n (default "
-                     "4) completions (RePaint, ancestral)")
-    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
-                     "FRAMES samples whose x_T is slerped between two noise draws (needs a deterministic sampler: "
-                     "dpm++, or ddim eta 0)")
+    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"),
+                     help="blend images A and B noised to each --t, then denoise from there (ancestral)")
+    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n "
+                     "(default 4) completions (RePaint, ancestral)")
+    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of FRAMES "
+                     "samples, x_T slerped between two noise draws (a deterministic sampler: dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
-    v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default 0 50 "
-                   "100 250 500 750 999 / 100 250 400 550 700 850)")
+    v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+",
+                   help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 / 100 250 400 550 700 850)")
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
     v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
-                   "--jump steps (1: one pass; RePaint's published setting: --resample 10 --jump 10, about r times "
-                   "the time; README, Pictures)")
-    v.add_argument("--jump", type=positive, help="--inpaint with --resample > 1: RePaint's jump length j (default "
-                   "10), the steps gone back up before each new pass (1: every step redone at once; RePaint's 10 "
-                   "count steps of a 250-step schedule, here of the checkpoint's T)")
+                   "--jump steps (1: one; published: --resample 10 --jump 10, ~r times the time; README, Pictures)")
+    v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10), the steps "
+                   "gone back up before each pass (1: each step redone at once; their 10 of 250 steps, here of T)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32")
@@ -385,7 +355,7 @@ def check_writable(path, flag):
 
 def check_args(p, args, world=1):
     """Flag combinations, output paths and the device, before the checkpoint is even read."""
-    picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f) is not None), None)
+    picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f)), None)
     needs = [  # (the flag was given, it is used only when this holds, what to say)
         (args.steps, args.sampler != "ddpm", "--steps: the ddpm sampler always takes all T steps"),
         (args.eta, args.sampler == "ddim", "--eta is ddim's: add --sampler ddim"),
@@ -405,17 +375,14 @@ def check_args(p, args, world=1):
         (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) write --out-dir; "
          "run fid.py on it afterwards (--fid and the pictures take one process)"),
         (args.process, (args.process or "").lower().endswith((".gif", ".png")), "--process: give a .gif or .png path"),
+        (args.grid, (args.grid or "").lower().endswith(".png"), f"--grid {args.grid}: give a .png path"),
     ]
     for given, allowed, message in needs:
         if given and not allowed:
             p.error(message)
     grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{picture or 'samples'}.png")
     try:
-        if not grid.lower().endswith(".png"):
-            raise ValueError(f"--grid {grid}: give a .png path")
-        for path, flag in ((args.process, "--process"), (grid if not args.process else None, "--grid")):
-            if path:
-                check_writable(path, flag)
+        check_writable(args.process or grid, "--process" if args.process else "--grid")
         if args.out_dir:
             check_out_dir(args.out_dir, args.replace)
         check_device(args.device)
@@ -429,11 +396,10 @@ def check_out_dir(folder, replace):
     --replace its images are deleted (other files stay and are refused)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--out-dir {folder} is a file: give a folder")
-    if not os.path.isdir(folder):
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
     found = sorted(os.listdir(folder))
     images = [f for f in found if os.path.splitext(f)[1].lower() in Image.registered_extensions()
               and os.path.isfile(os.path.join(folder, f))]
@@ -463,36 +429,27 @@ def main(argv=None):
             raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
         if args.t and max(args.t) >= diffusion.T:
             raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
-        labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # a class per picture row
+        labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
         shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
         images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
                   if f]
         hole = load_mask(args.mask, shape[1:]).to(args.device) if args.mask else None
+        args.n = len(labels) if labels is not None else args.n or 64
+        fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
     except ValueError as e:
         p.error(str(e))
-    args.n = len(labels) if labels is not None else args.n or 64
-    try:
-        inception = fid_meter(args.fid, args.n, args.fid_weights, args.device) if args.fid else None
-    except ValueError as e:
-        p.error(f"--fid: {e}")
     precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if picture:
-        ts = args.t or [t for t in ([0, 50, 100, 250, 500, 750, 999] if args.forward else [100, 250, 400, 550, 700, 850])
-                        if t < diffusion.T]
-        g = torch.Generator(args.device).manual_seed(args.seed)
         with autocast:
-            made = draw_picture(picture, model, diffusion, shape, g, args.n, labels, images, hole, ts,
-                                0.5 if args.weight is None else args.weight, args.resample, args.jump or 10,
-                                args.interp, args.seed, **loop)
+            made = draw_picture(picture, model, diffusion, shape, args, labels, images, hole, loop)
         save_picture(made, args.process or grid)
         print(f"wrote {args.process or grid}")
         return
     samples = write_samples(diffusion, model, labels, shape, args, loop, autocast, rank, world)
     if rank:
         return
-    steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
-    what = f"{args.sampler}{steps}, seed {args.seed}"
+    what = f"{args.sampler}{'' if args.sampler == 'ddpm' else ' %d steps' % loop['steps']}, seed {args.seed}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
@@ -500,38 +457,27 @@ def main(argv=None):
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
     if args.fid:
-        import fid
-
-        value = fid.fid_from_samples(samples, args.fid, args.n, model=inception, device=args.device)
-        print(f"FID {value:.4f} against {args.fid} (n = {args.n}, {what})")
+        print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """Sample this process's share of the --n images (every world-th), --batch-size at a time, writing each to
-    --out-dir as it is made. Sample i's x_T and sampler noise come from its own generator, seeded by (--seed, i),
-    so each image is the same whatever the batch size and the number of processes. Returns, on rank 0, the
-    samples [N, C, H, W] in [-1, 1] in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
+    """Sample this process's share of the --n images, writing each to --out-dir as it is made. Returns, on
+    rank 0, the samples in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
     if args.replace and rank == 0:
         for f in os.listdir(args.out_dir):  # checked before: only images
             os.remove(os.path.join(args.out_dir, f))
     if world > 1:
         dist.barrier()  # every process has checked --out-dir before any writes to it
-    kept, mine = {}, range(rank, args.n, world)
-    for start in range(0, len(mine), args.batch_size):
-        idx = list(mine[start:start + args.batch_size])
-        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
-        with autocast:
-            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators,
-                                 y=None if labels is None else labels[idx].to(args.device), **loop).float().cpu()
+    kept = {}
+    for idx, x in sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank, world):
         if not torch.isfinite(x).all():  # never a black image that looks like a result
             print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
                   "out non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
             raise SystemExit(1)
-        for i, image, im in zip(idx, x, to_uint8(x)):
-            if args.out_dir:
+        if args.out_dir:
+            for i, im in zip(idx, to_uint8(x)):
                 Image.fromarray(im[..., 0] if shape[0] == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
-            if i < GRID_MAX or args.fid:
-                kept[i] = image
+        kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
             print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)
     if world > 1:
@@ -543,16 +489,29 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
     return torch.stack([kept[i] for i in sorted(kept)]) if rank == 0 else None
 
 
-def fid_meter(ref, n, weights, device):
-    """The FID Inception and ref's statistics (cached), loaded before sampling so a bad one fails now (ValueError)."""
-    import fid  # optional: only FIDs need fid.py
+def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
+    """(indices, samples [B, C, H, W] in [-1, 1] on the CPU) of this process's share (every world-th) of --n, by
+    --batch-size. Sample i's noise has its own generator, seeded by (--seed, i): the same for any batch or world."""
+    mine = range(rank, args.n, world)
+    for start in range(0, len(mine), args.batch_size):
+        idx = list(mine[start:start + args.batch_size])
+        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
+        y = None if labels is None else labels[idx].to(args.device)
+        with autocast:
+            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
+        yield idx, x.float().cpu()
 
+
+def fid_meter(ref, n, weights, device, flag):
+    """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
+    now, before sampling, so a bad one fails at once: a ValueError whose message starts with `flag`."""
+    import fid  # optional: only FIDs need fid.py
     try:
         inception = fid.load_inception(weights, device)
         fid.reference_stats(ref, inception, n=n, device=device)
     except fid.FIDError as e:
-        raise ValueError(str(e)) from None
-    return inception
+        raise ValueError(f"{flag}: {e}") from None
+    return lambda samples: fid.fid_from_samples(samples, ref, n, model=inception, device=device)
 
 
 if __name__ == "__main__":

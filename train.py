@@ -621,12 +621,12 @@ def setup_run(args, ckpt, device, rank, world, started):
     run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, rank=rank, world=world,
                              master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
                              metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
-                             sample_steps=min(sample.DEFAULT_STEPS, args.T), inception=None)
+                             sample_steps=min(sample.DEFAULT_STEPS, args.T), fid_of=None)
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
         try:
-            run.inception = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device)
+            run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights")
         except ValueError as e:
-            fail(f"--fid-ref/--fid-weights: {e}")
+            fail(str(e))
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
     if world > 1 and not decoder:
         dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
@@ -780,13 +780,10 @@ def write_grid(run, step):
 
 def log_fid(run, step):
     """The FID of --fid-n EMA samples (conditional runs: uniformly drawn classes, unguided), into metrics.jsonl."""
-    import fid
-
     args = run.args
     g = torch.Generator().manual_seed(args.seed)
     y = torch.randint(len(run.classes), (args.fid_n,), generator=g).to(run.device) if args.cond else None
-    value = fid.fid_from_samples(ema_samples(run, args.fid_n, y), args.fid_ref, args.fid_n, model=run.inception,
-                                 device=run.device)
+    value = run.fid_of(ema_samples(run, args.fid_n, y))
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
