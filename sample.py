@@ -450,7 +450,8 @@ def main(argv=None):
     samples = write_samples(diffusion, model, labels, shape, args, loop, autocast, rank, world)
     if rank:
         return
-    what = f"{args.sampler}{'' if args.sampler == 'ddpm' else ' %d steps' % loop['steps']}, seed {args.seed}"
+    steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
+    what = f"{args.sampler}{steps}, seed {args.seed}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
