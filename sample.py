@@ -333,8 +333,8 @@ def build_parser():
                    "gone back up before each pass (1: each step redone at once; their 10 of 250 steps, here of T)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32, timed at "
-                   "each start (on a busy CPU the choice can flip: give bf16 or fp32 for bit-identical reruns)")
+                   help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32, "
+                   "timed at each start (on a busy CPU the choice can flip: give bf16 or fp32 for bit-identical reruns)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
     return p
 
