@@ -334,7 +334,7 @@ def build_parser():
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32, "
-                   "timed at each start (on a busy CPU the choice can flip: give bf16 or fp32 for bit-identical reruns)")
+                   "timed at each start (a busy CPU can flip it: give bf16 or fp32 for bit-identical reruns)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
     return p
 
