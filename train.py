@@ -795,9 +795,10 @@ def plan_steps(run, done, steps, meter, stop):
     checkpoints, each timed here, and 2% of the budget. Stored in config.json and in the checkpoint written
     here, so the lr plan and the EMA finish with the budget and --resume continues it. Rank 0 plans for all."""
     args, seconds = run.args, time.perf_counter() - meter["step1"]
-    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))])
+    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))],
+                         device=run.device)
     if run.world > 1:
-        dist.broadcast(ready := ready.to(run.device), 0)
+        dist.broadcast(ready, 0)
     if not ready.item():
         return
     step_seconds = seconds / (steps - 1) if steps > 1 else meter["step1"] - meter["t0"]  # a signal before step 2
