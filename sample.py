@@ -93,6 +93,9 @@ def fastest_precision(device):
 
 
 # --- files: images, atomic writes and the checkpoint (train.py writes through these too) ------------------
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what counts as an image file
+
+
 def read_image(path, size, resample=Image.Resampling.LANCZOS):
     """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
     on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (a FIFO blocks)."""
@@ -402,11 +405,12 @@ def check_out_dir(folder, replace):
     except OSError as e:
         raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
     found = sorted(os.listdir(folder))
-    images = [f for f in found if os.path.splitext(f)[1].lower() in Image.registered_extensions()
+    images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTS
               and os.path.isfile(os.path.join(folder, f))]
-    if (images and not replace) or len(images) < len(found):
-        raise ValueError(f"--out-dir {folder} already holds {len(found)} files (e.g. {found[0]}): choose an empty "
-                         f"folder{'' if len(images) < len(found) else ', or add --replace to delete its images'}")
+    others = [f for f in found if f not in images]  # --replace deletes images only: these make it refuse
+    if (images and not replace) or others:
+        raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): choose "
+                         f"an empty folder{'' if others else ', or add --replace to delete its images'}")
     check_writable(os.path.join(folder, "000000.png"), "--out-dir")
 
 

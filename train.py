@@ -42,7 +42,6 @@ import sample
 import unet
 from sample import number, path
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")  # --resume cannot change these
 UNSET = object()  # marks a flag the command line did not give
 
@@ -292,7 +291,7 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
-        paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+        paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
 
@@ -395,7 +394,7 @@ def load_dataset(args, size):
         root, stem = os.path.abspath(args.data), None
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
-            fail(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
+            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
         if not args.no_cache:
             stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]

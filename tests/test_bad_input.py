@@ -250,6 +250,17 @@ def test_out_dir_replace_deletes_old_images_only_when_asked(made, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
 
 
+def test_out_dir_replace_keeps_what_is_not_an_image_and_names_it(made, tmp_path, capsys):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "stale.png").write_bytes((made / "black.png").read_bytes())
+    (out / "notes.ppm").write_bytes(b"P6 1 1 255 abc")  # Pillow reads .ppm, but no tool here counts it as an image
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--out-dir", str(out), "--replace"])
+    assert e.value.code == 2 and "notes.ppm" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.ppm", "stale.png"]
+
+
 # --- a running training process ----------------------------------------------------------------------------
 LONG = ["--data", "shapes", "--model", "tiny", "--size", "8x16", "--batch", "4", "--precision", "fp32", "--steps", "100000",
         "--log-every", "1", "--sample-every", "0", "--ckpt-every", "5"]
