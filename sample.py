@@ -409,8 +409,8 @@ def check_out_dir(folder, replace):
               and os.path.isfile(os.path.join(folder, f))]
     others = [f for f in found if f not in images]  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
-        raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): choose "
-                         f"an empty folder{'' if others else ', or add --replace to delete its images'}")
+        raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
+                         f"choose an empty folder{'' if others else ', or add --replace to delete its images'}")
     check_writable(os.path.join(folder, "000000.png"), "--out-dir")
 
 
