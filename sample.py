@@ -407,7 +407,7 @@ def check_out_dir(folder, replace):
     found = sorted(os.listdir(folder))
     images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTS
               and os.path.isfile(os.path.join(folder, f))]
-    others = [f for f in found if f not in images]  # --replace deletes images only: these make it refuse
+    others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
         raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
                          f"choose an empty folder{'' if others else ', or add --replace to delete its images'}")
