@@ -230,15 +230,17 @@ def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
     return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def draw_picture(picture, model, diffusion, shape, args, labels, images, hole, loop):
-    """The picture of mode `picture` (process, forward, mix, inpaint or interp) for samples of `shape` (C, H, W): a
-    strip with a caption per column, or for process the strip and GIF frames of every step (x_t over predicted x_0)."""
-    g, n = torch.Generator(args.device).manual_seed(args.seed), args.n
-    y = None if labels is None else labels.to(args.device)
-    ts = args.t or [t for t in ((0, 50, 100, 250, 500, 750, 999) if args.forward else (100, 250, 400, 550, 700, 850))
-                    if t < diffusion.T]
+def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None, images=(), hole=None, ts=None,
+                 weight=0.5, resample=1, jump=10, frames=5):
+    """The picture of mode `picture` (process, forward, mix, inpaint or interp) for n samples of `shape` (C, H, W)
+    drawn with `loop` (Diffusion.loop's sampler settings): a strip with a caption per column, or for process the
+    strip and GIF frames of every step (x_t over predicted x_0). images: forward's or inpaint's one, mix's two."""
+    device = next(model.parameters()).device
+    g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
+    default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
+    ts = ts or [t for t in default if t < diffusion.T]
     if picture == "process":  # the strip: 10 steps as columns, rows x_t and predicted x_0 for each sample
-        x = torch.randn((n, *shape), generator=g, device=args.device)
+        x = torch.randn((n, *shape), generator=g, device=device)
         steps = [(t, xt.float(), x0.float()) for t, xt, x0 in diffusion.loop(model, x, y=y, generator=g, **loop)]
         chosen = [steps[round(i * (len(steps) - 1) / 9)] for i in range(10)]
         rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
@@ -247,25 +249,24 @@ def draw_picture(picture, model, diffusion, shape, args, labels, images, hole, l
         shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
         return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
     if picture == "forward":  # q(x_t | x_0 = image) at each t, one noise draw
-        noise = torch.randn(images[0].shape, generator=g, device=args.device)
-        x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=args.device), noise) for t in ts])
+        noise = torch.randn(images[0].shape, generator=g, device=device)
+        x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
         columns = [f"t={t}" for t in ts]
     elif picture == "mix":  # a, b, their pixel blend, then the blend denoised from each t (Diffusion.mix)
-        (a, b), weight = images, 0.5 if args.weight is None else args.weight
+        a, b = images
         x = torch.cat([a, b, (1 - weight) * a + weight * b, *[diffusion.mix(model, a, b, t, weight, g) for t in ts]])
         columns = ["a", "b", "blend", *[f"t={t}" for t in ts]]
     elif picture == "inpaint":  # the image, the image with its hole greyed out, then n RePaint completions
         image, known = images[0], 1 - hole
-        for _, x, _ in diffusion.inpaint_loop(model, image.repeat(n, 1, 1, 1), known, args.resample, generator=g,
-                                              jump=args.jump or 10):
+        for _, x, _ in diffusion.inpaint_loop(model, image.repeat(n, 1, 1, 1), known, resample, generator=g, jump=jump):
             pass
         x, columns = torch.cat([image, image * known, x]), ["image", "masked", *["filled"] * n]
-    else:  # interp: each of n rows slerps x_T (ddpm.slerp) between two noise draws, in --interp frames
-        z = torch.Generator().manual_seed(args.seed)
+    else:  # interp: each of n rows slerps x_T (ddpm.slerp) between two noise draws, in `frames` frames
+        z = torch.Generator().manual_seed(seed)
         z0, z1 = torch.randn((n, *shape), generator=z), torch.randn((n, *shape), generator=z)
-        alphas = torch.linspace(0, 1, args.interp)
-        x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(args.device)
-        for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(args.interp), **loop):
+        alphas = torch.linspace(0, 1, frames)
+        x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(device)
+        for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
             pass
         columns = [f"{a:.2f}" for a in alphas.tolist()]
     return grid_image(x, nrow=len(columns), scale=2, labels=columns)
@@ -447,7 +448,9 @@ def main(argv=None):
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if picture:
         with autocast:
-            made = draw_picture(picture, model, diffusion, shape, args, labels, images, hole, loop)
+            made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole,
+                                args.t, 0.5 if args.weight is None else args.weight, args.resample, args.jump or 10,
+                                args.interp)
         save_picture(made, args.process or grid)
         print(f"wrote {args.process or grid}")
         return
