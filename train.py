@@ -606,11 +606,12 @@ def fit_memory(run):
     accum = torch.tensor([fits[0]], device=run.device)
     if world > 1:  # every process must accumulate alike
         dist.all_reduce(accum, dist.ReduceOp.MAX)
-    if accum.item() != args.accum:
+    accum = int(accum.item())
+    if accum != args.accum:
         log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
             f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum "
-            f"{accum.item()} instead of {args.accum} (the batch stays {args.batch})")
-        args.accum = int(accum.item())
+            f"{accum} instead of {args.accum} (the batch stays {args.batch})")
+        args.accum = accum
     return f"about {need[args.accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
 
 
@@ -811,9 +812,10 @@ def plan_steps(run, done, steps, meter, stop):
     for _ in range(2 if run.master else 0):  # plan; time a checkpoint of it; plan with its cost, save again if moved
         left = args.time * 0.98 - (time.time() - run.started) - grid - save
         per_step = step_seconds + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
-        if done + max(0, int(left / per_step)) == args.steps:
+        total = done + max(0, int(left / per_step))
+        if total == args.steps:
             break
-        args.steps, start = done + max(0, int(left / per_step)), time.perf_counter()
+        args.steps, start = total, time.perf_counter()
         checkpoint(run, done, stop)
         save = time.perf_counter() - start
     if run.world > 1:  # rank 0's plan for every process
