@@ -399,20 +399,23 @@ def check_args(p, args, world=1):
 def check_out_dir(folder, replace):
     """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
     --replace its images are deleted (other files stay and are refused)."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"--out-dir {folder} is a file: give a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out-dir {folder}: cannot create it ({e.strerror})") from None
-    found = sorted(os.listdir(folder))
+    existing = os.path.abspath(folder)  # a new folder is made when sampling starts, not by a check that may fail
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
+        raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
+    found = sorted(os.listdir(folder)) if existing == os.path.abspath(folder) else []
     images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTS
               and os.path.isfile(os.path.join(folder, f))]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
         raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
                          f"choose an empty folder{'' if others else ', or add --replace to delete its images'}")
-    check_writable(os.path.join(folder, "000000.png"), "--out-dir")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"--out-dir {folder}: cannot write in {existing} ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -472,6 +475,8 @@ def main(argv=None):
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
     """Sample this process's share of the --n images, writing each to --out-dir as it is made. Returns, on
     rank 0, the samples in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
     if args.replace and rank == 0:
         for f in os.listdir(args.out_dir):  # checked before: only images
             os.remove(os.path.join(args.out_dir, f))

@@ -183,6 +183,7 @@ SAMPLE = [
     (["--grid", "{d}/x.txt"], ["--grid", ".png"]),
     (["--grid", "{d}/full.png/"], ["--grid"]),
     (["--out-dir", "{d}/text.txt"], ["--out-dir", "a file"]),
+    (["--out-dir", "{d}/text.txt/new/sub"], ["--out-dir", "text.txt is a file"]),
     (["--out-dir", "{d}/full"], ["--out-dir", "--replace"]),
     (["--replace"], ["--replace", "--out-dir"]),
     (["--process", ""], ["--process", "empty path"]),
@@ -259,6 +260,13 @@ def test_out_dir_replace_keeps_what_is_not_an_image_and_names_it(made, tmp_path,
         sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--out-dir", str(out), "--replace"])
     assert e.value.code == 2 and "notes.ppm" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.ppm", "stale.png"]
+
+
+def test_a_refused_run_creates_no_out_dir(made, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # --out-dir passes its check; the checkpoint is refused after it
+        sample.main([str(made / "missing.pt"), "--out-dir", str(tmp_path / "a" / "b" / "c")])
+    assert e.value.code == 2 and "missing.pt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- a running training process ----------------------------------------------------------------------------
