@@ -275,13 +275,21 @@ def model_input(images, device):
     return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
 
 
-def read_image(path):
-    """uint8 [H, W, 3]: PIL's decoding converted to RGB (grey replicated, alpha dropped), as pytorch-fid."""
+def read_image(path, verify=False):
+    """uint8 [H, W, 3]: PIL's decoding converted to RGB (grey replicated, alpha dropped), as pytorch-fid. verify:
+    only PIL's check of the file, without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert('RGB'))  # a writable copy, as torch.from_numpy wants
+            return image.verify() if verify else np.array(image.convert('RGB'))  # a writable copy for torch
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL uses all of these
         raise FIDError(f'{path}: cannot read this image ({e}); remove or replace it') from None
+
+
+def verify_images(files):
+    """FIDError naming the first file PIL cannot open and verify: found now, not after hours of Inception passes.
+    PIL checks PNG and WebP data whole, other formats their headers: a truncated JPEG still fails when decoded."""
+    for f in files:
+        read_image(f, verify=True)
 
 
 def show_progress(label, done, total, seconds):
@@ -333,7 +341,7 @@ def activations(images, model, batch_size=50, device=None, progress=False):
 
 def image_files(path, n=None):
     """The first n image files under folder `path` (recursive, by extension, sorted), after checking there are
-    at least 2 and n. A file with an image extension that PIL cannot read is an error later, not skipped."""
+    at least 2 and n. A file with an image extension that PIL cannot read is an error, never skipped."""
     check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: no such folder')
@@ -430,7 +438,8 @@ def load_stats(path, network=False):
     try:
         with np.load(path) as f:
             mu, sigma, n = (f[k] if k in f.files else None for k in ('mu', 'sigma', 'n'))
-        n = None if n is None else int(n)
+        n = None if n is None else n.item()
+        check_counts(n=n)  # --save-stats writes the image count; any other n is not one
     except Exception as e:  # text, a .npy, a damaged zip, an n of [2], ...: numpy fails in many ways
         raise FIDError(f'{path}: not a readable .npz of statistics ({e})') from None
     if mu is None or sigma is None:
@@ -453,6 +462,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     cached = cache_dir() / 'fid-stats' / f'{key.hexdigest()[:24]}.npz'
     if cached.is_file():
         return load_stats(cached)[:2]
+    verify_images(files)
     mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress))
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_stats(cached, mu, sigma, len(files))
@@ -512,7 +522,7 @@ def check_args(args):
         if not os.path.exists(path):
             raise FIDError(f'{path}: no such file or folder')
         if os.path.isdir(path):
-            image_files(path, args.n)  # enough images?
+            verify_images(image_files(path, args.n))  # enough images, each readable?
             inputs.append((path, None))
         elif path.endswith('.npz'):
             inputs.append((path, load_stats(path)))

@@ -259,6 +259,9 @@ def bad(tmp_path_factory):
     write_pngs(d / 'imgs', random_images()[:3])
     write_pngs(d / 'one', random_images()[:1])
     write_pngs(d / 'fifo', random_images()[:1])
+    for name in ('truncated', 'garbled'):  # two good images, then a bad last one
+        png = write_pngs(d / name, random_images()[:3]) / '00002.png'
+        png.write_bytes(png.read_bytes()[:1500] if name == 'truncated' else b'this is not a PNG')
     os.mkfifo(d / 'fifo' / 'x.png')                        # reading it would block: not an image file
     os.mkfifo(d / 'fifo.npz')
     for folder in ('empty', 'dir.npz', 'ro'):
@@ -271,6 +274,8 @@ def bad(tmp_path_factory):
         np.save(f, np.zeros(4))
     np.savez(d / 'nokeys.npz', mean=np.zeros(4))
     np.savez(d / 'badn.npz', mu=np.zeros(4), sigma=np.eye(4), n=np.arange(2))
+    np.savez(d / 'negn.npz', mu=np.zeros(4), sigma=np.eye(4), n=-3)
+    np.savez(d / 'floatn.npz', mu=np.zeros(4), sigma=np.eye(4), n=2.5)
     inf, nonsym = np.eye(4), np.eye(4) + np.triu(np.ones((4, 4)), 1)
     inf[2, 2] = np.inf
     stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'd0': (np.zeros(0), np.eye(0)),
@@ -304,6 +309,10 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['text.npz', 'good.npz'], 'text.npz: not a readable'),
     (['npy.npz', 'good.npz'], 'npy.npz: not a readable'),
     (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
+    (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),
+    (['good.npz', 'floatn.npz'], 'floatn.npz: not a readable .npz of statistics (n = 2.5'),
+    (['imgs', 'truncated'], 'truncated/00002.png: cannot read'),  # refused before the first folder's passes
+    (['imgs', 'garbled'], 'garbled/00002.png: cannot read'),
     (['mu2d.npz', 'good.npz'], 'mu2d.npz: mu and sigma are not [D] and [D, D]'),
     (['sigma43.npz', 'good.npz'], 'sigma43.npz: mu and sigma are not'),
     (['sigma5.npz', 'good.npz'], 'sigma5.npz: mu and sigma are not'),
@@ -355,6 +364,7 @@ def test_library_refuses_bad_input(bad):
     not_psd = [[1, 2], [2, 1]]  # eigenvalues 3 and -1: symmetric, a positive diagonal, and no covariance
     cases = [(lambda: fid.reference_stats(bad / 'good.npz', model=None), 'not 2048-d'),  # train.py's --fid-ref check
              (lambda: fid.load_stats(bad / 'fifo.npz'), 'not a regular file'),
+             (lambda: fid.reference_stats(bad / 'truncated', model=None), '00002.png: cannot read'),  # before the passes
              (lambda: fid.image_files(bad / 'imgs', n=-1), 'n = -1'),
              (lambda: fid.fid_from_samples(torch.zeros(4, 3, 8, 8), bad / 'good.npz', 0, model=object()), 'n = 0'),
              (lambda: fid.activations(np.zeros((2, 8, 8, 3), np.uint8), None, 0, device='cpu'), 'batch_size = 0'),
