@@ -17,6 +17,7 @@ import contextlib
 import copy
 import fcntl
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -315,6 +316,7 @@ def class_labels(root, paths, cond):
 def decode_into(f, root, paths, size):
     """Decode `paths` in threads (Pillow releases the GIL) into the open file f as a .npy of uint8 [N, 3, H, W],
     holding only a few images per thread whatever N. Returns the readable paths' indices and whether all are grey."""
+    fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
     n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
     header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
     np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
@@ -346,6 +348,16 @@ def decode_into(f, root, paths, size):
     return keep, grey
 
 
+def remove_orphans(pattern):
+    """Delete the temporary files matching pattern that killed decoders left, each up to the size of the data:
+    unchanged for a minute, and with no live process holding their lock (decode_into's)."""
+    for old in glob.glob(pattern):
+        with contextlib.suppress(OSError), open(old, "rb") as f:
+            if time.time() - os.fstat(f.fileno()).st_mtime > 60:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
+                os.remove(old)
+
+
 def load_folder(root, paths, size, cond, stem):
     """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey), which makes it trusted; without
     a writable stem, into a temporary file deleted once mapped. Returns the memory-mapped images and the metadata."""
@@ -354,6 +366,7 @@ def load_folder(root, paths, size, cond, stem):
     for target in [stem, scratch] if stem else [scratch]:
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            remove_orphans(glob.escape(target.rsplit("-", 1)[0]) + "-*.tmp")  # data-*.tmp or ddpm-images-*.tmp
             keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
             meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey}
             if target == stem:

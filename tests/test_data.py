@@ -1,4 +1,5 @@
 """The decoded-image cache (one memory-mapped file, written atomically, rebuilt when damaged) and two-node training."""
+import fcntl
 import os
 import signal
 import socket
@@ -103,7 +104,7 @@ train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=Fal
 """
 
 
-def test_a_decode_killed_midway_is_not_trusted(folder, tmp_path, capsys):
+def test_a_decode_killed_midway_is_not_trusted_and_its_file_is_removed_later(folder, tmp_path, capsys):
     marker, worker = tmp_path / "stuck", tmp_path / "worker.py"
     worker.write_text(KILLED_WORKER.format(root=os.path.dirname(train.__file__), marker=str(marker), data=str(folder)))
     p = subprocess.Popen([sys.executable, str(worker)], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
@@ -115,8 +116,15 @@ def test_a_decode_killed_midway_is_not_trusted(folder, tmp_path, capsys):
     p.wait()
     left = cache_files(tmp_path)
     assert len(left) == 1 and left[0].endswith(".tmp")  # a partial file under a name no run reads
-    images, _, _ = load(folder)
+    orphan, live = tmp_path / "cache" / "ddpm-toolkit" / left[0], tmp_path / "cache" / "ddpm-toolkit" / "data-x.npy.y.tmp"
+    live.write_bytes(b"a decode in progress")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # its decoder, still alive
+        for f in (orphan, live):
+            os.utime(f, (time.time() - 120,) * 2)  # a minute old: only the lock tells them apart
+        images, _, _ = load(folder)
     assert "decoded 12/12 images" in capsys.readouterr().out and torch.equal(images, decoded(folder))
+    assert not orphan.exists() and live.exists()
 
 
 def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypatch, capsys):
