@@ -274,3 +274,16 @@ def test_a_cpu_run_of_more_than_a_day_says_so_and_names_the_cpu_presets(capsys):
     train.warn_if_slow(run, 1, 0.5)
     out = capsys.readouterr().out
     assert "about 5.8 days on this CPU" in out and "--model tiny or small" in out
+
+
+@pytest.mark.parametrize("slow", ["bf16", "fp32"])
+def test_auto_precision_picks_the_faster_side_and_keeps_the_thread_count(monkeypatch, slow):
+    class Conv(torch.nn.Conv2d):  # one side 0.1 s slower than the other, whatever this CPU's ISA
+        def forward(self, x):
+            if torch.is_autocast_enabled("cpu") == (slow == "bf16"):
+                time.sleep(0.1)
+            return super().forward(x)
+    monkeypatch.setattr(torch.nn, "Conv2d", Conv)
+    threads = torch.get_num_threads()
+    assert sample.fastest_precision("cpu") == ("fp32" if slow == "bf16" else "bf16")
+    assert torch.get_num_threads() == threads
