@@ -351,7 +351,7 @@ def decode_into(f, root, paths, size):
 def remove_orphans(pattern):
     """Delete the temporary files matching pattern that killed decoders left, each up to the size of the data:
     unchanged for a minute, and with no live process holding their lock (decode_into's)."""
-    for old in glob.glob(pattern):
+    for old in filter(os.path.isfile, glob.glob(pattern)):  # regular files: opening a FIFO would block
         with contextlib.suppress(OSError), open(old, "rb") as f:
             if time.time() - os.fstat(f.fileno()).st_mtime > 60:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
