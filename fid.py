@@ -287,7 +287,7 @@ def read_image(path, verify=False):
 
 def verify_images(files):
     """FIDError naming the first file PIL cannot open and verify: found now, not after hours of Inception passes.
-    PIL checks PNG and WebP data whole, other formats their headers: a truncated JPEG still fails when decoded."""
+    PIL checks a PNG's data whole (its checksums), other formats' headers: a broken JPEG still fails when decoded."""
     for f in files:
         read_image(f, verify=True)
 
@@ -344,7 +344,7 @@ def image_files(path, n=None):
     at least 2 and n. A file with an image extension that PIL cannot read is an error, never skipped."""
     check_counts(n=n)
     if not Path(path).is_dir():
-        raise FIDError(f'{path}: no such folder')
+        raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
     # Only regular files (is_file follows links): reading a FIFO named x.png would block forever.
     images = sorted(p for p in Path(path).rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if len(images) < 2:
@@ -438,7 +438,7 @@ def load_stats(path, network=False):
     try:
         with np.load(path) as f:
             mu, sigma, n = (f[k] if k in f.files else None for k in ('mu', 'sigma', 'n'))
-        n = None if n is None else n.item()
+        n = n.item() if n is not None and n.ndim == 0 else n  # an array stays one, and check_counts refuses it
         check_counts(n=n)  # --save-stats writes the image count; any other n is not one
     except Exception as e:  # text, a .npy, a damaged zip, an n of [2], ...: numpy fails in many ways
         raise FIDError(f'{path}: not a readable .npz of statistics ({e})') from None

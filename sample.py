@@ -404,13 +404,13 @@ def check_args(p, args, world=1):
 def check_out_dir(folder, replace):
     """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
     --replace its images are deleted (other files stay and are refused)."""
-    existing = os.path.abspath(folder)  # a new folder is made when sampling starts, not by a check that may fail
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    given = existing = folder.rstrip("/") or "/"  # a new folder is made when sampling starts, not by a check
+    while not os.path.lexists(existing):  # that may fail; never normalised: "link/../x" is where the kernel says
+        existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
-    found = sorted(os.listdir(folder)) if existing == os.path.abspath(folder) else []
+    found = sorted(os.listdir(folder)) if existing == given else []
     images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTS
               and os.path.isfile(os.path.join(folder, f))]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
@@ -466,7 +466,7 @@ def main(argv=None):
     if rank:
         return
     steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
-    what = f"{args.sampler}{steps}, seed {args.seed}"
+    what = f"{args.sampler}{steps}, seed {args.seed}, {precision}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)

@@ -411,7 +411,7 @@ def load_dataset(args, size):
         if not args.no_cache:
             stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
-            stem = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-toolkit",
+            stem = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ddpm-toolkit",
                                 f"data-{key}")
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
     # grey images are stored as three equal planes, of which one is the image (a view); colour images stay

@@ -2,6 +2,7 @@
 stderr that names the flag or file, with no traceback, before any work, and leave an existing run folder as
 it was. Then the faults of a running process: signals, a closed stdout, a second process on the same run."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -260,6 +261,20 @@ def test_out_dir_replace_keeps_what_is_not_an_image_and_names_it(made, tmp_path,
         sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--out-dir", str(out), "--replace"])
     assert e.value.code == 2 and "notes.ppm" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.ppm", "stale.png"]
+
+
+def test_out_dir_is_checked_where_the_kernel_resolves_it(made, tmp_path, capsys):
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "real" / "out").mkdir()
+    (tmp_path / "real" / "out" / "keep.png").write_bytes((made / "black.png").read_bytes())
+    (tmp_path / "real" / "out" / "notes.txt").write_text("not an image")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "inner")  # link/../out is real/out, not tmp_path/out
+    for replace in ([], ["--replace"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--out-dir", str(tmp_path / "link/../out"), *replace])
+        assert e.value.code == 2 and "already holds 2 file(s) (e.g. notes.txt)" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "real" / "out")) == ["keep.png", "notes.txt"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_refused_run_creates_no_out_dir(made, tmp_path, capsys):

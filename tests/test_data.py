@@ -127,6 +127,15 @@ def test_a_decode_killed_midway_is_not_trusted_and_its_file_is_removed_later(fol
     assert not orphan.exists() and live.exists()
 
 
+def test_an_empty_xdg_cache_home_means_the_home_cache(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # as unset (the XDG spec), not the current folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(folder)
+    load(folder)
+    assert any((tmp_path / "home" / ".cache" / "ddpm-toolkit").glob("data-*.npy"))
+    assert not (folder / "ddpm-toolkit").exists()
+
+
 def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "blocked").write_text("a file where the cache folder would go")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))

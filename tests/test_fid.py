@@ -276,6 +276,7 @@ def bad(tmp_path_factory):
     np.savez(d / 'badn.npz', mu=np.zeros(4), sigma=np.eye(4), n=np.arange(2))
     np.savez(d / 'negn.npz', mu=np.zeros(4), sigma=np.eye(4), n=-3)
     np.savez(d / 'floatn.npz', mu=np.zeros(4), sigma=np.eye(4), n=2.5)
+    np.savez(d / 'arrayn.npz', mu=np.zeros(4), sigma=np.eye(4), n=[5])
     inf, nonsym = np.eye(4), np.eye(4) + np.triu(np.ones((4, 4)), 1)
     inf[2, 2] = np.inf
     stats = {'good': (np.zeros(4), np.eye(4)), 'good3': (np.zeros(3), np.eye(3)), 'd0': (np.zeros(0), np.eye(0)),
@@ -311,6 +312,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
     (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),
     (['good.npz', 'floatn.npz'], 'floatn.npz: not a readable .npz of statistics (n = 2.5'),
+    (['good.npz', 'arrayn.npz'], 'arrayn.npz: not a readable .npz of statistics (n = array([5])'),
     (['imgs', 'truncated'], 'truncated/00002.png: cannot read'),  # refused before the first folder's passes
     (['imgs', 'garbled'], 'garbled/00002.png: cannot read'),
     (['mu2d.npz', 'good.npz'], 'mu2d.npz: mu and sigma are not [D] and [D, D]'),
@@ -366,6 +368,7 @@ def test_library_refuses_bad_input(bad):
              (lambda: fid.load_stats(bad / 'fifo.npz'), 'not a regular file'),
              (lambda: fid.reference_stats(bad / 'truncated', model=None), '00002.png: cannot read'),  # before the passes
              (lambda: fid.image_files(bad / 'imgs', n=-1), 'n = -1'),
+             (lambda: fid.image_files(bad / 'note.txt'), 'note.txt: not a folder'),
              (lambda: fid.fid_from_samples(torch.zeros(4, 3, 8, 8), bad / 'good.npz', 0, model=object()), 'n = 0'),
              (lambda: fid.activations(np.zeros((2, 8, 8, 3), np.uint8), None, 0, device='cpu'), 'batch_size = 0'),
              (lambda: fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2)), 'NaN'),
