@@ -403,9 +403,11 @@ def check_args(p, args, world=1):
 
 def check_out_dir(folder, replace):
     """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
-    --replace its images are deleted (other files stay and are refused)."""
-    given = existing = folder.rstrip("/") or "/"  # a new folder is made when sampling starts, not by a check
-    while not os.path.lexists(existing):  # that may fail; never normalised: "link/../x" is where the kernel says
+    --replace its images are deleted (other files stay and are refused). A new folder is made when sampling
+    starts, not here, where a later refusal would leave it behind. The path is never normalised: "link/../x"
+    is where the kernel resolves it, not x."""
+    given = existing = folder.rstrip("/") or "/"
+    while not os.path.lexists(existing):  # up to the part of the path that exists
         existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
