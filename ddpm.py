@@ -85,8 +85,12 @@ class Diffusion:
     def __init__(self, schedule="linear", T=1000, target="eps", loss="mse"):
         if target not in ("eps", "x0", "v") or loss not in ("mse", "l1"):
             raise ValueError(f"target must be eps, x0 or v and loss mse or l1, got {target!r}, {loss!r}")
+        if not (isinstance(T, int) and T >= 2):
+            raise ValueError(f"T must be a whole number of steps, at least 2, got {T!r}")
         self.schedule, self.T, self.target, self.loss = schedule, T, target, loss
         self.betas = beta_schedule(schedule, T)
+        if not ((self.betas > 0) & (self.betas < 1)).all():  # the linear schedule's, scaled by 1000/T, for T <= 20
+            raise ValueError(f"the {schedule} schedule with T = {T} has betas outside (0, 1); use a larger T")
         self.alphas = 1 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # alpha-bar_t
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])

@@ -259,6 +259,8 @@ def to_uint8(images):
     if images.dtype == torch.uint8 and images.ndim == 3:                    # [N, H, W] grey
         images = images[..., None]
     elif images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3):
+        if not torch.isfinite(images).all():  # NaN would become black pixels, and a finite FID
+            raise FIDError('images hold NaN or infinite values; they have no FID')
         images = ((images.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
         raise FIDError(f'images must be uint8 [N, H, W, C] or float [N, C, H, W] in [-1, 1] with C 1 or 3, '
@@ -313,9 +315,12 @@ def run_model(model, make_batch, n, batch_size, device, workers, label, progress
     def prepare(start, stop):  # on a background thread
         return model_input(make_batch(start, stop), device)
 
-    # cuDNN may run float32 convolutions in TF32, about 1e-3 off: FID needs the float32 numbers.
-    saved = torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cudnn.conv.fp32_precision = 'ieee'
+    # cuDNN may run float32 convolutions in TF32, about 1e-3 off: FID needs the float32 numbers. The switch is
+    # cudnn.conv.fp32_precision from torch 2.9 (which refuses the old one after it), cudnn.allow_tf32 before.
+    cudnn = torch.backends.cudnn
+    switch, name, ieee = (cudnn.conv, 'fp32_precision', 'ieee') if hasattr(cudnn, 'conv') else (cudnn, 'allow_tf32', False)
+    saved = getattr(switch, name)
+    setattr(switch, name, ieee)
     try:
         with ThreadPoolExecutor(workers) as pool, torch.inference_mode():
             pending = [pool.submit(prepare, *batch) for batch in batches[:workers + 1]]
@@ -326,7 +331,7 @@ def run_model(model, make_batch, n, batch_size, device, workers, label, progress
                 if progress:
                     show_progress(label, stop, n, time.perf_counter() - start_time)
     finally:
-        torch.backends.cudnn.conv.fp32_precision = saved
+        setattr(switch, name, saved)
     return torch.cat(outputs).numpy()
 
 

@@ -156,13 +156,19 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file (train.py writes RUN_DIR/ckpt.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a pickle that wants code, not a torch file at all
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
+        first = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+        if first.startswith("Weights only load failed"):  # torch goes on to advise weights_only=False: never here
+            first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
         raise ValueError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
+        raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
     broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
               if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
     if broken:
@@ -182,8 +188,6 @@ def build(ckpt, ema=True, device="cpu"):
     except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
         raise ValueError(f"checkpoint weights do not fit its own configuration "
                          f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
-    if not bool(((diffusion.betas > 0) & (diffusion.betas < 1)).all()):
-        raise ValueError(f"checkpoint: its diffusion {ckpt['diffusion']} has betas outside (0, 1)")
     return model.to(device).eval(), diffusion.to(device)
 
 
@@ -287,9 +291,14 @@ def save_picture(picture, path):
         strip.save(path)
 
 
-def load_mask(path, size):
-    """--mask as {0, 1} [1, 1, H, W], 1 where to fill: white (128 and up) in an 8-bit mask, 1 in a 0/1 mask."""
-    pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()
+def load_mask(path, size, image=None):
+    """--mask as {0, 1} [1, 1, H, W], 1 where to fill: white (128 and up) in an 8-bit mask, 1 in a 0/1 mask. It
+    must have the size of `image` (a path), if given: both are then resized and cropped alike."""
+    pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()  # checks the file
+    with Image.open(path) as m, Image.open(image or path) as i:
+        if m.size != i.size:
+            raise ValueError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}: give "
+                             "a mask of the image's size")
     hole = pixels >= (1 if pixels.max() <= 1 else 128)
     if not hole.any():
         raise ValueError(f"--mask {path}: nothing to fill; give white (or 1) where pixels are to be filled")
@@ -384,13 +393,23 @@ def check_args(p, args, world=1):
         (args.fid, (args.n or 64) >= 2, "--fid needs --n 2 or more"),
         (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) write --out-dir; "
          "run fid.py on it afterwards (--fid and the pictures take one process)"),
-        (args.process, (args.process or "").lower().endswith((".gif", ".png")), "--process: give a .gif or .png path"),
-        (args.grid, (args.grid or "").lower().endswith(".png"), f"--grid {args.grid}: give a .png path"),
+        (args.process, os.path.splitext(args.process or "")[1].lower() in (".gif", ".png"),
+         "--process: give a .gif or .png path"),  # splitext: ".png" alone is a name, not an extension
+        (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
+        (args.cls is not None or args.guidance, picture not in ("forward", "mix", "inpaint"),
+         "--class and --guidance are not used by --forward, --mix or --inpaint"),
+        (args.steps or args.sampler != DEFAULT_SAMPLER, picture not in ("forward", "mix", "inpaint"),
+         "--sampler and --steps are not used by --forward, --mix or --inpaint (--mix and --inpaint are ancestral)"),
+        (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
+        (args.fid_weights, args.fid, "--fid-weights is only used with --fid"),
     ]
     for given, allowed, message in needs:
         if given and not allowed:
             p.error(message)
     grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{picture or 'samples'}.png")
+    if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
+        p.error(f"--grid {grid} is inside --out-dir {args.out_dir}, where a later FID would count it as a sample; "
+                "put it elsewhere")
     try:
         check_writable(args.process or grid, "--process" if args.process else "--grid")
         if args.out_dir:
@@ -449,7 +468,9 @@ def main(argv=None):
         shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
         images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
                   if f]
-        hole = load_mask(args.mask, shape[1:]).to(args.device) if args.mask else None
+        hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
+        if args.resample > 1 and (args.jump or 10) >= diffusion.T:
+            raise ValueError(f"--jump {args.jump or 10}: RePaint jumps back up from below T = {diffusion.T}; give less")
         args.n = len(labels) if labels is not None else args.n or 64
         fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
     except ValueError as e:
@@ -526,10 +547,12 @@ def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, 
 def fid_meter(ref, n, weights, device, flag):
     """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
     now, before sampling, so a bad one fails at once: a ValueError whose message starts with `flag`."""
-    import fid  # optional: only FIDs need fid.py
     try:
+        import fid  # optional: only FIDs need fid.py
         inception = fid.load_inception(weights, device)
         fid.reference_stats(ref, inception, n=n, device=device)
+    except ImportError as e:  # sample.py copied without fid.py, or without scipy
+        raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
     except fid.FIDError as e:
         raise ValueError(f"{flag}: {e}") from None
     return lambda samples: fid.fid_from_samples(samples, ref, n, model=inception, device=device)

@@ -46,7 +46,20 @@ def made(tmp_path_factory):
     ckpt["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
     (top / "nan").mkdir()
     torch.save(ckpt, top / "nan" / "ckpt.pt")
+    ckpt["format"] = 99
+    torch.save(ckpt, top / "future.pt")
+    torch.save({"model": Code(str(top / "ran"))}, top / "code.pt")
+    Image.fromarray(np.full((16, 32), 255, np.uint8)).save(top / "wide.png")
     return top
+
+
+class Code:
+    """A pickle that would run code when loaded: it must be refused, not run."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def snapshot(folder):
@@ -210,6 +223,16 @@ SAMPLE = [
     (["--fid", "{d}/images", "--n", "1"], ["--fid", "--n 2"]),
     (["--fid", "{d}/images", "--process", "{d}/p.gif"], ["--out-dir and --fid", "--process"]),
     (["--device", "banana"], ["--device banana"]),
+    (["--grid", "{d}/.png"], ["--grid", "give a .png path"]),
+    (["--process", "{d}/.gif"], ["--process", "give a .gif or .png path"]),
+    (["--forward", "{d}/black.png", "--class", "1"], ["--class and --guidance are not used by --forward"]),
+    (["--mix", "{d}/black.png", "{d}/black.png", "--sampler", "ddim"], ["--sampler and --steps are not used"]),
+    (["--forward", "{d}/black.png", "--n", "3"], ["--n is not used by --forward"]),
+    (["--fid-weights", "{d}/w.pth"], ["--fid-weights is only used with --fid"]),
+    (["--out-dir", "{d}/gen", "--grid", "{d}/gen/sub/g.png"], ["--grid", "inside --out-dir", "FID"]),
+    (["--inpaint", "{d}/black.png", "--mask", "{d}/wide.png", "--grid", "{d}/i.png"], ["--mask", "32x16", "16x16"]),
+    (["--inpaint", "{d}/black.png", "--mask", "{d}/zero_one.png", "--resample", "2", "--jump", "1000", "--grid",
+      "{d}/i.png"], ["--jump 1000", "T = 1000"]),
 ]
 
 
@@ -224,9 +247,19 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint"]),
     (["{d}/run"], ["no such checkpoint"]),
+    (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),
+    (["{d}/code.pt"], ["code.pt", "Python objects", "none was run"]),
 ])
 def test_sample_refuses_checkpoints(argv, words, made, capsys):
     refused(sample.main, argv, words, made, capsys)
+    assert not (made / "ran").exists()
+
+
+def test_fid_without_fid_py_is_one_line(made, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fid", None)  # as if sample.py were copied without fid.py
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--fid", str(made / "images")])
+    assert e.value.code == 2 and "--fid: cannot import fid.py" in capsys.readouterr().err
 
 
 def test_non_finite_samples_are_an_error_not_a_black_grid(made, tmp_path, monkeypatch, capsys):

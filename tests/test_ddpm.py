@@ -1,6 +1,7 @@
 """The diffusion maths against closed forms, and the samplers against an exact denoiser."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -233,3 +234,10 @@ def test_mix_denoises_the_noised_pixel_blend():
     torch.testing.assert_close(mixed, x.clamp(-1, 1))
     x_star = torch.full_like(a, 0.5)
     torch.testing.assert_close(d.mix(oracle(d, x_star), a, b, 999, 0.5), x_star, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("schedule, T, words", [("linear", 10, "betas outside (0, 1)"), ("cosine", 0, "at least 2"),
+                                                ("cosine", 2.5, "whole number")])
+def test_a_diffusion_without_a_valid_schedule_is_refused(schedule, T, words):
+    with pytest.raises(ValueError, match=re.escape(words)):  # not NaN samples or a ZeroDivisionError later
+        ddpm.Diffusion(schedule, T)

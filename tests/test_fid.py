@@ -369,6 +369,7 @@ def test_library_refuses_bad_input(bad):
              (lambda: fid.reference_stats(bad / 'truncated', model=None), '00002.png: cannot read'),  # before the passes
              (lambda: fid.image_files(bad / 'imgs', n=-1), 'n = -1'),
              (lambda: fid.image_files(bad / 'note.txt'), 'note.txt: not a folder'),
+             (lambda: fid.to_uint8(torch.full((2, 3, 8, 8), float('nan'))), 'NaN'),  # not black pixels, a finite FID
              (lambda: fid.fid_from_samples(torch.zeros(4, 3, 8, 8), bad / 'good.npz', 0, model=object()), 'n = 0'),
              (lambda: fid.activations(np.zeros((2, 8, 8, 3), np.uint8), None, 0, device='cpu'), 'batch_size = 0'),
              (lambda: fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2)), 'NaN'),
