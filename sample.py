@@ -8,6 +8,7 @@
 The checkpoint carries the network and diffusion configuration; the EMA weights are used unless --no-ema.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -17,7 +18,8 @@ import time
 import warnings
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("\nsample.py: interrupted while starting; nothing was written"))
+    signal.signal(signal.SIGINT, lambda *_: (print("\nsample.py: interrupted while starting; nothing was written",
+                                                    file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -112,7 +114,9 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
             with Image.open(path) as im:
                 im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
                 im = ImageOps.exif_transpose(im)
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                if im.mode == "F":  # as 16 bits below, a float image in [0, 1] would become black
+                    raise ValueError("floating-point pixels have no standard range; save it with 8 or 16 bits")
+                if im.mode in ("I", "I;16", "I;16B", "I;16L"):
                     im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
                 if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                     im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
@@ -154,7 +158,8 @@ def checkpoint_state(step, config, model_config, diffusion, classes, model, ema,
 def load_checkpoint(path):
     """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file (train.py writes RUN_DIR/ckpt.pt)")
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
+        raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
             warnings.simplefilter("ignore")
@@ -447,6 +452,8 @@ def check_out_dir(folder, replace):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     picture, grid = check_args(p, args, world)
     if world > 1:  # torchrun: each process samples its share and writes its PNGs; rank 0 the grid

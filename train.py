@@ -31,7 +31,8 @@ import time
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("\ntrain.py: interrupted while starting; nothing was written"))
+    signal.signal(signal.SIGINT, lambda *_: (print("\ntrain.py: interrupted while starting; nothing was written",
+                                                    file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -222,10 +223,11 @@ def check_args(parser, args, ckpt):
          f"betas must stay in (0, 1)): use --T 21 or more, or --schedule cosine"),
         (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up to 256 pixels; "
          f"give --data a folder of images for larger sizes"),
-        (folder and os.path.abspath(args.out).startswith(os.path.join(args.data, "")), f"--out {args.out} is inside "
-         f"--data {args.data}: its sample grids would become training images; choose an --out outside it"),
-        (folder and not os.path.isdir(args.data), f"--data {args.data}: no such folder (give a folder of images, or "
-         f"'shapes')"),
+        (folder and os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), "")),
+         f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; choose an "
+         f"--out outside it"),  # realpath: through links too, as the data search follows them
+        (folder and not os.path.isdir(args.data), f"--data {args.data}: "
+         f"{'not a folder' if os.path.exists(args.data) else 'no such folder'} (give a folder of images, or 'shapes')"),
         (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py statistics "
          ".npz of the real data"),
         (args.fid_ref and not args.fid_every, "--fid-ref is only used with --fid-every N"),
@@ -887,11 +889,13 @@ def stopped_anywhere(run, stop):
 def main(argv=None, started=None):
     """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
     args, ckpt = parse_args(argv)
+    with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     with Stop() as stop:
         try:
             train(args, ckpt, stop, started or time.time())
-        except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable): one line
-            fail(f"{e.filename or ''}: {e.strerror or e}")
+        except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable), a full disk
+            fail(f"{e.filename or '--out ' + args.out}: {e.strerror or e}")
 
 
 def train(args, ckpt, stop, started):

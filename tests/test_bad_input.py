@@ -42,6 +42,7 @@ def made(tmp_path_factory):
         (top / f"{name}.json").write_text(json.dumps(config))
     (top / "garbage.json").write_text("{not json")
     (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
+    (top / "link").symlink_to(images)
     ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
     ckpt["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
     (top / "nan").mkdir()
@@ -134,6 +135,9 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--data", ""], ["--data", "empty path"]),
     (["--out", ""], ["--out", "empty path"]),
     (["--data", "{d}", "--out", "{d}/run"], ["--out", "inside --data"]),
+    (["--data", "{d}/link", "--out", "{d}/images/run", "--steps", "1", *TINY], ["--out", "inside --data"]),  # link -> images
+    (["--data", "{d}/images", "--out", "{d}/images", "--steps", "1", *TINY], ["--out", "inside --data"]),
+    (["--data", "{d}/text.txt"], ["--data", "not a folder"]),
     (["--data", "{d}/a\nb"], ["--data", "a\\nb"]),
     (["--bogus"], ["--bogus"]),
     (["--config", "{d}/missing.json"], ["--config", "missing.json"]),
@@ -246,7 +250,7 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/nan/ckpt.pt"], ["non-finite weights", "ema.conv_in.weight"]),
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint"]),
-    (["{d}/run"], ["no such checkpoint"]),
+    (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),
     (["{d}/code.pt"], ["code.pt", "Python objects", "none was run"]),
 ])

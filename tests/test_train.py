@@ -1,6 +1,7 @@
 """End to end through train.py and sample.py on tiny data, and the errors users see for bad input."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -287,3 +288,16 @@ def test_auto_precision_picks_the_faster_side_and_keeps_the_thread_count(monkeyp
     threads = torch.get_num_threads()
     assert sample.fastest_precision("cpu") == ("fp32" if slow == "bf16" else "bf16")
     assert torch.get_num_threads() == threads
+
+
+def test_a_path_the_terminal_cannot_encode_prints_escaped(folder, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(folder), "--out", str(tmp_path / "ré"),
+                        "--steps", "1", *TINY], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})  # as a terminal that cannot show é
+    assert r.returncode == 0 and "r\\xe9" in r.stdout, r.stderr
+
+
+def test_a_float_image_is_refused_not_read_as_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="floating-point"):
+        sample.read_image(str(tmp_path / "f.tif"), (8, 8))
