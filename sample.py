@@ -460,7 +460,7 @@ def main(argv=None):
         dist.init_process_group("gloo")
         if rank:
             sys.stdout = open(os.devnull, "w")
-    args.n = args.n or (4 if picture else None)
+    args.n, args.jump = args.n or (4 if picture else None), args.jump or 10  # 10: RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loop = dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS, eta=args.eta or 0.0,
                 variance=args.variance or "beta", guidance=args.guidance)
@@ -476,8 +476,8 @@ def main(argv=None):
         images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
                   if f]
         hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
-        if args.resample > 1 and (args.jump or 10) >= diffusion.T:
-            raise ValueError(f"--jump {args.jump or 10}: RePaint jumps back up from below T = {diffusion.T}; give less")
+        if args.resample > 1 and args.jump >= diffusion.T:
+            raise ValueError(f"--jump {args.jump}: RePaint jumps back up from below T = {diffusion.T}; give less")
         args.n = len(labels) if labels is not None else args.n or 64
         fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
     except ValueError as e:
@@ -487,7 +487,7 @@ def main(argv=None):
     if picture:
         with autocast:
             made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole,
-                                args.t, 0.5 if args.weight is None else args.weight, args.resample, args.jump or 10,
+                                args.t, 0.5 if args.weight is None else args.weight, args.resample, args.jump,
                                 args.interp)
         save_picture(made, args.process or grid)
         print(f"wrote {args.process or grid}")
