@@ -42,6 +42,8 @@ def randn(shape, generator=None, device="cpu"):
     """N(0, I) noise of `shape`. `generator` is one torch.Generator, or a list of one per sample (along dim 0):
     each sample then draws from its own stream, so its noise does not depend on the batch it is sampled in."""
     if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} samples: give one per sample, or one")
         return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
     return torch.randn(shape, generator=generator, device=device)
 

@@ -196,8 +196,8 @@ def cache_dir():
 def find_weights(weights=None, download=True):
     """The weights file: `weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed: a re-saved
     copy is fine), else a verified download (download=False: FIDError instead)."""
-    for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS'), 'FID_WEIGHTS')):
-        if path:
+    for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS') or None, 'FID_WEIGHTS')):
+        if path is not None:  # --weights '' is a mistake; an empty variable is unset
             if not Path(path).is_file():
                 raise FIDError(f'{source} {path}: no such file; give the path of {WEIGHTS_NAME}')
             return Path(path)
@@ -517,7 +517,7 @@ def check_args(args):
         except OSError as e:  # a missing folder, a file where the folder should be, no permission
             raise FIDError(f'--save-stats {out}: cannot write in {out.parent} ({e.strerror})') from None
     try:
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device is None else args.device)
     except RuntimeError:
         raise FIDError(f'--device {args.device}: not a device; use cpu, cuda or cuda:N') from None
     if device.type != 'cpu' and (device.type != 'cuda' or (device.index or 0) >= torch.cuda.device_count()):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def path(text):
 def check_device(name):
     """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
     try:
-        device = torch.device(name or "cpu")
+        device = torch.device("cpu" if name is None else name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     api = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
@@ -109,18 +110,18 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
-                im = ImageOps.exif_transpose(im)
-                if im.mode == "F":  # as 16 bits below, a float image in [0, 1] would become black
-                    raise ValueError("floating-point pixels have no standard range; save it with 8 or 16 bits")
-                if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-                    im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
-                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                    im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-                return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
+        with Image.open(path) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice its limit
+                raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
+            im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):  # a PNG's I is 16 bits (older Pillow)
+                raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+            return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
     except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -206,10 +207,11 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
         return None
     if cls is None:
         return (torch.arange(n or nrow * len(classes)) // nrow) % len(classes)
-    if cls not in classes and not (cls.isdecimal() and int(cls) < len(classes)):
+    index = int(cls) if cls.isascii() and cls.isdigit() and str(int(cls)) == cls else None  # "3", not "03" or "٣"
+    if cls not in classes and not (index is not None and index < len(classes)):
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
                          f"of {', '.join(map(str, classes))}")
-    return torch.full((n or 64,), classes.index(cls) if cls in classes else int(cls))
+    return torch.full((n or 64,), classes.index(cls) if cls in classes else index)
 
 
 def to_uint8(x):
@@ -253,12 +255,13 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
     ts = ts or [t for t in default if t < diffusion.T]
-    if picture == "process":  # the strip: 10 steps as columns, rows x_t and predicted x_0 for each sample
+    if picture == "process":  # the strip: 10 steps (all if fewer) as columns, rows x_t and predicted x_0 of each sample
         x = torch.randn((n, *shape), generator=g, device=device)
         steps = [(t, xt.float(), x0.float()) for t, xt, x0 in diffusion.loop(model, x, y=y, generator=g, **loop)]
-        chosen = [steps[round(i * (len(steps) - 1) / 9)] for i in range(10)]
+        width = min(10, len(steps))
+        chosen = [steps[round(i * (len(steps) - 1) / max(width - 1, 1))] for i in range(width)]
         rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
-        strip = grid_image(torch.cat(rows), nrow=10, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
+        strip = grid_image(torch.cat(rows), nrow=width, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
         every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
         shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
         return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
@@ -551,9 +554,10 @@ def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, 
         yield idx, x.float().cpu()
 
 
-def fid_meter(ref, n, weights, device, flag):
+def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
     """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
-    now, before sampling, so a bad one fails at once: a ValueError whose message starts with `flag`."""
+    now, before sampling, so a bad one fails at once: a ValueError whose message starts with `flag` and names the
+    caller's flags (--fid-weights, n_flag) where fid.py's would be (--weights, --n)."""
     try:
         import fid  # optional: only FIDs need fid.py
         inception = fid.load_inception(weights, device)
@@ -561,7 +565,8 @@ def fid_meter(ref, n, weights, device, flag):
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
         raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
     except fid.FIDError as e:
-        raise ValueError(f"{flag}: {e}") from None
+        names = {"weights": "--fid-weights", "n": n_flag}
+        raise ValueError(f"{flag}: " + re.sub(r"--(weights|n)\b", lambda m: names[m[1]], str(e))) from None
     return lambda samples: fid.fid_from_samples(samples, ref, n, model=inception, device=device)
 
 

@@ -45,6 +45,7 @@ import unet
 from sample import number, path
 
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")  # --resume cannot change these
+AUTO = ("channels", "precision", "accum")  # chosen by the data or the machine unless given; a --config chooses again
 UNSET = object()  # marks a flag the command line did not give
 
 
@@ -140,17 +141,21 @@ def build_parser(prog="train.py"):
     return p, actions
 
 
-def config_words(config, actions):
+def config_words(config, actions, keep_auto):
     """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
-    flags' types, choices and ranges. Raises ValueError for an unknown key or a wrongly typed value."""
+    flags' types, choices and ranges; without keep_auto, less the settings listed under "auto". Raises ValueError
+    for an unknown key or a wrongly typed value."""
     if not isinstance(config, dict):
         raise ValueError("not a JSON object of settings")
+    auto = config.get("auto", [])
+    if not (isinstance(auto, list) and all(k in AUTO for k in auto)):
+        raise ValueError(f"auto: {auto!r} is not a list of some of {', '.join(AUTO)}")
     words = []
     for key, value in config.items():
         action = actions.get(key)
-        if action is None:
+        if action is None and key != "auto":
             raise ValueError(f"unknown setting {key!r}")
-        if value is None or key in ("resume", "config", "out"):
+        if value is None or key in ("resume", "config", "out", "auto") or (key in auto and not keep_auto):
             continue
         if action.nargs == 0:  # a switch (--no-flip, or --cosine/--no-cosine): true or false only
             if not isinstance(value, bool):
@@ -188,7 +193,7 @@ def parse_args(argv=None):
             parser.error(f"--resume: {e}")
         base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
     try:
-        words = config_words(base, actions)
+        words = config_words(base, actions, keep_auto=ckpt is not None)
     except ValueError as e:
         parser.error(f"{source}: {e}")
     from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # errors name the file
@@ -205,6 +210,9 @@ def parse_args(argv=None):
     for k, v in unet.preset(args.model, parse_size(args.size)).items():  # the preset's recipe under the flags
         if k not in unet.NETWORK_KEYS and getattr(args, k) is None:
             setattr(args, k, v)
+    # what the data or the machine decides (setup_run, fit_memory), listed so that a --config decides it again
+    chosen = [k for k in ("channels", "precision") if getattr(args, k) in (None, "auto")]
+    args.auto = ckpt["config"].get("auto", []) if ckpt else chosen
     if args.data != "shapes":
         args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
     check_args(parser, args, ckpt)
@@ -294,6 +302,7 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
+        dirnames.sort()  # a folder linked twice is read under the same name on every machine
         paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
@@ -416,6 +425,15 @@ def load_dataset(args, size):
             stem = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ddpm-toolkit",
                                 f"data-{key}")
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
+        counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))
+        unread = [c for c, n in zip(meta["classes"], counts) if not n]
+        if unread:
+            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
+                 f"replace them or remove the folder(s)")
+        others = sorted(set(next(os.walk(root))[1]) - set(meta["classes"])) if args.cond else []
+        if others:
+            log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder read already is "
+                f"read once), so not classes")
     # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
     # three planes even for --channels 1, which batch_images turns into luma
     images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
@@ -568,19 +586,30 @@ def learning_rate(args, step):
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
-def available_memory(device):
+def available_memory(device, root="/"):
     """Bytes this process may still allocate on device: CUDA's free memory; on a CPU, the kernel's MemAvailable,
-    capped by the cgroup's (a container's) limit. None where unknown."""
+    capped by the limit of every memory cgroup from this process's own (a container's, a SLURM job step's) up to
+    the root. None where unknown. `root`: where /proc and /sys are (tests)."""
     if device.type != "cpu":
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    found = []
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        with contextlib.suppress(OSError, ValueError):  # cgroup v2, then v1; "max" means no limit
-            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
-                found.append(int(f.read()) - int(g.read()))
+    found, own = [], {}
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(root, "proc/meminfo")) as f:
+        found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(root, "proc/self/cgroup")) as f:
+        for line in f:  # "0::/path" (cgroup v2), "4:memory:/path" (v1)
+            _, names, group = line.rstrip("\n").split(":", 2)
+            own.update(dict.fromkeys(names.split(","), group))
+    for mount, name, limit, usage in (("sys/fs/cgroup", "", "memory.max", "memory.current"),
+                                      ("sys/fs/cgroup/memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")):
+        group = own.get(name, "/")
+        while True:  # a group missing here is outside this mount's view (a container's): its parents may not be
+            with contextlib.suppress(OSError, ValueError):  # "max" means no limit
+                folder = os.path.join(root, mount, group.lstrip("/"))
+                with open(os.path.join(folder, limit)) as f, open(os.path.join(folder, usage)) as g:
+                    found.append(int(f.read()) - int(g.read()))
+            if group in ("/", ""):
+                break
+            group = os.path.dirname(group)
     return min(found) if found else None
 
 
@@ -626,7 +655,7 @@ def fit_memory(run):
         log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
             f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum "
             f"{accum} instead of {args.accum} (the batch stays {args.batch})")
-        args.accum = accum
+        args.accum, args.auto = accum, sorted({*args.auto, "accum"})
     return f"about {need[args.accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
 
 
@@ -639,7 +668,8 @@ def setup_run(args, ckpt, device, rank, world, started):
                              sample_steps=min(sample.DEFAULT_STEPS, args.T), fid_of=None)
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
         try:
-            run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights")
+            run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights",
+                                          "--fid-n")
         except ValueError as e:
             fail(str(e))
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
@@ -677,19 +707,22 @@ def setup_run(args, ckpt, device, rank, world, started):
 
 
 def resume(run, ckpt):
-    """Load a checkpoint's training state into the run, and say how a longer --steps changes a cosine plan."""
+    """Load a checkpoint's training state into the run; name the settings the command line changed, and the
+    learning rate when they change it (a longer --steps of a --cosine run, a new --lr): it follows the flags."""
     try:
         for part, name in ((run.model, "model"), (run.ema, "ema"), (run.opt, "optimizer"), (run.scaler, "scaler")):
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
                 part.load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
-    args, start, planned = run.args, ckpt["step"], ckpt["config"]["steps"]
-    log(f"resumed {run.ckpt_path} at step {start}")
-    if args.cosine and args.steps != planned:
-        log(f"--steps {args.steps} (the checkpoint planned {planned}): the cosine learning rate is re-planned over "
-            f"{args.steps} steps, {learning_rate(argparse.Namespace(**{**vars(args), 'steps': planned}), start):.3g} -> "
-            f"{learning_rate(args, start):.3g} at step {start + 1}, as a {args.steps}-step run has it")
+    args, start, old = run.args, ckpt["step"], ckpt["config"]
+    changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items()
+               if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
+    log(f"resumed {run.ckpt_path} at step {start}" + (f", with changed settings: {', '.join(changed)}" if changed else ""))
+    before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
+    if before != now:
+        log(f"the learning rate is re-planned from these settings: {before:.3g} -> {now:.3g} at step {start + 1}, as "
+            f"a run started with them has it")
 
 
 def open_metrics(run, start):
@@ -935,9 +968,13 @@ def train(args, ckpt, stop, started):
             y = torch.where(torch.rand(len(idx), device=device) < args.p_uncond, -1, y)
         try:
             loss = train_step(run, x0, y, step)
-        except torch.cuda.OutOfMemoryError:
-            fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
-                 f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
+        except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
+            if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
+                fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
+                     f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
+            if args.compile and step == start:  # torch.compile compiles on the first call
+                fail(f"--compile: torch.compile failed ({str(e).strip().splitlines()[0][:200]}); train without --compile")
+            raise
         done = step + 1
         if done == start + 1:
             meter["step1"] = time.perf_counter()

@@ -38,7 +38,7 @@ def made(tmp_path_factory):
     (top / "full" / "old.png").write_bytes((images / "0.png").read_bytes())
     for name, config in {"steps_float": {"steps": 2.7}, "model": {"model": "huge"}, "bool": {"cosine": "false"},
                          "unknown": {"bogus": 1}, "list": {"lr": [1e-3]}, "array": [1, 2], "size_list": {"size": [16]},
-                         "bool_int": {"steps": True}}.items():
+                         "bool_int": {"steps": True}, "auto": {"auto": "channels"}, "auto_lr": {"auto": ["lr"]}}.items():
         (top / f"{name}.json").write_text(json.dumps(config))
     (top / "garbage.json").write_text("{not json")
     (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
@@ -150,6 +150,9 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--config", "{d}/list.json"], ["list.json", "lr"]),
     (["--config", "{d}/size_list.json"], ["size_list.json", "size"]),
     (["--config", "{d}/bool_int.json"], ["bool_int.json", "steps"]),
+    (["--config", "{d}/auto.json"], ["auto.json", "auto", "not a list"]),
+    (["--config", "{d}/auto_lr.json"], ["auto_lr.json", "'lr'"]),
+    (["--device", ""], ["--device", "not a device name"]),
     (["--config", "{d}/run/config.json", "--resume"], ["--config", "--resume"]),
     (["--resume", "--steps", "4", "--size", "32"], ["--resume", "--size 32", "16"]),
     (["--resume", "--steps", "4", "--model", "small"], ["--model small"]),
@@ -227,6 +230,7 @@ SAMPLE = [
     (["--fid", "{d}/images", "--n", "1"], ["--fid", "--n 2"]),
     (["--fid", "{d}/images", "--process", "{d}/p.gif"], ["--out-dir and --fid", "--process"]),
     (["--device", "banana"], ["--device banana"]),
+    (["--device", ""], ["--device", "not a device name"]),
     (["--grid", "{d}/.png"], ["--grid", "give a .png path"]),
     (["--process", "{d}/.gif"], ["--process", "give a .gif or .png path"]),
     (["--forward", "{d}/black.png", "--class", "1"], ["--class and --guidance are not used by --forward"]),
@@ -401,7 +405,7 @@ def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path
     train.main(["--out", str(tmp_path / "a"), "--resume", "--steps", "8"])
     train.main([*common, "--out", str(tmp_path / "b"), "--steps", "8"])
     out = capsys.readouterr().out
-    assert "--steps 8 (the checkpoint planned 4): the cosine learning rate is re-planned over 8 steps" in out
+    assert "with changed settings: --steps 4 -> 8" in out and "learning rate is re-planned from these settings" in out
     lrs = [[json.loads(line)["lr"] for line in open(tmp_path / r / "metrics.jsonl")] for r in "ab"]
     assert lrs[0][4:] == lrs[1][4:] and lrs[0][3] < lrs[1][3]  # steps 5-8 as the 8-step run; step 4 had annealed
 

@@ -241,3 +241,11 @@ def test_mix_denoises_the_noised_pixel_blend():
 def test_a_diffusion_without_a_valid_schedule_is_refused(schedule, T, words):
     with pytest.raises(ValueError, match=re.escape(words)):  # not NaN samples or a ZeroDivisionError later
         ddpm.Diffusion(schedule, T)
+
+
+def test_one_generator_per_sample_or_one_for_all():
+    gs = [torch.Generator().manual_seed(i) for i in range(3)]
+    x = ddpm.randn((3, 2), gs)
+    torch.testing.assert_close(x[1], torch.randn(2, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="3 generators for 2 samples"):  # not 3 samples where 2 were asked
+        ddpm.randn((2, 2), [torch.Generator().manual_seed(i) for i in range(3)])

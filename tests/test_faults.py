@@ -161,17 +161,19 @@ def test_unusual_images_load_as_rgb_at_the_size(tmp_path):
 def test_broken_images_are_skipped_with_their_reason(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(png_claiming(40000, 40000))
+    (tmp_path / "small_bomb.png").write_bytes(png_claiming(10000, 10000))  # over Pillow's limit, under twice it
     good = np.asarray(Image.new("RGB", (20, 20), (9, 40, 90)))
     buf = tmp_path / "good.png"
     Image.fromarray(good).save(buf)
     (tmp_path / "truncated.png").write_bytes(buf.read_bytes()[:60])
-    for name, why in (("bomb.png", "DecompressionBomb"), ("zero.png", "not a readable image"),
+    for name, why in (("bomb.png", "DecompressionBomb"), ("small_bomb.png", "decompression-bomb limit"),
+                      ("zero.png", "not a readable image"),
                       ("truncated.png", "not a readable image")):
         with pytest.raises(ValueError, match=why):
             sample.read_image(str(tmp_path / name), (16, 16))
     r = run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--steps", "1", *TINY)
     assert r.returncode == 0, r.stderr
-    assert "skipped 3 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
+    assert "skipped 4 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
 
 
 def test_a_symlink_loop_in_the_data_folder_is_walked_once(tmp_path):

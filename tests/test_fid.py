@@ -207,6 +207,10 @@ def test_weights_resolution_order(tmp_path, monkeypatch):
     assert fid.find_weights() == cached                                      # then the cache file
     with pytest.raises(fid.FIDError, match='no such file'):
         fid.find_weights(tmp_path / 'missing.pth')
+    with pytest.raises(fid.FIDError, match='--weights : no such file'):      # an empty --weights is a mistake,
+        fid.find_weights('')
+    monkeypatch.setenv('FID_WEIGHTS', '')                                    # an empty variable is unset
+    assert fid.find_weights() == cached
 
 
 class FakeResponse(io.BytesIO):
@@ -338,6 +342,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
                                                                        ('--batch-size', ['0', '-1', '1.5']),
                                                                        ('--workers', ['0', 'x'])] for value in values],
     ([*STATS, '--device', 'tpu'], '--device tpu'),
+    ([*STATS, '--device', ''], '--device : not a device'),
     ([*STATS, '--device', 'cuda:99'], '--device cuda:99'),
 ]
 

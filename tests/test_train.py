@@ -105,7 +105,15 @@ def test_fid_flags_are_checked_before_training(folder, tmp_path):
     one_line_error(run("train.py", "--data", folder, "--out", tmp_path / "r", "--fid-every", "5", *TINY,
                        "--fid-ref", tmp_path / "missing", "--fid-n", "4"), "missing", "no such folder")
     one_line_error(run("train.py", "--data", folder, "--out", tmp_path / "r", "--fid-every", "5", *TINY,
-                       "--fid-ref", folder, "--fid-n", "100", "--fid-weights", tmp_path / "none.pth"), "none.pth")
+                       "--fid-ref", folder, "--fid-n", "100", "--fid-weights", tmp_path / "none.pth"),
+                   "--fid-weights", "none.pth")
+
+
+def test_fid_errors_name_the_scripts_own_flags(folder, tmp_path, capsys):
+    with pytest.raises(ValueError, match="lower --fid-n$"):  # fid.py's --n is train.py's --fid-n
+        sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid-ref", "--fid-n")
+    with pytest.raises(ValueError, match="lower --n$"):  # and sample.py's --n
+        sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid")
 
 
 def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
@@ -195,7 +203,7 @@ def test_pictures_of_the_process_from_the_command_line(folder, tmp_path, capsys)
     gif = Image.open(tmp_path / "p.gif")
     assert gif.n_frames == 3 and gif.size == (2 * 34 + 2, 12 + 2 * 34 + 2)  # a frame per step; x_t over x_0
     sample.main([ckpt, "--process", str(tmp_path / "p.png"), "--n", "2", *fast])
-    assert Image.open(tmp_path / "p.png").size == (10 * 34 + 2, 12 + 4 * 34 + 2)  # 10 steps; 2 rows per sample
+    assert Image.open(tmp_path / "p.png").size == (3 * 34 + 2, 12 + 4 * 34 + 2)  # the 3 steps (10 at most); 2 rows each
     sample.main([ckpt, "--forward", img, "--t", "0", "500", "999", "--grid", str(tmp_path / "f.png")])
     assert Image.open(tmp_path / "f.png").size == (3 * 34 + 2, 12 + 34 + 2)
     sample.main([ckpt, "--mix", img, img, "--t", "5", "10", "--grid", str(tmp_path / "m.png")])
@@ -297,7 +305,107 @@ def test_a_path_the_terminal_cannot_encode_prints_escaped(folder, tmp_path):
     assert r.returncode == 0 and "r\\xe9" in r.stdout, r.stderr
 
 
-def test_a_float_image_is_refused_not_read_as_black(tmp_path):
-    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
-    with pytest.raises(ValueError, match="floating-point"):
+@pytest.mark.parametrize("pixels", [np.full((8, 8), 0.5, np.float32), np.full((8, 8), 200, np.int32)])
+def test_a_32_bit_image_is_refused_not_read_as_black(tmp_path, pixels):
+    Image.fromarray(pixels).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="32-bit pixels"):
         sample.read_image(str(tmp_path / "f.tif"), (8, 8))
+
+
+def test_a_config_chooses_again_what_the_run_chose_itself(folder, tmp_path):
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(grey / f"{i}.png")
+    tiny = [w for w in TINY if w not in ("--precision", "fp32")]
+    train.main(["--data", str(grey), "--out", str(tmp_path / "a"), "--steps", "1", *tiny])
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["channels"] == 1 and cfg["precision"] in ("bf16", "fp32") and cfg["auto"] == ["channels", "precision"]
+    train.main(["--config", str(tmp_path / "a" / "config.json"), "--data", str(folder), "--out", str(tmp_path / "b")])
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["in_ch"] == 3 and ckpt["config"]["auto"] == ["channels", "precision"]
+    train.main(["--config", str(tmp_path / "a" / "config.json"), "--channels", "1", "--data", str(folder),
+                "--out", str(tmp_path / "c")])  # given, it is not chosen again
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["auto"] == ["precision"]
+    train.main(["--out", str(tmp_path / "c"), "--resume", "--steps", "2"])
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["config"]["auto"] == ["precision"]
+
+
+def test_a_resume_names_what_the_flags_changed_and_the_learning_rate_they_give(folder, tmp_path, capsys):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", "--lr", "1e-3", *TINY])
+    capsys.readouterr()
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3", "--lr", "3e-3", "--seed", "5"])
+    out = capsys.readouterr().out
+    cfg = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]
+    before, now = (train.learning_rate(argparse.Namespace(**c), 2) for c in ({**cfg, "lr": 1e-3, "steps": 2}, cfg))
+    assert "--steps 2 -> 3, --lr 0.001 -> 0.003, --seed 0 -> 5" in out, out
+    assert f"re-planned from these settings: {before:.3g} -> {now:.3g} at step 3" in out and before < now, out
+
+
+@pytest.mark.parametrize("error, words", [
+    ("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes",
+     ["out of memory on cpu at step 1", "--accum 2"]),
+    ("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1", ["--compile", "C++ compiler",
+                                                                                       "without --compile"]),
+])
+def test_a_first_step_the_user_can_fix_is_one_line(folder, tmp_path, monkeypatch, capsys, error, words):
+    def fails(*args):
+        raise RuntimeError(error)
+    monkeypatch.setattr(train, "train_step", fails)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--compile"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(folder, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(folder), "--out", str(tmp_path / "r"),
+                        "--steps", "1", *TINY, "--compile"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CXX": str(tmp_path / "no-compiler")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: --compile: torch.compile failed"), r.stderr
+
+
+def write_tree(root, files):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("cgroup, files, gb", [
+    ("4:memory:/job/step\n0::/\n", {"sys/fs/cgroup/memory/job/memory.limit_in_bytes": str(3 << 30),
+                                      "sys/fs/cgroup/memory/job/memory.usage_in_bytes": str(1 << 30),
+                                      "sys/fs/cgroup/memory/job/step/memory.limit_in_bytes": str(1 << 62),
+                                      "sys/fs/cgroup/memory/job/step/memory.usage_in_bytes": str(1 << 30)}, 2),
+    ("0::/a/b\n", {"sys/fs/cgroup/a/memory.max": "max\n", "sys/fs/cgroup/a/memory.current": "5",
+                   "sys/fs/cgroup/a/b/memory.max": str(5 << 30), "sys/fs/cgroup/a/b/memory.current": str(1 << 30)}, 4),
+    ("0::/docker/abc\n", {"sys/fs/cgroup/memory.max": str(6 << 30), "sys/fs/cgroup/memory.current": "0"}, 6),
+    ("0::/\n", {}, 8),
+])
+def test_available_memory_is_capped_by_every_cgroup_above_the_process(tmp_path, cgroup, files, gb):
+    write_tree(tmp_path, {"proc/meminfo": f"MemTotal: 99 kB\nMemAvailable: {8 << 20} kB\n", "proc/self/cgroup": cgroup,
+                          **files})
+    assert train.available_memory(torch.device("cpu"), root=str(tmp_path)) == gb << 30
+
+
+def test_a_class_folder_with_no_readable_image_is_refused_and_one_without_images_named(tmp_path, capsys):
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / c / "0.png")
+    (tmp_path / "data" / "kittens").symlink_to(tmp_path / "data" / "cats")
+    (tmp_path / "data" / "empty").mkdir()
+    train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "a"), "--cond", "--steps", "1", *TINY])
+    assert "--cond: empty, kittens in" in capsys.readouterr().out
+    (tmp_path / "data" / "dogs" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--cond", "--steps", "1", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "class folder(s) dogs" in err and not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+def test_class_indices_are_plain_numbers():
+    ckpt = {"classes": ["a", "b", "c", "d"], "model_config": {"num_classes": 4}}
+    assert sample.class_labels(ckpt, "3", 0.0, 2).tolist() == [3, 3]
+    for cls in ("03", "\u0663", "+3", "4"):
+        with pytest.raises(ValueError, match="not a class"):
+            sample.class_labels(ckpt, cls, 0.0, 2)
