@@ -341,7 +341,8 @@ def build_parser():
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
     one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: "
-                     "OUT.gif (every step, x_t over the predicted x_0) or OUT.png (10 steps; rows x_t, predicted x_0)")
+                     "OUT.gif (every step, x_t over the predicted x_0) or OUT.png (10 steps, all if fewer; rows x_t, "
+                     "predicted x_0)")
     one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
     one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"),
                      help="blend images A and B noised to each --t, then denoise from there (ancestral)")

@@ -719,6 +719,9 @@ def resume(run, ckpt):
     changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items()
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
     log(f"resumed {run.ckpt_path} at step {start}" + (f", with changed settings: {', '.join(changed)}" if changed else ""))
+    if ckpt.get("images", len(run.images)) != len(run.images):  # older checkpoints have no count
+        log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}: the data "
+            f"order from here is not the one that run would have had")
     before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
     if before != now:
         log(f"the learning rate is re-planned from these settings: {before:.3g} -> {now:.3g} at step {start + 1}, as "
@@ -789,6 +792,7 @@ def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
     state = sample.checkpoint_state(step, config_of(run.args), run.mcfg, run.diffusion, run.classes, run.model,
                                     run.ema, run.opt, run.scaler)
+    state["images"] = len(run.images)  # so that --resume can say when --data has changed
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError

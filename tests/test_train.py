@@ -334,8 +334,10 @@ def test_a_config_chooses_again_what_the_run_chose_itself(folder, tmp_path):
 def test_a_resume_names_what_the_flags_changed_and_the_learning_rate_they_give(folder, tmp_path, capsys):
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", "--lr", "1e-3", *TINY])
     capsys.readouterr()
+    Image.new("RGB", (16, 16)).save(folder / "added.png")
     train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3", "--lr", "3e-3", "--seed", "5"])
     out = capsys.readouterr().out
+    assert f"--data {folder}: 13 images where the checkpoint's run had 12" in out, out
     cfg = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]
     before, now = (train.learning_rate(argparse.Namespace(**c), 2) for c in ({**cfg, "lr": 1e-3, "steps": 2}, cfg))
     assert "--steps 2 -> 3, --lr 0.001 -> 0.003, --seed 0 -> 5" in out, out
