@@ -110,15 +110,17 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not an image file")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice its limit
+        with Image.open(path) as im:  # Pillow refuses over twice its pixel limit and only warns below: refused here
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
             im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):  # a PNG's I is 16 bits (older Pillow)
+            kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
+            if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PNG (Pillow < 10.4), PGM
                 raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
-            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8, and a transparent grey value to alpha
+                grey = np.asarray(im, np.float64)
+                alpha = grey != im.info.get("transparency", -1)
+                im = Image.fromarray(np.dstack([(grey / 257).clip(0, 255), 255 * alpha]).astype(np.uint8), "LA")
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
             return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
@@ -207,7 +209,7 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
         return None
     if cls is None:
         return (torch.arange(n or nrow * len(classes)) // nrow) % len(classes)
-    index = int(cls) if cls.isascii() and cls.isdigit() and str(int(cls)) == cls else None  # "3", not "03" or "٣"
+    index = int(cls) if re.fullmatch("0|[1-9][0-9]{0,8}", cls) else None  # "3", not "03", "+3" or "٣"
     if cls not in classes and not (index is not None and index < len(classes)):
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
                          f"of {', '.join(map(str, classes))}")
@@ -242,7 +244,9 @@ def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
 
 def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
     """An image file (read_image) as [1, C, H, W] in [-1, 1]; grey (C = 1) is ITU-R 601-2 luma, as Pillow's "L"."""
-    image = Image.fromarray(read_image(path, size, resample)).convert("L" if channels == 1 else "RGB")
+    with warnings.catch_warnings():  # read_image refuses a decompression bomb; Pillow's warning would be a 2nd line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.fromarray(read_image(path, size, resample)).convert("L" if channels == 1 else "RGB")
     return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
@@ -256,8 +260,10 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
     ts = ts or [t for t in default if t < diffusion.T]
     if picture == "process":  # the strip: 10 steps (all if fewer) as columns, rows x_t and predicted x_0 of each sample
-        x = torch.randn((n, *shape), generator=g, device=device)
-        steps = [(t, xt.float(), x0.float()) for t, xt, x0 in diffusion.loop(model, x, y=y, generator=g, **loop)]
+        x, steps = torch.randn((n, *shape), generator=g, device=device), []
+        for t, after, x0 in diffusion.loop(model, x, y=y, generator=g, **loop):
+            steps.append((t, x.float(), x0.float()))  # x_t, the step's input, and the x_0 predicted from it
+            x = after  # the last x_0 predicted is the sample: the last step lands on it in every sampler
         width = min(10, len(steps))
         chosen = [steps[round(i * (len(steps) - 1) / max(width - 1, 1))] for i in range(width)]
         rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
@@ -309,7 +315,7 @@ def load_mask(path, size, image=None):
                              "a mask of the image's size")
     hole = pixels >= (1 if pixels.max() <= 1 else 128)
     if not hole.any():
-        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1) where pixels are to be filled")
+        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1, in 8 bits) where pixels are to be filled")
     return hole.float()
 
 
@@ -508,7 +514,10 @@ def main(argv=None):
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
     if args.fid:
-        print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
+        try:
+            print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
+        except ValueError as e:  # the samples are written; their FID could not be computed
+            p.error(str(e))
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
@@ -557,18 +566,28 @@ def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, 
 
 def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
     """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
-    now, before sampling, so a bad one fails at once: a ValueError whose message starts with `flag` and names the
-    caller's flags (--fid-weights, n_flag) where fid.py's would be (--weights, --n)."""
+    now, before sampling, so a bad one fails at once. Errors, now or from the function, are ValueErrors starting with
+    `flag` and naming the caller's flags (--fid-weights, n_flag) where fid.py's would be (--weights, --n)."""
     try:
         import fid  # optional: only FIDs need fid.py
-        inception = fid.load_inception(weights, device)
-        fid.reference_stats(ref, inception, n=n, device=device)
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
         raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
+    names = {"weights": "--fid-weights", "n": n_flag}
+
+    def refusal(e):  # a flag stands after a space or "(", never inside a path like x--weights/
+        return ValueError(f"{flag}: " + re.sub(r"(?<![^\s(])--(weights|n)\b", lambda m: names[m[1]], str(e)))
+
+    def fid_of(samples):
+        try:
+            return fid.fid_from_samples(samples, ref, n, model=inception, device=device)
+        except fid.FIDError as e:  # too few samples for a real square root, say
+            raise refusal(e) from None
+    try:
+        inception = fid.load_inception(weights, device)
+        fid.reference_stats(ref, inception, n=n, device=device)
     except fid.FIDError as e:
-        names = {"weights": "--fid-weights", "n": n_flag}
-        raise ValueError(f"{flag}: " + re.sub(r"--(weights|n)\b", lambda m: names[m[1]], str(e))) from None
-    return lambda samples: fid.fid_from_samples(samples, ref, n, model=inception, device=device)
+        raise refusal(e) from None
+    return fid_of
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
@@ -141,10 +142,9 @@ def build_parser(prog="train.py"):
     return p, actions
 
 
-def config_words(config, actions, keep_auto):
+def config_words(config, actions):
     """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
-    flags' types, choices and ranges; without keep_auto, less the settings listed under "auto". Raises ValueError
-    for an unknown key or a wrongly typed value."""
+    flags' types, choices and ranges. Raises ValueError for an unknown key or a wrongly typed value."""
     if not isinstance(config, dict):
         raise ValueError("not a JSON object of settings")
     auto = config.get("auto", [])
@@ -155,7 +155,7 @@ def config_words(config, actions, keep_auto):
         action = actions.get(key)
         if action is None and key != "auto":
             raise ValueError(f"unknown setting {key!r}")
-        if value is None or key in ("resume", "config", "out", "auto") or (key in auto and not keep_auto):
+        if value is None or key in ("resume", "config", "out", "auto"):
             continue
         if action.nargs == 0:  # a switch (--no-flip, or --cosine/--no-cosine): true or false only
             if not isinstance(value, bool):
@@ -193,10 +193,12 @@ def parse_args(argv=None):
             parser.error(f"--resume: {e}")
         base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
     try:
-        words = config_words(base, actions, keep_auto=ckpt is not None)
+        words = config_words(base, actions)
     except ValueError as e:
         parser.error(f"{source}: {e}")
-    from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # errors name the file
+    from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # checks all; errors name the file
+    if not ckpt:  # a --config's "auto" settings are chosen again
+        words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
     changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
                if ckpt and getattr(given, k) not in (UNSET, getattr(from_config, k))]
@@ -211,8 +213,8 @@ def parse_args(argv=None):
         if k not in unet.NETWORK_KEYS and getattr(args, k) is None:
             setattr(args, k, v)
     # what the data or the machine decides (setup_run, fit_memory), listed so that a --config decides it again
-    chosen = [k for k in ("channels", "precision") if getattr(args, k) in (None, "auto")]
-    args.auto = ckpt["config"].get("auto", []) if ckpt else chosen
+    inherited = [k for k in (ckpt["config"].get("auto", []) if ckpt else []) if getattr(given, k) is UNSET]
+    args.auto = [k for k in AUTO if getattr(args, k) in (None, "auto") or k in inherited]
     if args.data != "shapes":
         args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
     check_args(parser, args, ckpt)
@@ -302,7 +304,8 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
-        dirnames.sort()  # a folder linked twice is read under the same name on every machine
+        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))  # a linked folder: read under
+        # its own name, not a link's, the same on every machine
         paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
@@ -333,7 +336,8 @@ def decode_into(f, root, paths, size):
     np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
     keep, bad, grey, t0 = [], [], True, time.perf_counter()
     shown = t0
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses bombs, in one line
         futures = (pool.submit(sample.read_image, p, size) for p in paths)
         ahead = collections.deque(itertools.islice(futures, 4 * workers))
         for i in range(n):
@@ -595,22 +599,31 @@ def available_memory(device, root="/"):
     found, own = [], {}
     with contextlib.suppress(OSError, ValueError), open(os.path.join(root, "proc/meminfo")) as f:
         found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(root, "proc/self/cgroup")) as f:
-        for line in f:  # "0::/path" (cgroup v2), "4:memory:/path" (v1)
-            _, names, group = line.rstrip("\n").split(":", 2)
-            own.update(dict.fromkeys(names.split(","), group))
-    for mount, name, limit, usage in (("sys/fs/cgroup", "", "memory.max", "memory.current"),
-                                      ("sys/fs/cgroup/memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")):
+    with contextlib.suppress(OSError), open(os.path.join(root, "proc/self/cgroup")) as f:
+        for fields in (line.rstrip("\n").split(":", 2) for line in f):  # "0::/path" (cgroup v2), "4:memory:/path" (v1)
+            if len(fields) == 3:
+                own.update(dict.fromkeys(fields[1].split(","), "/" + fields[2].strip("/")))
+    for mount, name, limit, usage, cache in (("sys/fs/cgroup", "", "memory.max", "memory.current", "inactive_file"),
+                                             ("sys/fs/cgroup/memory", "memory", "memory.limit_in_bytes",
+                                              "memory.usage_in_bytes", "total_inactive_file")):
         group = own.get(name, "/")
         while True:  # a group missing here is outside this mount's view (a container's): its parents may not be
             with contextlib.suppress(OSError, ValueError):  # "max" means no limit
                 folder = os.path.join(root, mount, group.lstrip("/"))
                 with open(os.path.join(folder, limit)) as f, open(os.path.join(folder, usage)) as g:
-                    found.append(int(f.read()) - int(g.read()))
-            if group in ("/", ""):
+                    free = int(f.read()) - int(g.read())
+                with contextlib.suppress(OSError), open(os.path.join(folder, "memory.stat")) as f:
+                    free += sum(int(v) for k, v in map(str.split, f) if k == cache)  # page cache it would reclaim
+                found.append(free)
+            if group == "/":
                 break
             group = os.path.dirname(group)
     return min(found) if found else None
+
+
+def out_of_memory(error):
+    """Whether a RuntimeError is CUDA's out-of-memory error or a CPU allocator's."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def step_memory(run):
@@ -640,7 +653,13 @@ def fit_memory(run):
     args, world, free = run.args, run.world, available_memory(run.device)
     if free is None:
         return "memory not known"
-    fixed, per_image = step_memory(run)
+    try:
+        fixed, per_image = step_memory(run)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
+             f"--model (tiny, small) or --size")
     need = {a: fixed + args.batch // world // a * per_image for a in range(args.accum, args.batch // world + 1)
             if args.batch % (world * a) == 0}
     fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
@@ -655,7 +674,7 @@ def fit_memory(run):
         log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
             f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum "
             f"{accum} instead of {args.accum} (the batch stays {args.batch})")
-        args.accum, args.auto = accum, sorted({*args.auto, "accum"})
+        args.accum, args.auto = accum, [k for k in AUTO if k in args.auto or k == "accum"]
     return f"about {need[args.accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
 
 
@@ -724,7 +743,7 @@ def resume(run, ckpt):
             f"order from here is not the one that run would have had")
     before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
     if before != now:
-        log(f"the learning rate is re-planned from these settings: {before:.3g} -> {now:.3g} at step {start + 1}, as "
+        log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}, as "
             f"a run started with them has it")
 
 
@@ -835,7 +854,11 @@ def log_fid(run, step):
     args = run.args
     g = torch.Generator().manual_seed(args.seed)
     y = torch.randint(len(run.classes), (args.fid_n,), generator=g).to(run.device) if args.cond else None
-    value = run.fid_of(ema_samples(run, args.fid_n, y))
+    try:
+        value = run.fid_of(ema_samples(run, args.fid_n, y))
+    except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
+        log(f"step {step} | no FID: {e}")
+        return
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
@@ -945,8 +968,6 @@ def train(args, ckpt, stop, started):
     run = setup_run(args, ckpt, device, rank, world, started)
     start = ckpt["step"] if ckpt else 0
     memory = fit_memory(run)
-    if run.master:
-        open_metrics(run, start)
     if args.time and not ckpt:
         args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
     model, micro = run.model, args.batch // world // args.accum
@@ -973,16 +994,18 @@ def train(args, ckpt, stop, started):
         try:
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
-            if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
+            if out_of_memory(e):
                 fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
                      f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
             if args.compile and step == start:  # torch.compile compiles on the first call
                 fail(f"--compile: torch.compile failed ({str(e).strip().splitlines()[0][:200]}); train without --compile")
             raise
         done = step + 1
-        if done == start + 1:
+        if done == start + 1:  # the run's files are written once a step has worked: a start that fails leaves none
             meter["step1"] = time.perf_counter()
             warn_if_slow(run, done, meter["step1"] - meter["t0"])
+            if run.master:
+                open_metrics(run, start)
         if math.isinf(args.steps):
             plan_steps(run, done, done - start, meter, stop)
         if run.master:

@@ -38,7 +38,8 @@ def made(tmp_path_factory):
     (top / "full" / "old.png").write_bytes((images / "0.png").read_bytes())
     for name, config in {"steps_float": {"steps": 2.7}, "model": {"model": "huge"}, "bool": {"cosine": "false"},
                          "unknown": {"bogus": 1}, "list": {"lr": [1e-3]}, "array": [1, 2], "size_list": {"size": [16]},
-                         "bool_int": {"steps": True}, "auto": {"auto": "channels"}, "auto_lr": {"auto": ["lr"]}}.items():
+                         "bool_int": {"steps": True}, "auto": {"auto": "channels"}, "auto_lr": {"auto": ["lr"]},
+                         "auto_bad": {"channels": "banana", "auto": ["channels"]}}.items():
         (top / f"{name}.json").write_text(json.dumps(config))
     (top / "garbage.json").write_text("{not json")
     (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
@@ -152,6 +153,7 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--config", "{d}/bool_int.json"], ["bool_int.json", "steps"]),
     (["--config", "{d}/auto.json"], ["auto.json", "auto", "not a list"]),
     (["--config", "{d}/auto_lr.json"], ["auto_lr.json", "'lr'"]),
+    (["--config", "{d}/auto_bad.json"], ["auto_bad.json", "--channels", "banana"]),  # chosen again, still checked
     (["--device", ""], ["--device", "not a device name"]),
     (["--config", "{d}/run/config.json", "--resume"], ["--config", "--resume"]),
     (["--resume", "--steps", "4", "--size", "32"], ["--resume", "--size 32", "16"]),

@@ -158,6 +158,17 @@ def test_unusual_images_load_as_rgb_at_the_size(tmp_path):
     assert (got["palette.png"][..., 0] > 190).all() and (got["small.png"][..., 0] == 200).all()
 
 
+def test_sixteen_bit_grey_keeps_its_range_and_transparency(tmp_path, monkeypatch):
+    grey = np.full((8, 8), 40000, np.uint16)
+    grey[:4] = 0
+    Image.fromarray(grey).save(tmp_path / "g.pgm")  # Pillow opens it as mode I, as a 16-bit PNG in older Pillow
+    Image.fromarray(grey).save(tmp_path / "t.png", transparency=0)
+    assert (sample.read_image(str(tmp_path / "g.pgm"), (8, 8))[4:] == 40000 // 257).all()
+    assert (sample.read_image(str(tmp_path / "t.png"), (8, 8))[:4] == 255).all()  # transparent: on white
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's way to turn its limit off
+    assert sample.read_image(str(tmp_path / "g.pgm"), (8, 8)).shape == (8, 8, 3)
+
+
 def test_broken_images_are_skipped_with_their_reason(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(png_claiming(40000, 40000))
@@ -174,6 +185,7 @@ def test_broken_images_are_skipped_with_their_reason(tmp_path):
     r = run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--steps", "1", *TINY)
     assert r.returncode == 0, r.stderr
     assert "skipped 4 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
+    assert "Warning" not in r.stderr, r.stderr  # Pillow's bomb warning is not a line of its own
 
 
 def test_a_symlink_loop_in_the_data_folder_is_walked_once(tmp_path):
@@ -214,6 +226,13 @@ def test_truncated_checkpoint(checkpoint, tmp_path):
     run_dir.mkdir()
     (run_dir / "ckpt.pt").write_bytes(data[: len(data) // 3])
     one_line_error(run("train.py", "--out", run_dir, "--resume"), "not a loadable checkpoint")
+
+
+def test_a_decompression_bomb_to_sample_from_is_one_line(checkpoint, tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_claiming(10000, 10000))  # between Pillow's limit and twice it
+    r = run("sample.py", checkpoint, "--forward", tmp_path / "bomb.png", "--grid", tmp_path / "f.png")
+    one_line_error(r, "bomb.png", "decompression-bomb limit")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 class Payload:

@@ -110,10 +110,46 @@ def test_fid_flags_are_checked_before_training(folder, tmp_path):
 
 
 def test_fid_errors_name_the_scripts_own_flags(folder, tmp_path, capsys):
-    with pytest.raises(ValueError, match="lower --fid-n$"):  # fid.py's --n is train.py's --fid-n
-        sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid-ref", "--fid-n")
+    odd = tmp_path / "x--n"  # a path holding a flag's name is not renamed
+    odd.mkdir()
+    for p in list(folder.rglob("*.png"))[:3]:
+        (odd / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match=f"^--fid-ref: {odd}: 3 image files, .* lower --fid-n$"):  # train.py's --fid-n
+        sample.fid_meter(str(odd), 100, fid_weights(), "cpu", "--fid-ref", "--fid-n")
     with pytest.raises(ValueError, match="lower --n$"):  # and sample.py's --n
         sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid")
+
+
+def test_an_fid_that_cannot_be_computed_ends_sampling_in_one_line_and_training_goes_on(folder, tmp_path, monkeypatch,
+                                                                                        capsys):
+    import fid
+
+    def no_root(*args, **kwargs):
+        raise fid.FIDError("the covariance product has no real square root (imaginary part 0.1); use more images")
+    monkeypatch.setattr(fid, "fid_from_samples", no_root)
+    fids = ["--fid-every", "2", "--fid-ref", str(folder), "--fid-n", "4", "--fid-weights", str(fid_weights())]
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, *fids])
+    assert "step 2 | no FID: --fid-ref/--fid-weights: the covariance product" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(tmp_path / "r" / "ckpt.pt"), "--n", "4", "--sampler", "ddim", "--steps", "2", "--fid",
+                     str(folder), "--fid-weights", str(fid_weights()), "--grid", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == ("sample.py: error: --fid: the covariance product has no real square "
+                                             "root (imaginary part 0.1); use more images")
+    assert (tmp_path / "g.png").exists()  # the samples were kept
+
+
+def test_the_process_shows_x_t_and_the_x0_predicted_from_it():
+    torch.manual_seed(0)
+    model, d = unet.UNet(**unet.model_config("tiny", (16, 16), 1)).eval(), ddpm.Diffusion()
+    loop = dict(sampler="ddim", steps=3)
+    strip, frames = sample.draw_picture("process", model, d, (1, 16, 16), 1, loop, seed=5)
+    x_T = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(5))
+    final = d.sample(model, (1, 1, 16, 16), generator=torch.Generator().manual_seed(5), **loop)
+    assert len(frames) == 3 and strip.size == (3 * 34 + 2, 12 + 2 * 34 + 2)
+    cell = lambda frame, row: np.asarray(frame)[14 + 34 * row:46 + 34 * row:2, 2:34:2]  # scale 2, 2 px apart
+    assert (cell(frames[0], 0) == sample.to_uint8(x_T)[0, ..., 0]).all()  # t=999: x_T itself
+    assert (cell(frames[-1], 1) == sample.to_uint8(final)[0, ..., 0]).all()  # the last x_0 predicted: the sample
 
 
 def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
@@ -329,6 +365,8 @@ def test_a_config_chooses_again_what_the_run_chose_itself(folder, tmp_path):
     assert json.loads((tmp_path / "c" / "config.json").read_text())["auto"] == ["precision"]
     train.main(["--out", str(tmp_path / "c"), "--resume", "--steps", "2"])
     assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["config"]["auto"] == ["precision"]
+    train.main(["--out", str(tmp_path / "c"), "--resume", "--steps", "3", "--precision", "fp32"])  # given: not chosen
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["auto"] == []
 
 
 def test_a_resume_names_what_the_flags_changed_and_the_learning_rate_they_give(folder, tmp_path, capsys):
@@ -341,7 +379,7 @@ def test_a_resume_names_what_the_flags_changed_and_the_learning_rate_they_give(f
     cfg = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]
     before, now = (train.learning_rate(argparse.Namespace(**c), 2) for c in ({**cfg, "lr": 1e-3, "steps": 2}, cfg))
     assert "--steps 2 -> 3, --lr 0.001 -> 0.003, --seed 0 -> 5" in out, out
-    assert f"re-planned from these settings: {before:.3g} -> {now:.3g} at step 3" in out and before < now, out
+    assert f"re-planned from these settings: {before:.6g} -> {now:.6g} at step 3" in out and before < now, out
 
 
 @pytest.mark.parametrize("error, words", [
@@ -358,6 +396,17 @@ def test_a_first_step_the_user_can_fix_is_one_line(folder, tmp_path, monkeypatch
         train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--compile"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert sorted(os.listdir(tmp_path / "r")) == [".lock", "samples"]  # nothing that would refuse a retry
+
+
+def test_a_memory_probe_that_runs_out_of_memory_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    def fails(run):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    monkeypatch.setattr(train, "step_memory", fails)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "even a probe of one image runs out of memory" in err
 
 
 def test_compile_without_a_cpp_compiler_is_one_line(folder, tmp_path):
@@ -382,6 +431,8 @@ def write_tree(root, files):
     ("0::/a/b\n", {"sys/fs/cgroup/a/memory.max": "max\n", "sys/fs/cgroup/a/memory.current": "5",
                    "sys/fs/cgroup/a/b/memory.max": str(5 << 30), "sys/fs/cgroup/a/b/memory.current": str(1 << 30)}, 4),
     ("0::/docker/abc\n", {"sys/fs/cgroup/memory.max": str(6 << 30), "sys/fs/cgroup/memory.current": "0"}, 6),
+    ("garbage\n0:://a/\n", {"sys/fs/cgroup/a/memory.max": str(5 << 30), "sys/fs/cgroup/a/memory.current": str(3 << 30),
+                             "sys/fs/cgroup/a/memory.stat": f"anon 5\ninactive_file {1 << 30}\nactive_file 9\n"}, 3),
     ("0::/\n", {}, 8),
 ])
 def test_available_memory_is_capped_by_every_cgroup_above_the_process(tmp_path, cgroup, files, gb):
@@ -395,9 +446,11 @@ def test_a_class_folder_with_no_readable_image_is_refused_and_one_without_images
         (tmp_path / "data" / c).mkdir(parents=True)
         Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / c / "0.png")
     (tmp_path / "data" / "kittens").symlink_to(tmp_path / "data" / "cats")
+    (tmp_path / "data" / "a_link").symlink_to(tmp_path / "data" / "dogs")  # before dogs in sorted order
     (tmp_path / "data" / "empty").mkdir()
     train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "a"), "--cond", "--steps", "1", *TINY])
-    assert "--cond: empty, kittens in" in capsys.readouterr().out
+    assert "--cond: a_link, empty, kittens in" in capsys.readouterr().out
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["classes"] == ["cats", "dogs"]
     (tmp_path / "data" / "dogs" / "0.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--cond", "--steps", "1", *TINY])
