@@ -304,8 +304,8 @@ def find_images(root):
             dirnames.clear()
             continue
         seen.add(real)
-        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))  # a linked folder: read under
-        # its own name, not a link's, the same on every machine
+        # folders before links to them, then by name: a folder is read under its own name, on every machine
+        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
         paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
@@ -429,15 +429,16 @@ def load_dataset(args, size):
             stem = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ddpm-toolkit",
                                 f"data-{key}")
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
-        counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))
-        unread = [c for c, n in zip(meta["classes"], counts) if not n]
-        if unread:
-            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
-                 f"replace them or remove the folder(s)")
-        others = sorted(set(next(os.walk(root))[1]) - set(meta["classes"])) if args.cond else []
-        if others:
-            log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder read already is "
-                f"read once), so not classes")
+        if args.cond:  # classes none of whose images could be read; first-level folders that are not classes
+            counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))
+            unread = [c for c, n in zip(meta["classes"], counts) if not n]
+            if unread:
+                fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
+                     f"replace them or remove the folder(s)")
+            others = sorted(set(next(os.walk(root))[1]) - set(meta["classes"]))
+            if others:
+                log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder read already "
+                    f"is read once), so not classes")
     # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
     # three planes even for --channels 1, which batch_images turns into luma
     images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
