@@ -259,6 +259,10 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
     ts = ts or [t for t in default if t < diffusion.T]
+    measure = ImageDraw.Draw(Image.new("L", (1, 1))).textlength
+
+    def scale(captions):  # 2x, or more where a caption is wider than its column
+        return max(2, math.ceil((max(map(measure, captions)) + 2) / shape[-1]))
     if picture == "process":  # the strip: 10 steps (all if fewer) as columns, rows x_t and predicted x_0 of each sample
         x, steps = torch.randn((n, *shape), generator=g, device=device), []
         for t, after, x0 in diffusion.loop(model, x, y=y, generator=g, **loop):
@@ -267,10 +271,11 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         width = min(10, len(steps))
         chosen = [steps[round(i * (len(steps) - 1) / max(width - 1, 1))] for i in range(width)]
         rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
-        strip = grid_image(torch.cat(rows), nrow=width, scale=2, labels=[f"t={t}" for t, _, _ in chosen])
+        zoom = scale([f"t={t}" for t, _, _ in steps])  # one for the strip and every frame
+        strip = grid_image(torch.cat(rows), nrow=width, scale=zoom, labels=[f"t={t}" for t, _, _ in chosen])
         every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
         shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
-        return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=2, labels=[f"t={t}"]) for t, xt, x0 in shown]
+        return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=zoom, labels=[f"t={t}"]) for t, xt, x0 in shown]
     if picture == "forward":  # q(x_t | x_0 = image) at each t, one noise draw
         noise = torch.randn(images[0].shape, generator=g, device=device)
         x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
@@ -292,7 +297,7 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
             pass
         columns = [f"{a:.2f}" for a in alphas.tolist()]
-    return grid_image(x, nrow=len(columns), scale=2, labels=columns)
+    return grid_image(x, nrow=len(columns), scale=scale(columns), labels=columns)
 
 
 def save_picture(picture, path):

@@ -139,6 +139,18 @@ def test_an_fid_that_cannot_be_computed_ends_sampling_in_one_line_and_training_g
     assert (tmp_path / "g.png").exists()  # the samples were kept
 
 
+def test_captions_of_small_images_do_not_overlap():
+    torch.manual_seed(0)
+    model, d = unet.UNet(**unet.model_config("tiny", (8, 8), 1)).eval(), ddpm.Diffusion()
+    strip, frames = sample.draw_picture("process", model, d, (1, 8, 8), 1, dict(sampler="ddim", steps=3))
+    cell = 8 * 4  # "t=999" is wider than 8 pixels twice
+    height = 12 + 2 * (cell + 2) + 2
+    assert strip.size == (3 * (cell + 2) + 2, height) and {f.size for f in frames} == {(cell + 4, height)}
+    image = torch.zeros(1, 1, 8, 8)
+    forward = sample.draw_picture("forward", model, d, (1, 8, 8), 1, {}, images=[image], ts=[0, 5])
+    assert forward.size[0] == 2 * (8 * 3 + 2) + 2  # "t=5" needs three times
+
+
 def test_the_process_shows_x_t_and_the_x0_predicted_from_it():
     torch.manual_seed(0)
     model, d = unet.UNet(**unet.model_config("tiny", (16, 16), 1)).eval(), ddpm.Diffusion()
