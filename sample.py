@@ -562,11 +562,17 @@ def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, 
     mine = range(rank, args.n, world)
     for start in range(0, len(mine), args.batch_size):
         idx = list(mine[start:start + args.batch_size])
-        generators = [torch.Generator(args.device).manual_seed(args.seed * 2 ** 32 + i) for i in idx]
+        generators = [torch.Generator(args.device).manual_seed(sample_seed(args.seed, i)) for i in idx]
         y = None if labels is None else labels[idx].to(args.device)
         with autocast:
             x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
         yield idx, x.float().cpu()
+
+
+def sample_seed(seed, i):
+    """Sample i's generator seed under --seed. 32 bits: a CPU generator keeps no more, so seed * 2**32 + i would
+    drop --seed. Distinct for each i of a run; golden-ratio strides keep seeds 0-999 apart up to --n 1.9 million."""
+    return (seed * 0x9E3779B9 + i) % 2 ** 32
 
 
 def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
@@ -579,8 +585,9 @@ def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
         raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
     names = {"weights": "--fid-weights", "n": n_flag}
 
-    def refusal(e):  # a flag stands after a space or "(", never inside a path like x--weights/
-        return ValueError(f"{flag}: " + re.sub(r"(?<![^\s(])--(weights|n)\b", lambda m: names[m[1]], str(e)))
+    def refusal(e):  # fid.py names its flags first or last in a message, never where a path may stand
+        return ValueError(f"{flag}: " + re.sub(r"^--(weights)\b|--(weights)(?= PATH$)|--(n)$",
+                                               lambda m: names[m[1] or m[2] or m[3]], str(e)))
 
     def fid_of(samples):
         try:

@@ -295,17 +295,19 @@ def make_shapes(n, size, seed=0):
 
 
 def find_images(root):
-    """Image files under root, recursively and sorted, following symlinked folders but never twice. Regular
-    files only: reading a FIFO or a device that has an image's name would block or fail."""
-    found, seen = [], set()
+    """Image files under root, recursively and sorted, following symlinked folders outside root once. A link to a
+    folder inside root is skipped: that folder is read under its own name. Regular files only: reading a FIFO or a
+    device that has an image's name would block or fail."""
+    found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop, or a folder linked twice
             dirnames.clear()
             continue
         seen.add(real)
-        # folders before links to them, then by name: a folder is read under its own name, on every machine
-        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+        folders = [os.path.join(dirpath, d) for d in dirnames]
+        dirnames[:] = sorted(d for d, f in zip(dirnames, folders)
+                             if not (os.path.islink(f) and os.path.join(os.path.realpath(f), "").startswith(top)))
         paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
@@ -437,8 +439,8 @@ def load_dataset(args, size):
                      f"replace them or remove the folder(s)")
             others = sorted(set(next(os.walk(root))[1]) - set(meta["classes"]))
             if others:
-                log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder read already "
-                    f"is read once), so not classes")
+                log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder of --data "
+                    f"is skipped), so not classes")
     # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
     # three planes even for --channels 1, which batch_images turns into luma
     images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
@@ -743,7 +745,7 @@ def resume(run, ckpt):
         log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}: the data "
             f"order from here is not the one that run would have had")
     before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
-    if before != now:
+    if f"{before:.6g}" != f"{now:.6g}":
         log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}, as "
             f"a run started with them has it")
 

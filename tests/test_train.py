@@ -118,6 +118,8 @@ def test_fid_errors_name_the_scripts_own_flags(folder, tmp_path, capsys):
         sample.fid_meter(str(odd), 100, fid_weights(), "cpu", "--fid-ref", "--fid-n")
     with pytest.raises(ValueError, match="lower --n$"):  # and sample.py's --n
         sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid")
+    with pytest.raises(ValueError, match=f"^--fid: --fid-weights {tmp_path}/a --weights b: no such file"):
+        sample.fid_meter(str(folder), 4, str(tmp_path / "a --weights b"), "cpu", "--fid")
 
 
 def test_an_fid_that_cannot_be_computed_ends_sampling_in_one_line_and_training_goes_on(folder, tmp_path, monkeypatch,
@@ -283,6 +285,10 @@ def test_samples_are_the_same_for_any_batch_size_and_number_of_processes(folder,
         for f in names:
             assert (tmp_path / name / f).read_bytes() == (tmp_path / "one_b2" / f).read_bytes(), (name, f)
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one_b2.png").read_bytes()
+    sample.main([str(ckpt), "--num-samples", "7", "--out-dir", str(tmp_path / "seed8"), "--grid",
+                 str(tmp_path / "seed8.png"), *common[:-1], "8"])  # another --seed: other images, every one
+    assert all((tmp_path / "seed8" / f).read_bytes() != (tmp_path / "one_b2" / f).read_bytes() for f in names)
+    assert [sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # seed 0's samples are what they were
 
 
 def test_a_time_budget_fixes_the_step_count_and_trains_as_that_many_steps_would(folder, tmp_path, capsys):
@@ -392,6 +398,8 @@ def test_a_resume_names_what_the_flags_changed_and_the_learning_rate_they_give(f
     before, now = (train.learning_rate(argparse.Namespace(**c), 2) for c in ({**cfg, "lr": 1e-3, "steps": 2}, cfg))
     assert "--steps 2 -> 3, --lr 0.001 -> 0.003, --seed 0 -> 5" in out, out
     assert f"re-planned from these settings: {before:.6g} -> {now:.6g} at step 3" in out and before < now, out
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--lr", "3.0000001e-3"])
+    assert "re-planned" not in capsys.readouterr().out  # a change too small to show is no change to report
 
 
 @pytest.mark.parametrize("error, words", [
@@ -459,10 +467,12 @@ def test_a_class_folder_with_no_readable_image_is_refused_and_one_without_images
         Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / c / "0.png")
     (tmp_path / "data" / "kittens").symlink_to(tmp_path / "data" / "cats")
     (tmp_path / "data" / "a_link").symlink_to(tmp_path / "data" / "dogs")  # before dogs in sorted order
+    (tmp_path / "data" / "cats" / "x").symlink_to(tmp_path / "data" / "dogs")  # walked before dogs itself
     (tmp_path / "data" / "empty").mkdir()
     train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "a"), "--cond", "--steps", "1", *TINY])
     assert "--cond: a_link, empty, kittens in" in capsys.readouterr().out
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["classes"] == ["cats", "dogs"]
+    assert train.find_images(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "0.png") for c in ("cats", "dogs")]
     (tmp_path / "data" / "dogs" / "0.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--cond", "--steps", "1", *TINY])
