@@ -115,7 +115,7 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
                 raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
             im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
             kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
-            if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PNG (Pillow < 10.4), PGM
+            if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PGM, a PNG in Pillow 10.0
                 raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
             if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8, and a transparent grey value to alpha
                 grey = np.asarray(im, np.float64)
