@@ -117,10 +117,11 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
             kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
             if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PGM, a PNG in Pillow 10.0
                 raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
-            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8, and a transparent grey value to alpha
-                grey = np.asarray(im, np.float64)
-                alpha = grey != im.info.get("transparency", -1)
-                im = Image.fromarray(np.dstack([(grey / 257).clip(0, 255), 255 * alpha]).astype(np.uint8), "LA")
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8; a transparent grey value becomes alpha
+                grey, transparent = np.asarray(im, np.float64), im.info.get("transparency")
+                im = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
+                if transparent is not None:
+                    im.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
             return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
@@ -583,11 +584,10 @@ def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
         import fid  # optional: only FIDs need fid.py
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
         raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
-    names = {"weights": "--fid-weights", "n": n_flag}
+    names = {"--weights": "--fid-weights", "--n": n_flag}
 
     def refusal(e):  # fid.py names its flags first or last in a message, never where a path may stand
-        return ValueError(f"{flag}: " + re.sub(r"^--(weights)\b|--(weights)(?= PATH$)|--(n)$",
-                                               lambda m: names[m[1] or m[2] or m[3]], str(e)))
+        return ValueError(f"{flag}: " + re.sub(r"^--weights\b|--weights(?= PATH$)|--n$", lambda m: names[m[0]], str(e)))
 
     def fid_of(samples):
         try:
