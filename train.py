@@ -667,18 +667,18 @@ def fit_memory(run):
             if args.batch % (world * a) == 0}
     fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
     if not fits:
-        fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.1f} GB "
-             f"and {run.device} has {free / 2**30:.1f} GB free; choose a smaller --model (tiny, small) or --size")
+        fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB "
+             f"and {run.device} has {free / 2**30:.3g} GB free; choose a smaller --model (tiny, small) or --size")
     accum = torch.tensor([fits[0]], device=run.device)
     if world > 1:  # every process must accumulate alike
         dist.all_reduce(accum, dist.ReduceOp.MAX)
     accum = int(accum.item())
     if accum != args.accum:
         log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
-            f"{need[args.accum] / 2**30:.1f} GB and {run.device} has {free / 2**30:.1f} GB free: --accum "
+            f"{need[args.accum] / 2**30:.3g} GB and {run.device} has {free / 2**30:.3g} GB free: --accum "
             f"{accum} instead of {args.accum} (the batch stays {args.batch})")
         args.accum, args.auto = accum, [k for k in AUTO if k in args.auto or k == "accum"]
-    return f"about {need[args.accum] / 2**30:.1f} of {free / 2**30:.1f} GB free"
+    return f"about {need[args.accum] / 2**30:.3g} of {free / 2**30:.3g} GB free"
 
 
 def setup_run(args, ckpt, device, rank, world, started):

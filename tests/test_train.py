@@ -311,7 +311,9 @@ def test_a_step_too_big_for_memory_accumulates_or_is_refused(folder, tmp_path, m
     monkeypatch.setattr(train, "step_memory", lambda run: (0.0, 1e6))  # 1 MB an image
     monkeypatch.setattr(train, "available_memory", lambda device: 10e6)  # 90% of it: 9 images a micro-batch
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--batch", "32"])
-    assert "--accum 4 instead of 1 (the batch stays 32)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--accum 4 instead of 1 (the batch stays 32)" in out
+    assert "memory about 0.00745 of 0.00931 GB free" in out  # 3 significant digits: a tiny step is not "0.0"
     assert json.loads((tmp_path / "r" / "config.json").read_text())["accum"] == 4
     monkeypatch.setattr(train, "available_memory", lambda device: 1e6)
     with pytest.raises(SystemExit) as e:
