@@ -215,8 +215,9 @@ def parse_args(argv=None):
     # what the data or the machine decides (setup_run, fit_memory), listed so that a --config decides it again
     inherited = [k for k in (ckpt["config"].get("auto", []) if ckpt else []) if getattr(given, k) is UNSET]
     args.auto = [k for k in AUTO if getattr(args, k) in (None, "auto") or k in inherited]
-    if args.data != "shapes":
-        args.data = os.path.abspath(args.data)  # stored absolute, so --resume from elsewhere reads the same images
+    if args.data != "shapes":  # paths stored absolute, so --resume from elsewhere reads the same files
+        args.data = os.path.abspath(args.data)
+    args.fid_ref, args.fid_weights = (p and os.path.abspath(p) for p in (args.fid_ref, args.fid_weights))
     check_args(parser, args, ckpt)
     return args, ckpt
 
@@ -251,10 +252,10 @@ def check_args(parser, args, ckpt):
     for bad, message in problems:
         if bad:
             parser.error(message)
-    if ckpt and args.cond and folder:  # a renamed class folder would silently remap the labels
-        classes = class_labels(args.data, find_images(args.data), True)[1]
+    if ckpt and args.cond:  # a renamed class folder, or other data, would silently remap the labels
+        classes = class_labels(args.data, find_images(args.data), True)[1] if folder else list(SHAPES)
         if classes != list(ckpt["classes"]):
-            parser.error(f"--resume: the class folders of --data {args.data} ({', '.join(classes)}) are not the "
+            parser.error(f"--resume: the classes of --data {args.data} ({', '.join(classes)}) are not the "
                          f"checkpoint's ({', '.join(ckpt['classes'])}); restore them, or start a new run")
     try:
         unet.check_size(size, unet.model_config(args.model, size, 3)["ch_mult"])
@@ -907,7 +908,8 @@ def plan_steps(run, done, steps, meter, stop):
 
 
 def report(run, meter, done, loss, lr):
-    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record."""
+    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss
+    over the whole batch: every process calls this, and their losses are averaged."""
     args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
     meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
     planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
@@ -916,10 +918,14 @@ def report(run, meter, done, loss, lr):
     if tty:
         log(f"\rstep {done}/{planned} | loss {loss:.4f} | {rate:.1f} img/s | ETA {eta}  ", end="")
     if done % args.log_every == 0 or done == args.steps:
-        rate = meter["n"] * args.batch / (now - meter["t_log"])
-        record(run, {"step": done, "loss": meter["loss"] / meter["n"], "lr": lr, "img_per_s": rate,
-                     "elapsed_s": now - meter["t0"]})
-        log(("\r" if tty else "") + f"step {done}/{planned} | loss {meter['loss'] / meter['n']:.4f} | lr {lr:.2e} | "
+        rate, mean = meter["n"] * args.batch / (now - meter["t_log"]), meter["loss"] / meter["n"]
+        if run.world > 1:  # each process has its own share of the batch
+            total = torch.tensor([mean], dtype=torch.float64, device=run.device)
+            dist.all_reduce(total)
+            mean = total.item() / run.world
+        if run.master:
+            record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
+        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | "
             f"{rate:.1f} img/s | ETA {eta}")
         meter.update(loss=0.0, n=0, t_log=time.perf_counter())
 
@@ -1011,8 +1017,8 @@ def train(args, ckpt, stop, started):
                 open_metrics(run, start)
         if math.isinf(args.steps):
             plan_steps(run, done, done - start, meter, stop)
+        report(run, meter, done, loss, lr)
         if run.master:
-            report(run, meter, done, loss, lr)
             between_steps(run, done, stop)
         if stopped_anywhere(run, stop):
             break

@@ -35,24 +35,27 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 DDP_WORKER = """
-import os, sys, torch
+import json, os, sys, torch
 sys.path.insert(0, {root!r})
 import train, unet
-made = []
+made, losses, train_step = [], [], train.train_step
 class Recorded(unet.UNet):  # keep a handle on the training network of this process
     def __init__(self, **kw):
         super().__init__(**kw)
         made.append(self)
 unet.UNet = Recorded
+train.train_step = lambda *args: losses.append(train_step(*args)) or losses[-1]  # and this process's step losses
 train.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--out") + 1]
 torch.save(made[0].state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+json.dump(losses, open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w"))
 """
 
 
 @pytest.fixture
 def ddp_worker(tmp_path):
-    """A script for torchrun: train.main(its arguments), then this process's trained weights to OUT/rankR.pt."""
+    """A script for torchrun: train.main(its arguments), then this process's trained weights to OUT/rankR.pt and
+    its step losses to OUT/rankR.json."""
     path = tmp_path / "ddp_worker.py"
     path.write_text(DDP_WORKER.format(root=str(ROOT)))
     return path

@@ -419,7 +419,7 @@ def test_colour_images_for_a_one_channel_model_are_luma(made):
     assert x.shape == (2, 1, 1, 1) and ((x.flatten() + 1) * 127.5).round().tolist() == grey
 
 
-def test_resume_refuses_renamed_class_folders(tmp_path, capsys):
+def test_resume_refuses_renamed_class_folders_or_other_classes(tmp_path, capsys):
     for c in ("cats", "dogs"):
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(2):
@@ -431,7 +431,12 @@ def test_resume_refuses_renamed_class_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "2"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "class folders" in err and "wolves" in err and "dogs" in err
+    assert e.value.code == 2 and "classes of --data" in err and "wolves" in err and "dogs" in err
+    assert snapshot(tmp_path / "r") == refused_elsewhere
+    with pytest.raises(SystemExit) as e:  # the built-in shapes' classes are checked too: its 4 labels would take 2
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "2", "--data", "shapes"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "(circle, square, triangle, cross) are not the checkpoint's (cats, dogs)" in err
     assert snapshot(tmp_path / "r") == refused_elsewhere
 
 

@@ -1,4 +1,5 @@
 """Data parallel training with torchrun (2 CPU processes, gloo), faults during training, and bad input."""
+import json
 import os
 import signal
 import struct
@@ -40,6 +41,10 @@ def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # DDP kept the processes in step
         assert torch.equal(rank0[name], ckpt["model"][name]), name
+    losses = np.array([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])  # [rank, step]
+    logged = [m["loss"] for m in map(json.loads, open(out / "metrics.jsonl"))]  # --log-every 2
+    assert losses[0, 0] != losses[1, 0]  # each process's share of the batch has its own loss; logged: their mean
+    np.testing.assert_allclose(logged, losses.reshape(2, 2, 2).mean((0, 2)), rtol=1e-12)
 
     train.main(["--out", str(out), "--resume", "--steps", "6"])  # a different number of processes: one
     assert load(out / "ckpt.pt")["step"] == 6

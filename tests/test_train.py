@@ -88,10 +88,12 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     assert line.startswith("FID ") and "(n = 4, dpm++ 2 steps" in line and float(line.split()[1]) > 0
 
 
-def test_fid_during_training_is_logged_with_its_n(folder, tmp_path):
+def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch):
     weights = fid_weights()  # $FID_WEIGHTS or the cache; without them the test is skipped here
+    monkeypatch.chdir(folder.parent)  # a relative --fid-ref is stored absolute, as --data is: --resume finds it
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "4", *TINY,
-                "--fid-every", "2", "--fid-ref", str(folder), "--fid-n", "4", "--fid-weights", str(weights)])
+                "--fid-every", "2", "--fid-ref", folder.name, "--fid-n", "4", "--fid-weights", str(weights)])
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["fid_ref"] == str(folder)
     metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     fids = [m for m in metrics if "fid" in m]
     assert [m["step"] for m in fids] == [2, 4] and all(m["fid_n"] == 4 for m in fids)
