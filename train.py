@@ -947,11 +947,11 @@ def between_steps(run, done, stop):
 
 def stopped_anywhere(run, stop):
     """Whether this process or (distributed) any other got a signal: every process must stop at the same step."""
-    if run.world > 1:
-        flag = torch.tensor([float(stop.signal is not None)], device=run.device)
-        dist.all_reduce(flag)
-        if flag.item() and not stop.signal:
-            stop.signal = "a signal to another process"
+    if run.world > 1:  # the signal's number, so that every process exits with 128 + it
+        number = torch.tensor([getattr(signal, stop.signal) if stop.signal else 0], device=run.device)
+        dist.all_reduce(number, dist.ReduceOp.MAX)
+        if number.item() and not stop.signal:  # never cleared here: a signal may have come since
+            stop.signal = signal.Signals(int(number.item())).name
     return stop.signal is not None
 
 

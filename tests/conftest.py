@@ -45,8 +45,13 @@ class Recorded(unet.UNet):  # keep a handle on the training network of this proc
         made.append(self)
 unet.UNet = Recorded
 train.train_step = lambda *args: losses.append(train_step(*args)) or losses[-1]  # and this process's step losses
-train.main(sys.argv[1:])
-out = sys.argv[sys.argv.index("--out") + 1]
+out, rank = sys.argv[sys.argv.index("--out") + 1], os.environ["RANK"]
+open(out + ".rank%s.pid" % rank, "w").write(str(os.getpid()))
+try:
+    train.main(sys.argv[1:])
+except SystemExit as e:  # a stopped run: its exit status, for the test to see
+    open(out + ".rank%s.exit" % rank, "w").write(str(e.code))
+    raise
 torch.save(made[0].state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
 json.dump(losses, open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w"))
 """
@@ -55,7 +60,8 @@ json.dump(losses, open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w
 @pytest.fixture
 def ddp_worker(tmp_path):
     """A script for torchrun: train.main(its arguments), then this process's trained weights to OUT/rankR.pt and
-    its step losses to OUT/rankR.json."""
+    its step losses to OUT/rankR.json; its process id in OUT.rankR.pid, and the status of a SystemExit in
+    OUT.rankR.exit."""
     path = tmp_path / "ddp_worker.py"
     path.write_text(DDP_WORKER.format(root=str(ROOT)))
     return path

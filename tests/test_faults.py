@@ -50,6 +50,22 @@ def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp
     assert load(out / "ckpt.pt")["step"] == 6
 
 
+def test_a_signal_to_one_process_stops_all_at_one_step_with_its_status(folder, tmp_path, ddp_worker):
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ddp_worker), "--data", str(folder), "--out", str(out), "--steps", "100000", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # written after the first step
+        time.sleep(0.1)
+    os.kill(int((tmp_path / "ddp.rank1.pid").read_text()), signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert [(tmp_path / f"ddp.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"], log[-2000:]
+    step = load(out / "ckpt.pt")["step"]
+    assert f"stopped by SIGTERM: saved {out / 'ckpt.pt'} at step {step}" in log
+
+
 # --- faults ----------------------------------------------------------------------------------------------
 KILL_WORKER = """
 import sys, time, torch
