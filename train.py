@@ -384,11 +384,13 @@ def load_folder(root, paths, size, cond, stem):
     for target in [stem, scratch] if stem else [scratch]:
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            remove_orphans(glob.escape(target.rsplit("-", 1)[0]) + "-*.tmp")  # data-*.tmp or ddpm-images-*.tmp
+            if target == scratch:  # (the cache's are removed by load_dataset)
+                remove_orphans(glob.escape(scratch.rsplit("-", 1)[0]) + "-*.tmp")
             keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey}
+            meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey, "source": [root, list(size), cond]}
             if target == stem:
                 sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+                remove_stale_caches(stem, meta["source"])
             images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
             if target == scratch:
                 os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
@@ -397,6 +399,17 @@ def load_folder(root, paths, size, cond, stem):
             if target == scratch:
                 fail(f"cannot write the decoded images to {scratch}.npy ({e}); free space there or set TMPDIR")
             log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+
+
+def remove_stale_caches(stem, source):
+    """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond). Each change
+    to a folder's files makes a new cache; one of an earlier state is read again only if the folder returns to it."""
+    for other in glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
+            if other != stem + ".json" and json.load(f).get("source") == source:
+                os.remove(other)  # first: a cache without its .json is never trusted
+                os.remove(other[:-len(".json")] + ".npy")
+                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
 
 
 def read_cache(stem, size):
@@ -409,6 +422,10 @@ def read_cache(stem, size):
         images = np.load(stem + ".npy", mmap_mode="c")
         if images.shape != (len(meta["labels"]), 3, *size) or images.dtype != np.uint8:
             raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
+        labels, classes = meta["labels"], meta["classes"]
+        if not (isinstance(meta["grey"], bool) and all(isinstance(c, str) for c in classes)
+                and all(type(n) is int and 0 <= n < max(1, len(classes)) for n in labels)):
+            raise ValueError("its labels, classes or grey flag are not what a decode writes")
         return images, meta
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
@@ -417,7 +434,7 @@ def read_cache(stem, size):
 def load_dataset(args, size):
     """The training images as uint8 [N, C, H, W], labels [N] and class names. A folder is decoded once into a
     cache file that every process maps: processes of a machine share one copy in the page cache, and a batch
-    reads only its own images. The cache is keyed by every file's name, size and mtime."""
+    reads only its own images. The cache is keyed by every file's name, size, mtime and ctime."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
         images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
@@ -426,11 +443,13 @@ def load_dataset(args, size):
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
             fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
-        if not args.no_cache:
-            stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
+        if not args.no_cache:  # ctime too: any write changes it, and unlike mtime it cannot be set back
+            stats = [(p, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
-            stem = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ddpm-toolkit",
+            cache = os.environ.get("XDG_CACHE_HOME", "")  # the XDG spec: an empty or relative one is ignored
+            stem = os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit",
                                 f"data-{key}")
+            remove_orphans(glob.escape(stem.rsplit("-", 1)[0]) + "-*.tmp")  # also when the cache is found
         images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
         if args.cond:  # classes none of whose images could be read; first-level folders that are not classes
             counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))

@@ -56,7 +56,7 @@ def test_two_loads_map_one_cache_file_that_holds_the_decoded_images(folder, tmp_
     assert first.data_ptr() != second.data_ptr()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad json"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad json", "bad metadata"])
 def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, damage):
     load(folder)
     npy = next((tmp_path / "cache" / "ddpm-toolkit").glob("*.npy"))
@@ -64,8 +64,10 @@ def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, dam
         os.truncate(npy, npy.stat().st_size // 2)
     elif damage == "garbage":
         npy.write_bytes(b"not an array at all")
-    else:
+    elif damage == "bad json":
         npy.with_suffix(".json").write_text('{"labels": [0, 0')
+    else:  # valid JSON, of the wrong types: a string for the grey flag would train colour images as grey
+        npy.with_suffix(".json").write_text('{"labels": [0' + ', 0' * 11 + '], "classes": [], "grey": "no"}')
     capsys.readouterr()
     images, _, _ = load(folder)
     out = capsys.readouterr().out
@@ -127,13 +129,42 @@ def test_a_decode_killed_midway_is_not_trusted_and_its_file_is_removed_later(fol
     assert not orphan.exists() and live.exists()
 
 
-def test_an_empty_xdg_cache_home_means_the_home_cache(folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", "")  # as unset (the XDG spec), not the current folder
+@pytest.mark.parametrize("value", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_means_the_home_cache(folder, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("XDG_CACHE_HOME", value)  # as unset (the XDG spec), not under the current folder
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(folder)
     load(folder)
     assert any((tmp_path / "home" / ".cache" / "ddpm-toolkit").glob("data-*.npy"))
-    assert not (folder / "ddpm-toolkit").exists()
+    assert not (folder / "ddpm-toolkit").exists() and not (folder / "relative").exists()
+
+
+def test_a_changed_file_is_decoded_again_and_the_old_cache_removed(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(("red", "green")):  # BMPs of one size are files of one size
+        Image.new("RGB", (16, 16), colour).save(data / f"{i}.bmp")
+    load(data)
+    image, before = data / "0.bmp", (data / "0.bmp").stat()
+    Image.new("RGB", (16, 16), "blue").save(image)  # another picture, with the old size and modification time
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size == before.st_size
+    capsys.readouterr()
+    images, _, _ = load(data)
+    out = capsys.readouterr().out
+    assert "decoded 2/2 images" in out and "the image cache of an earlier state of" in out
+    assert torch.equal(images, decoded(data))  # not the cache of the old file
+    assert len(cache_files(tmp_path)) == 2  # the new .npy and .json only
+
+
+def test_a_killed_decodes_file_is_removed_by_a_run_that_finds_the_cache(folder, tmp_path, capsys):
+    load(folder)
+    orphan = tmp_path / "cache" / "ddpm-toolkit" / "data-x.npy.y.tmp"
+    orphan.write_bytes(b"left by a killed decode")
+    os.utime(orphan, (time.time() - 120,) * 2)
+    capsys.readouterr()
+    load(folder)
+    assert capsys.readouterr().out == "" and not orphan.exists()  # the cache was read, and the orphan removed
 
 
 def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypatch, capsys):
