@@ -6,7 +6,7 @@
 
 The network is TensorFlow's inception-2015-12-05 graph as pytorch-fid ports it; the numbers and statistics
 files follow pytorch-fid's (PIL decoding to RGB, bilinear resize to 299x299, 2048-d pool3 features, float64
-statistics, scipy's sqrtm). Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit
+statistics, scipy's sqrtm); rotated (EXIF), 16-bit and transparent images are decoded as train.py trains on them. Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit
 (~/.cache), else a sha256-checked download. Bad input: one line on stderr, exit status 2, before any work.
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
@@ -26,14 +26,14 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 # sha256 of the file at WEIGHTS_URL (95,628,359 bytes); its first 8 hex digits are the name's (torch.hub's rule).
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
-STATS_VERSION = 1  # part of the statistics cache key: change it when the preprocessing changes
+STATS_VERSION = 2  # part of the statistics cache key: change it when the preprocessing changes
 DIMS = 2048  # pool3 features, the dimension of every statistics file used with the network
 COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
@@ -190,7 +190,8 @@ class FIDInception(NamedConvs):
 # --- Weights
 
 def cache_dir():
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ddpm-toolkit'
+    cache = os.environ.get('XDG_CACHE_HOME', '')  # the XDG spec: an empty or relative one is ignored
+    return Path(cache if os.path.isabs(cache) else Path.home() / '.cache') / 'ddpm-toolkit'
 
 
 def find_weights(weights=None, download=True):
@@ -278,11 +279,25 @@ def model_input(images, device):
 
 
 def read_image(path, verify=False):
-    """uint8 [H, W, 3]: PIL's decoding converted to RGB (grey replicated, alpha dropped), as pytorch-fid. verify:
-    only PIL's check of the file, without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
+    """uint8 [H, W, 3] as train.py reads a training image (before resizing it): EXIF orientation applied, 16-bit grey
+    scaled to 8 bits, transparency composited on white, then RGB (grey replicated). For 8-bit images without these
+    it is pytorch-fid's decoding, PIL's convert('RGB'), which would ignore the orientation, clip 16 bits to white and
+    drop alpha. verify: only PIL's check of the file, without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
     try:
         with Image.open(path) as image:
-            return image.verify() if verify else np.array(image.convert('RGB'))  # a writable copy for torch
+            if verify:
+                return image.verify()
+            kind = image.format
+            if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag: rotated or mirrored
+                image = ImageOps.exif_transpose(image)
+            if image.mode.startswith('I;16') or (image.mode == 'I' and kind != 'TIFF'):  # I: a 16-bit PGM
+                grey, transparent = np.asarray(image, np.float64), image.info.get('transparency')
+                image = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
+                if transparent is not None:
+                    image.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
+            if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+                image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
+            return np.array(image.convert('RGB'))  # a writable copy for torch
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL uses all of these
         raise FIDError(f'{path}: cannot read this image ({e}); remove or replace it') from None
 
@@ -350,8 +365,18 @@ def image_files(path, n=None):
     check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
-    # Only regular files (is_file follows links): reading a FIFO named x.png would block forever.
-    images = sorted(p for p in Path(path).rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    # As train.py's search: linked folders outside `path` followed once, a link to a folder inside it skipped (that
+    # folder is read under its own name), regular files only (is_file follows links: a FIFO named x.png would block).
+    images, seen, top = [], set(), os.path.join(os.path.realpath(path), '')
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        if os.path.realpath(folder) in seen:  # a link loop, or a folder linked twice
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        subfolders[:] = [d for d in subfolders if not (os.path.islink(os.path.join(folder, d)) and os.path.join(
+            os.path.realpath(os.path.join(folder, d)), '').startswith(top))]
+        images += [p for p in map(Path(folder).joinpath, names) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    images.sort()
     if len(images) < 2:
         raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}); '
                        'FID needs at least 2')
@@ -417,8 +442,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
         imaginary = np.abs(np.diagonal(covmean).imag).max() if np.iscomplexobj(covmean) else 0
         if imaginary > 1e-3:  # rounding leaves a tiny imaginary part; a large one, no trustworthy root
-            raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}); '
-                           'use more images')
+            raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}): '
+                           'use more images, or statistics whose sigma is a covariance')
         value = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
     # d^2 (a squared norm plus the squared Bures distance of two PSD matrices) is >= 0. sqrtm is good to about 1e-7
     # of the traces (Inception features against themselves give -5e-5): a negative within 1e-5 of them reads 0.
@@ -431,9 +456,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def save_stats(path, mu, sigma, n=None):
     """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place."""
-    with open(f'{path}.part', 'wb') as f:
-        np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
-    os.replace(f'{path}.part', path)
+    try:
+        with open(f'{path}.part', 'wb') as f:
+            np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
+        os.replace(f'{path}.part', path)
+    finally:  # a full disk leaves no half-written file
+        Path(f'{path}.part').unlink(missing_ok=True)
 
 
 def load_stats(path, network=False):
@@ -456,27 +484,37 @@ def load_stats(path, network=False):
 
 
 def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
-    """(mu, sigma) of a .npz with keys mu and sigma (n is then ignored) or of a folder's first n images, the
-    latter cached under a key of the resolved path, n and each image's name, size and modification time."""
-    if str(ref).endswith('.npz'):
-        return load_stats(ref, network=True)[:2]
+    """(mu, sigma) of a .npz with keys mu and sigma (n is then ignored) or of a folder's first n images, the latter
+    cached under a key of the resolved path, n and each image's name, size, mtime and ctime (which any write changes,
+    and which cannot be set back). A damaged cache file is computed again, an unwritable cache folder is not used."""
+    if not Path(ref).is_dir():
+        if str(ref).lower().endswith('.npz'):
+            return load_stats(ref, network=True)[:2]
+        raise FIDError(f'{ref}: {"neither a folder of images nor a .npz" if Path(ref).exists() else "no such folder"}')
     files = image_files(ref, n)
     key = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode())
-    for f in files:
-        key.update(f'{f.relative_to(ref)}\t{f.stat().st_size}\t{f.stat().st_mtime_ns}\n'.encode())
+    for f, st in ((f, f.stat()) for f in files):
+        key.update(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n'.encode())
     cached = cache_dir() / 'fid-stats' / f'{key.hexdigest()[:24]}.npz'
     if cached.is_file():
-        return load_stats(cached)[:2]
+        try:
+            return load_stats(cached)[:2]
+        except FIDError as e:
+            print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
     verify_images(files)
     mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    save_stats(cached, mu, sigma, len(files))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(cached, mu, sigma, len(files))
+    except OSError as e:
+        print(f'fid: cannot cache the statistics in {cached.parent} ({e.strerror}); not cached', file=sys.stderr)
     return mu, sigma
 
 
 def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
-    """FID of the first n `samples` (float [N, C, H, W] in [-1, 1]) against `ref`'s first n images or its .npz
-    statistics, loading the network if no `model` is given."""
+    """FID of the first n (None: all) `samples` (float [N, C, H, W] in [-1, 1]) against `ref`'s first n images or its
+    .npz statistics, loading the network if no `model` is given."""
+    n = len(samples) if n is None else n
     check_counts(n=n)
     if len(samples) < max(n, 2):
         raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
@@ -510,7 +548,7 @@ def check_args(args):
                        else 'give two PATHs to compare, or one PATH and --save-stats OUT.npz')
     if args.save_stats:  # can save_stats write there? Asked now, not after the work
         out = Path(args.save_stats)
-        if out.suffix != '.npz' or (out.exists() and not out.is_file()):
+        if out.suffix.lower() != '.npz' or (out.exists() and not out.is_file()):
             raise FIDError(f'--save-stats {out}: give a new or regular file whose name ends in .npz')
         try:
             tempfile.TemporaryFile(dir=out.parent).close()  # a nameless file, gone when closed
@@ -529,7 +567,7 @@ def check_args(args):
         if os.path.isdir(path):
             verify_images(image_files(path, args.n))  # enough images, each readable?
             inputs.append((path, None))
-        elif path.endswith('.npz'):
+        elif path.lower().endswith('.npz'):
             inputs.append((path, load_stats(path)))
         else:
             raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
@@ -565,7 +603,8 @@ def main(argv=None):
             results.append(stats)
         if args.save_stats:
             save_stats(args.save_stats, *results[0])
-            print(f'saved statistics of {results[0][2]} images from {args.paths[0]} to {args.save_stats}')
+            count = results[0][2] or 'an unknown number of'  # a .npz without n (pytorch-fid's)
+            print(f'saved statistics of {count} images from {args.paths[0]} to {args.save_stats}')
         else:
             value = frechet_distance(*results[0][:2], *results[1][:2])
             n1, n2 = (stats[2] or '?' for stats in results)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fid
 import sample
 import train
 from test_train import TINY, folder  # noqa: F401  (folder is a fixture)
@@ -180,6 +181,36 @@ def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypat
     assert os.listdir(tmp_path / "scratch") == []  # the data lives until the mapping ends, then nothing is left
     train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
     assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_fid_finds_the_images_train_finds_through_links(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "a").mkdir(parents=True)
+    outside.mkdir()
+    for image in (data / "a" / "1.png", data / "2.png", outside / "3.png"):
+        Image.new("RGB", (4, 4)).save(image)
+    (data / "out").symlink_to(outside)  # followed
+    (data / "again").symlink_to(data / "a")  # skipped: that folder is read as a/
+    (data / "a" / "loop").symlink_to(data)  # a loop
+    expected = [str(data / "2.png"), str(data / "a" / "1.png"), str(data / "out" / "3.png")]
+    assert train.find_images(str(data)) == expected and [str(p) for p in fid.image_files(data)] == expected
+
+
+def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_path):
+    clear = Image.new("RGBA", (6, 4), (255, 0, 0, 0))  # transparent red: white, not red or black
+    clear.putpixel((0, 0), (0, 0, 255, 255))
+    clear.save(tmp_path / "clear.png")
+    Image.fromarray(np.arange(24, dtype=np.uint16).reshape(4, 6) * 2000).save(tmp_path / "grey16.png")
+    rotated = Image.new("RGB", (6, 4), "green")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: 4 wide, 6 high
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("clear.png", "grey16.png", "rotated.jpg"):
+        image = fid.read_image(tmp_path / name)
+        assert np.array_equal(image, sample.read_image(str(tmp_path / name), image.shape[:2])), name
+    assert fid.read_image(tmp_path / "rotated.jpg").shape == (6, 4, 3)
+    assert fid.read_image(tmp_path / "clear.png")[0, 1].tolist() == [255, 255, 255]
+    assert fid.read_image(tmp_path / "grey16.png").max() == 23 * 2000 // 257  # not clipped to 255
 
 
 def test_a_fifo_named_like_an_image_is_skipped(tmp_path):

@@ -188,6 +188,45 @@ def test_reference_stats_are_cached_until_the_folder_changes(model, mnist, tmp_p
         fid.reference_stats(folder, model)
 
 
+def test_the_statistics_cache_sees_a_rewritten_file_and_survives_damage(mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    folder, calls = write_pngs(tmp_path / 'ref', mnist[1][:4]), []
+    monkeypatch.setattr(fid, 'folder_activations',  # stands in for Inception: new activations at every call
+                        lambda *a, **k: calls.append(1) or np.random.default_rng(len(calls)).normal(size=(4, 8)))
+    fid.reference_stats(folder, None)
+    image = folder / '00000.png'
+    before = image.stat()
+    image.write_bytes(image.read_bytes())  # rewritten, with its name, size and modification time as they were
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    fid.reference_stats(folder, None)
+    assert len(calls) == 2  # the ctime tells
+    cached = next((tmp_path / 'cache' / 'ddpm-toolkit' / 'fid-stats').glob('*.npz'))
+    cached.write_bytes(b'damaged')
+    mu, _ = fid.reference_stats(folder, None)
+    assert len(calls) == 3 and 'cached statistics are damaged' in capsys.readouterr().err
+    assert np.array_equal(fid.load_stats(cached)[0], mu)  # repaired
+    monkeypatch.setenv('XDG_CACHE_HOME', str(image))  # a file where the cache folder would be: used without it
+    assert len(fid.reference_stats(folder, None)) == 2 and len(calls) == 4
+    assert 'not cached' in capsys.readouterr().err
+
+
+def test_statistics_files_by_their_name_folders_by_theirs(mnist, tmp_path, monkeypatch, capsys):
+    folder = write_pngs(tmp_path / 'looks.npz', mnist[1][:3])  # a folder, whatever its name
+    assert [p.name for p in fid.image_files(folder)] == ['00000.png', '00001.png', '00002.png']
+    stats = tmp_path / 'REF.NPZ'
+    with open(stats, 'wb') as f:
+        np.savez(f, mu=np.zeros(2048), sigma=np.eye(2048))  # pytorch-fid's keys only: no n
+    assert fid.main([str(stats), '--save-stats', str(tmp_path / 'copy.npz')]) == 0
+    assert 'saved statistics of an unknown number of images' in capsys.readouterr().out
+    assert fid.reference_stats(stats, None)[0].shape == (2048,)
+    with pytest.raises(fid.FIDError, match='neither a folder of images nor a .npz'):
+        fid.reference_stats(folder / '00000.png', None)
+    seen = []  # n=None scores every sample
+    monkeypatch.setattr(fid, 'activations', lambda x, *a, **k: seen.append(len(x)) or np.zeros((len(x), 3)))
+    monkeypatch.setattr(fid, 'reference_stats', lambda ref, model, n=None, **k: seen.append(n) or (np.zeros(3), np.eye(3)))
+    assert fid.fid_from_samples(torch.zeros(5, 3, 8, 8), stats, None, model=object()) == 3.0 and seen == [5, 5]
+
+
 # --- where the weights come from (never the network here) ---------------------------------------------
 
 def test_weights_resolution_order(tmp_path, monkeypatch):
