@@ -154,6 +154,8 @@ class Diffusion:
         """(eps, x0) at x_t, x0 clipped to [-1, 1] and eps made consistent with it, as the paper's sampler does.
         Guidance w (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x_t, y) - w eps(x_t, null), in one batched call."""
         t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        if guidance and y is None:
+            raise ValueError("guidance needs labels y: it steers the samples towards their class")
         if guidance:  # linear, so guiding x0 or v is the same as guiding eps
             cond, uncond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([y, torch.full_like(y, -1)])).chunk(2)
             out = (1 + guidance) * cond.float() - guidance * uncond.float()
@@ -208,9 +210,10 @@ class Diffusion:
             pass
         return x.clamp(-1, 1)
 
-    def ddim_loop(self, model, x, steps=50, eta=0.0, y=None, guidance=0.0, generator=None):
-        """DDIM (Song et al. 2021, eq. 12) on `steps` spaced timesteps; eta=0 is deterministic, eta=1 DDPM-like."""
-        ts = spaced_timesteps(self.T, steps)
+    def ddim_loop(self, model, x, steps=None, eta=0.0, y=None, guidance=0.0, generator=None):
+        """DDIM (Song et al. 2021, eq. 12) on `steps` (default 50, or T if fewer) spaced timesteps; eta=0 is
+        deterministic, eta=1 DDPM-like."""
+        ts = spaced_timesteps(self.T, min(50, self.T) if steps is None else steps)
         for i, t in enumerate(ts):
             eps, x0 = self.predict(model, x, t, y, guidance)
             a_t = self.alphas_cumprod[t].item()
@@ -221,11 +224,11 @@ class Diffusion:
                 x = x + sigma * randn(x.shape, generator, x.device)
             yield t, x, x0
 
-    def dpm_solver_loop(self, model, x, steps=20, y=None, guidance=0.0):
+    def dpm_solver_loop(self, model, x, steps=None, y=None, guidance=0.0):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, r = h_prev / h): multistep, second order in the data
         prediction x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM); the last
-        lands on sigma = 0, where the first-order update is x_0 itself, as in DDIM."""
-        ts = spaced_timesteps(self.T, steps)
+        lands on sigma = 0, where the first-order update is x_0 itself, as in DDIM. steps: default 20, or T if fewer."""
+        ts = spaced_timesteps(self.T, min(20, self.T) if steps is None else steps)
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = (alpha / sigma).log()
         x0_prev, h_prev = None, None
@@ -241,7 +244,8 @@ class Diffusion:
                 x0_prev, h_prev = x0, h
             yield s, x, x0
 
-    def loop(self, model, x, sampler="ddim", steps=50, eta=0.0, variance="beta", y=None, guidance=0.0, generator=None):
+    def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
+             generator=None):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
         if sampler == "ddpm":
             return self.ddpm_loop(model, x, y, guidance, variance, generator)

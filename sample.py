@@ -142,6 +142,8 @@ def write_atomically(path, write, tmp=None):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return result
+    except OSError as e:  # a full disk, say: named by the file it was for, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -150,7 +152,8 @@ def write_atomically(path, write, tmp=None):
 # The checkpoint, one dict of plain types and tensors (torch.load weights_only). format 2: attention's dense
 # layers stored 2-D. train.py adds the optimizer and scaler states, which sampling does not need.
 FORMAT = 2
-CHECKPOINT_KEYS = ("format", "step", "config", "model_config", "diffusion", "classes", "model", "ema")
+CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": dict, "diffusion": dict,  # and types
+                   "classes": (list, tuple), "model": dict, "ema": dict}
 
 
 def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler):
@@ -176,8 +179,16 @@ def load_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise ValueError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
     if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
         raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
+    config = ckpt["model_config"]
+    if "image_size" not in config:  # the network's default size would be built, and its weights blamed
+        raise ValueError(f"{path}: not a train.py checkpoint (its model_config has no image_size)")
+    if config.get("num_classes") and [type(c) for c in ckpt["classes"]] != [str] * config["num_classes"]:
+        raise ValueError(f"{path}: its classes are not {config['num_classes']} names, one per class of its network")
     broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
               if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
     if broken:
@@ -240,7 +251,12 @@ def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
 
 
 def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
-    grid_image(x, nrow, pad, scale, labels).save(path)
+    save_png(grid_image(x, nrow, pad, scale, labels), path)
+
+
+def save_png(image, path):
+    """A Pillow image as a PNG file, written atomically: a full disk or a kill leaves no broken file."""
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
@@ -259,7 +275,7 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
     device = next(model.parameters()).device
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
-    ts = ts or [t for t in default if t < diffusion.T]
+    ts = ts or sorted({min(round(t * diffusion.T / 1000), diffusion.T - 1) for t in default})  # at T = 1000, scaled
     measure = ImageDraw.Draw(Image.new("L", (1, 1))).textlength
 
     def scale(captions):  # 2x, or more where a caption is wider than its column
@@ -305,10 +321,10 @@ def save_picture(picture, path):
     """A strip as PNG, or (strip, frames) as the strip's PNG or a GIF holding the last frame for two seconds."""
     strip, frames = picture if isinstance(picture, tuple) else (picture, None)
     if path.lower().endswith(".gif"):
-        frames[0].save(path, save_all=True, append_images=frames[1:], loop=0,
-                       duration=[60] * (len(frames) - 1) + [2000])
+        write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                        loop=0, duration=[60] * (len(frames) - 1) + [2000]))
     else:
-        strip.save(path)
+        save_png(strip, path)
 
 
 def load_mask(path, size, image=None):
@@ -364,7 +380,8 @@ def build_parser():
                      "samples, x_T slerped between two noise draws (a deterministic sampler: dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+",
-                   help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 / 100 250 400 550 700 850)")
+                   help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 / 100 250 400 550 700 850, "
+                   "scaled to the checkpoint's T)")
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
     v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
                    "--jump steps (1: one; published: --resample 10 --jump 10, ~r times the time; README, Pictures)")
@@ -412,8 +429,9 @@ def check_args(p, args, world=1):
          "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),
         (picture == "inpaint", args.mask, "--inpaint needs --mask: an image whose white pixels are the ones to fill"),
         (args.fid, (args.n or 64) >= 2, "--fid needs --n 2 or more"),
-        (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) write --out-dir; "
-         "run fid.py on it afterwards (--fid and the pictures take one process)"),
+        (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) need --out-dir, "
+         "where each writes its share of the samples (--fid and the pictures take one process: run fid.py on "
+         "--out-dir afterwards)"),
         (args.process, os.path.splitext(args.process or "")[1].lower() in (".gif", ".png"),
          "--process: give a .gif or .png path"),  # splitext: ".png" alone is a name, not an extension
         (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
@@ -544,7 +562,8 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
             raise SystemExit(1)
         if args.out_dir:
             for i, im in zip(idx, to_uint8(x)):
-                Image.fromarray(im[..., 0] if shape[0] == 1 else im).save(os.path.join(args.out_dir, f"{i:06d}.png"))
+                image = Image.fromarray(im[..., 0] if shape[0] == 1 else im)
+                save_png(image, os.path.join(args.out_dir, f"{i:06d}.png"))
         kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
             print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)

@@ -513,7 +513,7 @@ def draw_loss_curve(metrics, path):
     d.text((L, H - B + 6), str(first), fill="black")
     d.text((W - 70, H - B + 6), str(last), fill="black")
     d.text((W // 2 - 60, H - 18), "step (loss on a log scale)", fill="black")
-    im.save(path)
+    sample.save_png(im, path)
 
 
 def format_time(seconds):

@@ -69,6 +69,8 @@ def attention_levels(image_size, ch_mult, attn_res=(16,)):
 
 def check_size(image_size, ch_mult):
     """Raise ValueError naming the nearest sizes that work if H or W cannot be halved len(ch_mult)-1 times."""
+    if len(image_size) != 2:
+        raise ValueError(f"image_size {tuple(image_size)} is not (H, W)")
     factor = 2 ** (len(ch_mult) - 1)
     for side in image_size:
         if side % factor or side < factor:
@@ -213,6 +215,8 @@ class UNet(nn.Module):
         """x [N, C, H, W], t [N] integers in [0, T), y [N] labels (-1: null) or None -> eps [N, C, H, W]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        if self.class_emb is None and y is not None:  # guidance on it would silently do nothing
+            raise ValueError("labels y given to a network without classes (num_classes = 0)")
         if self.class_emb is not None:
             y = torch.full_like(t, -1) if y is None else y
             temb = temb + self.class_emb(torch.where(y < 0, self.num_classes, y))

@@ -51,6 +51,14 @@ def made(tmp_path_factory):
     ckpt["format"] = 99
     torch.save(ckpt, top / "future.pt")
     torch.save({"model": Code(str(top / "ran"))}, top / "code.pt")
+    edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
+             "classes_none": lambda c: c.update(classes=None), "no_size": lambda c: c["model_config"].pop("image_size"),
+             "size_3d": lambda c: c["model_config"].update(image_size=(16, 16, 16)),
+             "classes_short": lambda c: (c["model_config"].update(num_classes=4), c.update(classes=["a", "b"]))}
+    for name, edit in edits.items():
+        ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, top / f"{name}.pt")
     Image.fromarray(np.full((16, 32), 255, np.uint8)).save(top / "wide.png")
     return top
 
@@ -259,6 +267,12 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),
     (["{d}/code.pt"], ["code.pt", "Python objects", "none was run"]),
+    (["{d}/ema_none.pt"], ["ema_none.pt", "its ema is a NoneType"]),
+    (["{d}/format_true.pt"], ["format_true.pt", "its format is a bool"]),
+    (["{d}/classes_none.pt"], ["classes_none.pt", "its classes is a NoneType"]),
+    (["{d}/no_size.pt"], ["no_size.pt", "its model_config has no image_size"]),
+    (["{d}/size_3d.pt"], ["does not build", "image_size (16, 16, 16) is not (H, W)"]),
+    (["{d}/classes_short.pt"], ["classes_short.pt", "its classes are not 4 names"]),
 ])
 def test_sample_refuses_checkpoints(argv, words, made, capsys):
     refused(sample.main, argv, words, made, capsys)

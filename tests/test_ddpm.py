@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ddpm
+import unet
 
 
 def test_linear_alpha_bar_matches_closed_form():
@@ -100,6 +101,16 @@ def test_guidance_combines_in_one_forward_pass():
     _, x0 = d.predict(model, x, 500, y=torch.tensor([0, 1]), guidance=0.25)
     assert calls == [4]  # one batched call: conditional and null halves together
     torch.testing.assert_close(x0, torch.full_like(x, (1 + 0.25) * 0.4 - 0.25 * -0.4))
+
+
+def test_library_defaults_fit_a_small_T_and_guidance_needs_labels():
+    d, x = ddpm.Diffusion("cosine", T=12, target="v"), torch.zeros(2, 1, 4, 4)
+    for sampler, steps in (("ddim", 12), ("dpm++", 12)):  # default 50 and 20 steps, but no more than T
+        assert len(list(d.loop(lambda x, t, y: torch.zeros_like(x), x, sampler=sampler))) == steps
+    with pytest.raises(ValueError, match="guidance needs labels y"):
+        d.predict(lambda x, t, y: x, x, 5, guidance=2.0)
+    with pytest.raises(ValueError, match="network without classes"):  # guidance would silently do nothing
+        unet.UNet(ch=32, ch_mult=(1,), num_res_blocks=1, image_size=(4, 4), in_ch=1)(x, torch.zeros(2), torch.zeros(2))
 
 
 def test_immiscible_assignment_is_optimal():

@@ -270,6 +270,40 @@ def test_pictures_of_the_process_from_the_command_line(folder, tmp_path, capsys)
     one_line_error(run("sample.py", ckpt, "--process", tmp_path / "p.jpg"), "--process", ".gif")
 
 
+def test_default_steps_of_pictures_are_scaled_to_a_small_T(folder, tmp_path):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY, "--T", "50"])
+    ckpt, img = str(tmp_path / "r" / "ckpt.pt"), str(next(folder.rglob("*.png")))
+    sample.main([ckpt, "--forward", img, "--grid", str(tmp_path / "f.png")])  # 0 2 5 12 25 38 49, not t=0 alone
+    assert Image.open(tmp_path / "f.png").size == (7 * 34 + 2, 12 + 34 + 2)
+    sample.main([ckpt, "--mix", img, img, "--grid", str(tmp_path / "m.png")])  # a, b, blend and 6 mixes, not none
+    assert Image.open(tmp_path / "m.png").size == (9 * 34 + 2, 12 + 34 + 2)
+
+
+def test_a_failed_write_leaves_no_broken_png_and_names_the_file(folder, tmp_path, monkeypatch):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    ckpt, grid, out = str(tmp_path / "r" / "ckpt.pt"), tmp_path / "grid.png", tmp_path / "gen"
+    sample.main([ckpt, "--n", "2", "--steps", "2", "--grid", str(grid)])
+    before, save, saves = grid.read_bytes(), Image.Image.save, []
+
+    def disk_full_at_the_third(image, f, **kw):  # half a file, then no space: as a full disk does
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return save(image, f, **kw)
+    monkeypatch.setattr(Image.Image, "save", disk_full_at_the_third)
+    with pytest.raises(OSError) as e:
+        sample.main([ckpt, "--n", "4", "--steps", "2", "--grid", str(grid), "--out-dir", str(out)])
+    assert e.value.filename == str(out / "000002.png") and e.value.strerror == "No space left on device"
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png"]  # no broken third, no temporary file
+    saves.clear()
+    saves.append(1)
+    saves.append(1)
+    with pytest.raises(OSError):
+        sample.main([ckpt, "--n", "2", "--steps", "2", "--grid", str(grid)])
+    assert grid.read_bytes() == before  # the old grid is whole
+
+
 def test_samples_are_the_same_for_any_batch_size_and_number_of_processes(folder, tmp_path):
     # sample i's x_T and sampler noise are a function of (seed, i): ddim with eta 1 draws noise at every step
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
