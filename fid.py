@@ -6,8 +6,9 @@
 
 The network is TensorFlow's inception-2015-12-05 graph as pytorch-fid ports it; the numbers and statistics
 files follow pytorch-fid's (PIL decoding to RGB, bilinear resize to 299x299, 2048-d pool3 features, float64
-statistics, scipy's sqrtm); rotated (EXIF), 16-bit and transparent images are decoded as train.py trains on them. Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit
-(~/.cache), else a sha256-checked download. Bad input: one line on stderr, exit status 2, before any work.
+statistics, scipy's sqrtm); rotated (EXIF), 16-bit and transparent images are decoded as train.py trains on them.
+Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit (~/.cache), else a sha256-checked download.
+Bad input: one line on stderr, exit status 2, before any work.
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
 import argparse

@@ -562,8 +562,8 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
             raise SystemExit(1)
         if args.out_dir:
             for i, im in zip(idx, to_uint8(x)):
-                image = Image.fromarray(im[..., 0] if shape[0] == 1 else im)
-                save_png(image, os.path.join(args.out_dir, f"{i:06d}.png"))
+                png = Image.fromarray(im[..., 0] if shape[0] == 1 else im)
+                save_png(png, os.path.join(args.out_dir, f"{i:06d}.png"))
         kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
             print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)

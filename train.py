@@ -405,11 +405,12 @@ def remove_stale_caches(stem, source):
     """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond). Each change
     to a folder's files makes a new cache; one of an earlier state is read again only if the folder returns to it."""
     for other in glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json"):
+        npy = other[:-len(".json")] + ".npy"
         with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
             if other != stem + ".json" and json.load(f).get("source") == source:
                 os.remove(other)  # first: a cache without its .json is never trusted
-                os.remove(other[:-len(".json")] + ".npy")
-                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
+                os.remove(npy)
+                log(f"removed {npy}, the image cache of an earlier state of {source[0]}")
 
 
 def read_cache(stem, size):
@@ -969,8 +970,9 @@ def stopped_anywhere(run, stop):
     if run.world > 1:  # the signal's number, so that every process exits with 128 + it
         number = torch.tensor([getattr(signal, stop.signal) if stop.signal else 0], device=run.device)
         dist.all_reduce(number, dist.ReduceOp.MAX)
-        if number.item() and not stop.signal:  # never cleared here: a signal may have come since
-            stop.signal = signal.Signals(int(number.item())).name
+        number = int(number.item())
+        if number and not stop.signal:  # never cleared here: a signal may have come since
+            stop.signal = signal.Signals(number).name
     return stop.signal is not None
 
 
