@@ -486,8 +486,9 @@ def load_stats(path, network=False):
 
 def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
     """(mu, sigma) of a .npz with keys mu and sigma (n is then ignored) or of a folder's first n images, the latter
-    cached under a key of the resolved path, n and each image's name, size, mtime and ctime (which any write changes,
-    and which cannot be set back). A damaged cache file is computed again, an unwritable cache folder is not used."""
+    cached under a key of the resolved path, n and each image's name, size and mtime (rsync's quick check: a file
+    rewritten with its size and mtime put back is not seen). A damaged cache file is computed again, an unwritable
+    cache folder is not used."""
     if not Path(ref).is_dir():
         if str(ref).lower().endswith('.npz'):
             return load_stats(ref, network=True)[:2]
@@ -495,7 +496,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     files = image_files(ref, n)
     key = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode())
     for f, st in ((f, f.stat()) for f in files):
-        key.update(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n'.encode())
+        key.update(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
     cached = cache_dir() / 'fid-stats' / f'{key.hexdigest()[:24]}.npz'
     if cached.is_file():
         try:

@@ -386,11 +386,12 @@ def load_folder(root, paths, size, cond, stem):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if target == scratch:  # (the cache's are removed by load_dataset)
                 remove_orphans(glob.escape(scratch.rsplit("-", 1)[0]) + "-*.tmp")
+            started = time.time()
             keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = {"labels": labels[keep].tolist(), "classes": classes, "grey": grey, "source": [root, list(size), cond]}
+            meta = dict(labels=labels[keep].tolist(), classes=classes, grey=grey, source=[root, list(size), cond])
             if target == stem:
                 sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
-                remove_stale_caches(stem, meta["source"])
+                remove_stale_caches(stem, meta["source"], started)
             images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
             if target == scratch:
                 os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
@@ -401,13 +402,15 @@ def load_folder(root, paths, size, cond, stem):
             log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
 
 
-def remove_stale_caches(stem, source):
-    """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond). Each change
-    to a folder's files makes a new cache; one of an earlier state is read again only if the folder returns to it."""
-    for other in glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json"):
+def remove_stale_caches(stem, source, started):
+    """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond), written
+    before this decode `started` (a later one may be of a newer state). Each change to a folder's files makes a new
+    cache; one of an earlier state is read again only if the folder returns to it."""
+    for other in filter(os.path.isfile, glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json")):  # not a FIFO
         npy = other[:-len(".json")] + ".npy"
         with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
-            if other != stem + ".json" and json.load(f).get("source") == source:
+            earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
+            if earlier and json.load(f).get("source") == source:
                 os.remove(other)  # first: a cache without its .json is never trusted
                 os.remove(npy)
                 log(f"removed {npy}, the image cache of an earlier state of {source[0]}")
@@ -424,8 +427,8 @@ def read_cache(stem, size):
         if images.shape != (len(meta["labels"]), 3, *size) or images.dtype != np.uint8:
             raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
         labels, classes = meta["labels"], meta["classes"]
-        if not (isinstance(meta["grey"], bool) and all(isinstance(c, str) for c in classes)
-                and all(type(n) is int and 0 <= n < max(1, len(classes)) for n in labels)):
+        typed = isinstance(meta["grey"], bool) and isinstance(classes, list) and all(type(c) is str for c in classes)
+        if not (typed and all(type(n) is int and 0 <= n < max(1, len(classes)) for n in labels)):
             raise ValueError("its labels, classes or grey flag are not what a decode writes")
         return images, meta
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
@@ -435,7 +438,7 @@ def read_cache(stem, size):
 def load_dataset(args, size):
     """The training images as uint8 [N, C, H, W], labels [N] and class names. A folder is decoded once into a
     cache file that every process maps: processes of a machine share one copy in the page cache, and a batch
-    reads only its own images. The cache is keyed by every file's name, size, mtime and ctime."""
+    reads only its own images. The cache is keyed by every file's name, size and mtime."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
         images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
@@ -444,8 +447,8 @@ def load_dataset(args, size):
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
             fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
-        if not args.no_cache:  # ctime too: any write changes it, and unlike mtime it cannot be set back
-            stats = [(p, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in paths for st in (os.stat(p),)]
+        if not args.no_cache:  # rsync's quick check: not ctime, which a copy (cp -a to scratch, per job) renews
+            stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
             cache = os.environ.get("XDG_CACHE_HOME", "")  # the XDG spec: an empty or relative one is ignored
             stem = os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit",

@@ -1,5 +1,6 @@
 """The decoded-image cache (one memory-mapped file, written atomically, rebuilt when damaged) and two-node training."""
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -68,7 +69,7 @@ def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, dam
     elif damage == "bad json":
         npy.with_suffix(".json").write_text('{"labels": [0, 0')
     else:  # valid JSON, of the wrong types: a string for the grey flag would train colour images as grey
-        npy.with_suffix(".json").write_text('{"labels": [0' + ', 0' * 11 + '], "classes": [], "grey": "no"}')
+        npy.with_suffix(".json").write_text('{"labels": [0' + ', 0' * 11 + '], "classes": "ab", "grey": "no"}')
     capsys.readouterr()
     images, _, _ = load(folder)
     out = capsys.readouterr().out
@@ -140,22 +141,28 @@ def test_an_empty_or_relative_xdg_cache_home_means_the_home_cache(folder, tmp_pa
     assert not (folder / "ddpm-toolkit").exists() and not (folder / "relative").exists()
 
 
-def test_a_changed_file_is_decoded_again_and_the_old_cache_removed(tmp_path, capsys):
-    data = tmp_path / "data"
+def test_a_changed_folder_is_decoded_again_and_only_earlier_caches_removed(tmp_path, capsys, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache" / "ddpm-toolkit"
     data.mkdir()
-    for i, colour in enumerate(("red", "green")):  # BMPs of one size are files of one size
-        Image.new("RGB", (16, 16), colour).save(data / f"{i}.bmp")
+    for i, colour in enumerate(("red", "green")):
+        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
     load(data)
-    image, before = data / "0.bmp", (data / "0.bmp").stat()
-    Image.new("RGB", (16, 16), "blue").save(image)  # another picture, with the old size and modification time
-    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert image.stat().st_size == before.st_size
+    Image.new("RGB", (16, 16), "blue").save(data / "0.png")
+    os.mkfifo(cache / "data-fifo.json")  # never opened: reading it would block
+    later, read = cache / "data-later", sample.read_image
+
+    def another_run_caches_a_newer_state(path, size):  # while this decode runs: a cache to keep
+        if not later.with_suffix(".json").exists():
+            later.with_suffix(".npy").write_bytes(b"")
+            later.with_suffix(".json").write_text(json.dumps({"source": [str(data), [16, 16], False]}))
+        return read(path, size)
+    monkeypatch.setattr(sample, "read_image", another_run_caches_a_newer_state)
     capsys.readouterr()
     images, _, _ = load(data)
     out = capsys.readouterr().out
-    assert "decoded 2/2 images" in out and "the image cache of an earlier state of" in out
+    assert "decoded 2/2 images" in out and out.count("the image cache of an earlier state of") == 1
     assert torch.equal(images, decoded(data))  # not the cache of the old file
-    assert len(cache_files(tmp_path)) == 2  # the new .npy and .json only
+    assert len(cache_files(tmp_path)) == 5  # the new .npy and .json, the FIFO, the later cache's two files
 
 
 def test_a_killed_decodes_file_is_removed_by_a_run_that_finds_the_cache(folder, tmp_path, capsys):
