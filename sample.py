@@ -9,6 +9,7 @@ The checkpoint carries the network and diffusion configuration; the EMA weights 
 """
 import argparse
 import contextlib
+import errno
 import math
 import os
 import re
@@ -130,16 +131,21 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
 
 
 def write_atomically(path, write, tmp=None):
-    """write(f) to a temporary file beside path (`tmp`, or a new unique one), flushed, then renamed to path: no reader
-    sees part of a file. An error removes the temporary file; a kill leaves it, under a name nothing reads."""
-    if tmp is None:
-        fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", os.path.dirname(path) or ".")
-        os.close(fd)
+    """write(f) to a temporary file beside path (`tmp`, or a new unique one: a link at path is written through),
+    flushed, then renamed to path: no reader sees part of a file. An error removes the temporary file; a kill leaves
+    it, under a name nothing reads (PATH.<random>.tmp)."""
+    if tmp is None:  # not mkstemp's file, which is private (0600): a written file gets the umask's mode
+        path = os.path.realpath(path)
+        tmp = f"{path}.{os.getpid()}{os.urandom(4).hex()}.tmp"
     try:
         with open(tmp, "wb") as f:
             result = write(f)
             f.flush()
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:  # a file system without fsync: the rename still keeps readers from a partial file
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+                    raise
         os.replace(tmp, path)
         return result
     except OSError as e:  # a full disk, say: named by the file it was for, not the temporary one
@@ -184,11 +190,14 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
     if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
         raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
-    config = ckpt["model_config"]
-    if "image_size" not in config:  # the network's default size would be built, and its weights blamed
-        raise ValueError(f"{path}: not a train.py checkpoint (its model_config has no image_size)")
-    if config.get("num_classes") and [type(c) for c in ckpt["classes"]] != [str] * config["num_classes"]:
-        raise ValueError(f"{path}: its classes are not {config['num_classes']} names, one per class of its network")
+    config, classes = ckpt["model_config"], ckpt["classes"]
+    size, n = config.get("image_size"), config.get("num_classes", 0)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+        raise ValueError(f"{path}: not a train.py checkpoint (its image_size {size!r} is not (H, W))")
+    if type(n) is not int or n < 0 or ckpt["step"] < 0:
+        raise ValueError(f"{path}: not a train.py checkpoint (its num_classes {n!r}, step {ckpt['step']})")
+    if n and not (all(type(c) is str for c in classes) and len(set(classes)) == len(classes) == n):
+        raise ValueError(f"{path}: its classes are not {n} different names, one per class of its network")
     broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
               if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
     if broken:
@@ -351,7 +360,7 @@ def build_parser():
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
-    p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
     p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance weight "
                    "w (Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional model. "
@@ -461,9 +470,9 @@ def check_args(p, args, world=1):
 
 def check_out_dir(folder, replace):
     """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
-    --replace its images are deleted (other files stay and are refused). A new folder is made when sampling
-    starts, not here, where a later refusal would leave it behind. The path is never normalised: "link/../x"
-    is where the kernel resolves it, not x."""
+    --replace its images are deleted, and what killed writes of them left (other files stay and are refused). A
+    new folder is made when sampling starts, not here, where a later refusal would leave it behind. The path is
+    never normalised: "link/../x" is where the kernel resolves it, not x."""
     given = existing = folder.rstrip("/") or "/"
     while not os.path.lexists(existing):  # up to the part of the path that exists
         existing = os.path.dirname(existing) or "."
@@ -471,8 +480,9 @@ def check_out_dir(folder, replace):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
     found = sorted(os.listdir(folder)) if existing == given else []
-    images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTS
-              and os.path.isfile(os.path.join(folder, f))]
+    def image(name):  # an image, or the temporary file a killed write of one left (NAME.png.<random>.tmp)
+        return os.path.splitext(name.rsplit(".", 2)[0] if name.endswith(".tmp") else name)[1].lower() in IMAGE_EXTS
+    images = [f for f in found if image(f) and os.path.isfile(os.path.join(folder, f))]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
         raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
@@ -496,11 +506,12 @@ def main(argv=None):
             sys.stdout = open(os.devnull, "w")
     args.n, args.jump = args.n or (4 if picture else None), args.jump or 10  # 10: RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loop = dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS, eta=args.eta or 0.0,
-                variance=args.variance or "beta", guidance=args.guidance)
+    loop = dict(sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, variance=args.variance or "beta",
+                guidance=args.guidance)
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
+        loop["steps"] = loop["steps"] or min(DEFAULT_STEPS, diffusion.T)  # the default: at most T
         if args.sampler != "ddpm" and loop["steps"] > diffusion.T:
             raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
         if args.t and max(args.t) >= diffusion.T:

@@ -54,7 +54,10 @@ def made(tmp_path_factory):
     edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
              "classes_none": lambda c: c.update(classes=None), "no_size": lambda c: c["model_config"].pop("image_size"),
              "size_3d": lambda c: c["model_config"].update(image_size=(16, 16, 16)),
-             "classes_short": lambda c: (c["model_config"].update(num_classes=4), c.update(classes=["a", "b"]))}
+             "classes_short": lambda c: (c["model_config"].update(num_classes=4), c.update(classes=["a", "b"])),
+             "size_float": lambda c: c["model_config"].update(image_size=(16.0, 16.0)),
+             "classes_float": lambda c: (c["model_config"].update(num_classes=2.0), c.update(classes=["a", "b"])),
+             "classes_twice": lambda c: (c["model_config"].update(num_classes=2), c.update(classes=["a", "a"]))}
     for name, edit in edits.items():
         ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
         edit(ckpt)
@@ -270,9 +273,12 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/ema_none.pt"], ["ema_none.pt", "its ema is a NoneType"]),
     (["{d}/format_true.pt"], ["format_true.pt", "its format is a bool"]),
     (["{d}/classes_none.pt"], ["classes_none.pt", "its classes is a NoneType"]),
-    (["{d}/no_size.pt"], ["no_size.pt", "its model_config has no image_size"]),
-    (["{d}/size_3d.pt"], ["does not build", "image_size (16, 16, 16) is not (H, W)"]),
-    (["{d}/classes_short.pt"], ["classes_short.pt", "its classes are not 4 names"]),
+    (["{d}/no_size.pt"], ["no_size.pt", "its image_size None is not (H, W)"]),
+    (["{d}/size_float.pt"], ["size_float.pt", "its image_size (16.0, 16.0) is not (H, W)"]),
+    (["{d}/classes_float.pt"], ["classes_float.pt", "its num_classes 2.0"]),
+    (["{d}/classes_twice.pt"], ["classes_twice.pt", "not 2 different names"]),
+    (["{d}/size_3d.pt"], ["size_3d.pt", "image_size (16, 16, 16) is not (H, W)"]),
+    (["{d}/classes_short.pt"], ["classes_short.pt", "its classes are not 4 different names"]),
 ])
 def test_sample_refuses_checkpoints(argv, words, made, capsys):
     refused(sample.main, argv, words, made, capsys)

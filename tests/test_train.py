@@ -1,7 +1,9 @@
 """End to end through train.py and sample.py on tiny data, and the errors users see for bad input."""
 import argparse
+import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -270,13 +272,34 @@ def test_pictures_of_the_process_from_the_command_line(folder, tmp_path, capsys)
     one_line_error(run("sample.py", ckpt, "--process", tmp_path / "p.jpg"), "--process", ".gif")
 
 
-def test_default_steps_of_pictures_are_scaled_to_a_small_T(folder, tmp_path):
-    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY, "--T", "50"])
+def test_a_checkpoint_with_fewer_than_20_steps_samples_and_draws_with_the_defaults(folder, tmp_path):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY, "--T", "10"])
     ckpt, img = str(tmp_path / "r" / "ckpt.pt"), str(next(folder.rglob("*.png")))
-    sample.main([ckpt, "--forward", img, "--grid", str(tmp_path / "f.png")])  # 0 2 5 12 25 38 49, not t=0 alone
-    assert Image.open(tmp_path / "f.png").size == (7 * 34 + 2, 12 + 34 + 2)
-    sample.main([ckpt, "--mix", img, img, "--grid", str(tmp_path / "m.png")])  # a, b, blend and 6 mixes, not none
+    sample.main([ckpt, "--n", "2", "--grid", str(tmp_path / "g.png")])  # dpm++ on all 10 steps, not 20
+    sample.main([ckpt, "--process", str(tmp_path / "p.png"), "--n", "1"])
+    assert Image.open(tmp_path / "p.png").size == (10 * 34 + 2, 12 + 2 * 34 + 2)
+    sample.main([ckpt, "--forward", img, "--grid", str(tmp_path / "f.png")])  # t = 0 1 2 5 8 9: the defaults, scaled
+    assert Image.open(tmp_path / "f.png").size == (6 * 34 + 2, 12 + 34 + 2)
+    sample.main([ckpt, "--mix", img, img, "--grid", str(tmp_path / "m.png")])  # a, b, blend, t = 1 2 4 6 7 8
     assert Image.open(tmp_path / "m.png").size == (9 * 34 + 2, 12 + 34 + 2)
+
+
+def test_sample_files_are_readable_written_through_links_and_their_leftovers_replaced(folder, tmp_path, monkeypatch):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    ckpt, out, real, link = str(tmp_path / "r" / "ckpt.pt"), tmp_path / "gen", tmp_path / "real.png", tmp_path / "link.png"
+    out.mkdir()
+    (out / "000000.png.1234abcd.tmp").write_bytes(b"what a killed write left")
+    real.write_bytes(b"")
+    link.symlink_to(real)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    umask = os.umask(0o022)  # a file system without fsync, and the usual umask
+    try:
+        sample.main([ckpt, "--n", "2", "--steps", "2", "--grid", str(link), "--out-dir", str(out), "--replace"])
+    finally:
+        os.umask(umask)
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png"]
+    assert link.is_symlink() and Image.open(real).size == (8 * 18 + 2, 18 + 2)  # the grid went through the link
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (real, *out.iterdir())} == {0o644}  # not mkstemp's 0600
 
 
 def test_a_failed_write_leaves_no_broken_png_and_names_the_file(folder, tmp_path, monkeypatch):
