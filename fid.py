@@ -12,6 +12,7 @@ Bad input: one line on stderr, exit status 2, before any work.
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -289,6 +290,9 @@ def read_image(path, verify=False):
             if verify:
                 return image.verify()
             kind = image.format
+            if image.mode == 'F' or (image.mode == 'I' and kind == 'TIFF'):  # train.py skips these too
+                raise FIDError(f'{path}: 32-bit pixels (float or integer) have no standard range; save it with 8 or '
+                               '16 bits')
             if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag: rotated or mirrored
                 image = ImageOps.exif_transpose(image)
             if image.mode.startswith('I;16') or (image.mode == 'I' and kind != 'TIFF'):  # I: a 16-bit PGM
@@ -374,7 +378,7 @@ def image_files(path, n=None):
             subfolders.clear()
             continue
         seen.add(os.path.realpath(folder))
-        subfolders[:] = [d for d in subfolders if not (os.path.islink(os.path.join(folder, d)) and os.path.join(
+        subfolders[:] = [d for d in sorted(subfolders) if not (os.path.islink(os.path.join(folder, d)) and os.path.join(
             os.path.realpath(os.path.join(folder, d)), '').startswith(top))]
         images += [p for p in map(Path(folder).joinpath, names) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
@@ -456,13 +460,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def save_stats(path, mu, sigma, n=None):
-    """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place."""
+    """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place
+    from a file of this process's own (concurrent writers of one path never share one). OSErrors name `path`."""
+    part = f'{path}.{os.getpid()}.part'
     try:
-        with open(f'{path}.part', 'wb') as f:
+        with open(part, 'wb') as f:
             np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {'n': n}))
-        os.replace(f'{path}.part', path)
-    finally:  # a full disk leaves no half-written file
-        Path(f'{path}.part').unlink(missing_ok=True)
+        os.replace(part, path)
+    except OSError as e:  # a full disk, say
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:  # never a half-written file left behind
+        Path(part).unlink(missing_ok=True)
 
 
 def load_stats(path, network=False):
@@ -487,20 +495,20 @@ def load_stats(path, network=False):
 def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
     """(mu, sigma) of a .npz with keys mu and sigma (n is then ignored) or of a folder's first n images, the latter
     cached under a key of the resolved path, n and each image's name, size and mtime (rsync's quick check: a file
-    rewritten with its size and mtime put back is not seen). A damaged cache file is computed again, an unwritable
-    cache folder is not used."""
+    rewritten with its size and mtime put back is not seen), and the files of its earlier states deleted. A damaged
+    cache file is computed again, an unwritable cache folder is not used."""
     if not Path(ref).is_dir():
         if str(ref).lower().endswith('.npz'):
             return load_stats(ref, network=True)[:2]
         raise FIDError(f'{ref}: {"neither a folder of images nor a .npz" if Path(ref).exists() else "no such folder"}')
-    files = image_files(ref, n)
-    key = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode())
-    for f, st in ((f, f.stat()) for f in files):
-        key.update(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
-    cached = cache_dir() / 'fid-stats' / f'{key.hexdigest()[:24]}.npz'
+    files, started = image_files(ref, n), time.time()
+    source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode()).hexdigest()[:12]
+    state = hashlib.sha256(''.join(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'
+                                   for f, st in ((f, f.stat()) for f in files)).encode()).hexdigest()[:12]
+    cached = cache_dir() / 'fid-stats' / f'{source}-{state}.npz'  # the folder and n, then its files' state
     if cached.is_file():
         try:
-            return load_stats(cached)[:2]
+            return load_stats(cached, network=True)[:2]
         except FIDError as e:
             print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
     verify_images(files)
@@ -508,6 +516,10 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cached, mu, sigma, len(files))
+        for old in cached.parent.glob(f'{source}-*.npz'):  # earlier states of the folder, cached before this began
+            with contextlib.suppress(OSError):  # (another process may remove it first)
+                if old != cached and old.stat().st_mtime < started:
+                    old.unlink()
     except OSError as e:
         print(f'fid: cannot cache the statistics in {cached.parent} ({e.strerror}); not cached', file=sys.stderr)
     return mu, sigma

@@ -197,6 +197,7 @@ def test_fid_finds_the_images_train_finds_through_links(tmp_path):
     for image in (data / "a" / "1.png", data / "2.png", outside / "3.png"):
         Image.new("RGB", (4, 4)).save(image)
     (data / "out").symlink_to(outside)  # followed
+    (data / "out2").symlink_to(outside)  # the same folder again: read once, as out/ (sorted first), by both
     (data / "again").symlink_to(data / "a")  # skipped: that folder is read as a/
     (data / "a" / "loop").symlink_to(data)  # a loop
     expected = [str(data / "2.png"), str(data / "a" / "1.png"), str(data / "out" / "3.png")]
@@ -218,6 +219,9 @@ def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_
     assert fid.read_image(tmp_path / "rotated.jpg").shape == (6, 4, 3)
     assert fid.read_image(tmp_path / "clear.png")[0, 1].tolist() == [255, 255, 255]
     assert fid.read_image(tmp_path / "grey16.png").max() == 23 * 2000 // 257  # not clipped to 255
+    Image.fromarray(np.ones((4, 6), np.float32)).save(tmp_path / "float.tif")  # no standard range: train skips it
+    with pytest.raises(fid.FIDError, match="32-bit pixels"):
+        fid.read_image(tmp_path / "float.tif")
 
 
 def test_a_fifo_named_like_an_image_is_skipped(tmp_path):

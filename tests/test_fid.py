@@ -192,19 +192,22 @@ def test_the_statistics_cache_sees_a_changed_file_and_survives_damage(mnist, tmp
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     folder, calls = write_pngs(tmp_path / 'ref', mnist[1][:4]), []
     monkeypatch.setattr(fid, 'folder_activations',  # stands in for Inception: new activations at every call
-                        lambda *a, **k: calls.append(1) or np.random.default_rng(len(calls)).normal(size=(4, 8)))
+                        lambda *a, **k: calls.append(1) or np.random.default_rng(len(calls)).normal(size=(4, 2048)))
     fid.reference_stats(folder, None)
     image = folder / '00000.png'
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1))  # rewritten, as the mtime says
     fid.reference_stats(folder, None)
+    cached, = (tmp_path / 'cache' / 'ddpm-toolkit' / 'fid-stats').glob('*.npz')  # the earlier state's is deleted
     assert len(calls) == 2
-    cached = max((tmp_path / 'cache' / 'ddpm-toolkit' / 'fid-stats').glob('*.npz'), key=os.path.getmtime)  # now's
     cached.write_bytes(b'damaged')
     mu, _ = fid.reference_stats(folder, None)
     assert len(calls) == 3 and 'cached statistics are damaged' in capsys.readouterr().err
     assert np.array_equal(fid.load_stats(cached)[0], mu)  # repaired
+    fid.save_stats(cached, np.zeros(10), np.eye(10), 4)  # readable, but not the network's 2048-d: not used
+    fid.reference_stats(folder, None)
+    assert len(calls) == 4 and 'not 2048-d' in capsys.readouterr().err
     monkeypatch.setenv('XDG_CACHE_HOME', str(image))  # a file where the cache folder would be: used without it
-    assert len(fid.reference_stats(folder, None)) == 2 and len(calls) == 4
+    assert len(fid.reference_stats(folder, None)) == 2 and len(calls) == 5
     assert 'not cached' in capsys.readouterr().err
 
 
@@ -217,6 +220,10 @@ def test_statistics_files_by_their_name_folders_by_theirs(mnist, tmp_path, monke
     assert fid.main([str(stats), '--save-stats', str(tmp_path / 'copy.npz')]) == 0
     assert 'saved statistics of an unknown number of images' in capsys.readouterr().out
     assert fid.reference_stats(stats, None)[0].shape == (2048,)
+    monkeypatch.setattr(np, 'savez', lambda f, **arrays: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    assert fid.main([str(stats), '--save-stats', str(tmp_path / 'full.npz')]) == 2  # names the file, leaves none
+    assert f"No space left on device: '{tmp_path / 'full.npz'}'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ['REF.NPZ', 'copy.npz', 'looks.npz']
     with pytest.raises(fid.FIDError, match='neither a folder of images nor a .npz'):
         fid.reference_stats(folder / '00000.png', None)
     seen = []  # n=None scores every sample
