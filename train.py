@@ -197,6 +197,14 @@ def parse_args(argv=None):
     except ValueError as e:
         parser.error(f"{source}: {e}")
     from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # checks all; errors name the file
+    if ckpt:  # a config edited by hand would resume one network and diffusion as another
+        net = ckpt["model_config"]
+        own = dict(ckpt["diffusion"], size=image_size("x".join(map(str, net["image_size"]))),
+                   channels=net.get("in_ch"), cond=bool(net.get("num_classes")))
+        wrong = [f"{k} {getattr(from_config, k)}, its network's {own.get(k)}" for k in FIXED[1:]
+                 if getattr(from_config, k) != own.get(k)]
+        if wrong:
+            parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
     if not ckpt:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))

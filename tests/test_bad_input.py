@@ -3,6 +3,7 @@ stderr that names the flag or file, with no traceback, before any work, and leav
 it was. Then the faults of a running process: signals, a closed stdout, a second process on the same run."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -458,6 +459,21 @@ def test_resume_refuses_renamed_class_folders_or_other_classes(tmp_path, capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "(circle, square, triangle, cross) are not the checkpoint's (cats, dogs)" in err
     assert snapshot(tmp_path / "r") == refused_elsewhere
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c["diffusion"].update(T=500), "T 1000, its network's 500"),
+    (lambda c: c.update(config={}), "size 32, its network's 16"),  # a config of defaults: the paper network at 32
+])
+def test_resume_refuses_a_checkpoint_that_disagrees_with_itself(made, tmp_path, capsys, edit, words):
+    shutil.copytree(made / "run", tmp_path / "r")
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "disagrees with itself" in err and words in err
 
 
 def test_a_half_written_metrics_line_and_a_precision_change_do_not_stop_a_resume(made, tmp_path, capsys):
