@@ -480,6 +480,7 @@ def check_out_dir(folder, replace):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
     found = sorted(os.listdir(folder)) if existing == given else []
+
     def image(name):  # an image, or the temporary file a killed write of one left (NAME.png.<random>.tmp)
         return os.path.splitext(name.rsplit(".", 2)[0] if name.endswith(".tmp") else name)[1].lower() in IMAGE_EXTS
     images = [f for f in found if image(f) and os.path.isfile(os.path.join(folder, f))]

@@ -205,7 +205,7 @@ def parse_args(argv=None):
                  if getattr(from_config, k) != own.get(k)]
         if wrong:
             parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
-    if not ckpt:  # a --config's "auto" settings are chosen again
+    else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
     changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
