@@ -374,12 +374,14 @@ def image_files(path, n=None):
     # folder is read under its own name), regular files only (is_file follows links: a FIFO named x.png would block).
     images, seen, top = [], set(), os.path.join(os.path.realpath(path), '')
     for folder, subfolders, names in os.walk(path, followlinks=True):
-        if os.path.realpath(folder) in seen:  # a link loop, or a folder linked twice
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop, or a folder linked twice
             subfolders.clear()
             continue
-        seen.add(os.path.realpath(folder))
-        subfolders[:] = [d for d in sorted(subfolders) if not (os.path.islink(os.path.join(folder, d)) and os.path.join(
-            os.path.realpath(os.path.join(folder, d)), '').startswith(top))]
+        seen.add(real)
+        inside = [d for d in subfolders if os.path.islink(os.path.join(folder, d))
+                  and os.path.join(os.path.realpath(os.path.join(folder, d)), '').startswith(top)]
+        subfolders[:] = sorted(set(subfolders) - set(inside))
         images += [p for p in map(Path(folder).joinpath, names) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
     if len(images) < 2:
