@@ -371,7 +371,8 @@ def image_files(path, n=None):
     if not Path(path).is_dir():
         raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
     # As train.py's search: linked folders outside `path` followed once, a link to a folder inside it skipped (that
-    # folder is read under its own name), regular files only (is_file follows links: a FIFO named x.png would block).
+    # folder is read under its own name), regular files only (is_file follows links: a FIFO named x.png would block),
+    # hidden names skipped (.ipynb_checkpoints/, a Mac's ._x.png, which is no image).
     images, seen, top = [], set(), os.path.join(os.path.realpath(path), '')
     for folder, subfolders, names in os.walk(path, followlinks=True):
         real = os.path.realpath(folder)
@@ -381,8 +382,9 @@ def image_files(path, n=None):
         seen.add(real)
         inside = [d for d in subfolders if os.path.islink(os.path.join(folder, d))
                   and os.path.join(os.path.realpath(os.path.join(folder, d)), '').startswith(top)]
-        subfolders[:] = sorted(set(subfolders) - set(inside))
-        images += [p for p in map(Path(folder).joinpath, names) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        subfolders[:] = sorted({d for d in subfolders if not d.startswith('.')} - set(inside))
+        images += [p for p in map(Path(folder).joinpath, names)
+                   if not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
     if len(images) < 2:
         raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}); '

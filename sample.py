@@ -469,17 +469,17 @@ def check_args(p, args, world=1):
 
 
 def check_out_dir(folder, replace):
-    """--out-dir must be new or empty: images left from another run would be counted by a later FID. With
-    --replace its images are deleted, and what killed writes of them left (other files stay and are refused). A
-    new folder is made when sampling starts, not here, where a later refusal would leave it behind. The path is
-    never normalised: "link/../x" is where the kernel resolves it, not x."""
+    """--out-dir must be new or empty but for hidden files (.DS_Store): images left from another run would be
+    counted by a later FID. With --replace its images are deleted, and what killed writes of them left (other files
+    stay and are refused). A new folder is made when sampling starts, not here, where a later refusal would leave it
+    behind. The path is never normalised: "link/../x" is where the kernel resolves it, not x."""
     given = existing = folder.rstrip("/") or "/"
     while not os.path.lexists(existing):  # up to the part of the path that exists
         existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
-    found = sorted(os.listdir(folder)) if existing == given else []
+    found = sorted(f for f in os.listdir(folder) if not f.startswith(".")) if existing == given else []  # as FID
 
     def image(name):  # an image, or the temporary file a killed write of one left (NAME.png.<random>.tmp)
         return os.path.splitext(name.rsplit(".", 2)[0] if name.endswith(".tmp") else name)[1].lower() in IMAGE_EXTS
@@ -562,8 +562,9 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
     if args.replace and rank == 0:
-        for f in os.listdir(args.out_dir):  # checked before: only images
-            os.remove(os.path.join(args.out_dir, f))
+        for f in os.listdir(args.out_dir):  # checked before: only images, and hidden files, which stay
+            if not f.startswith("."):
+                os.remove(os.path.join(args.out_dir, f))
     if world > 1:
         dist.barrier()  # every process has checked --out-dir before any writes to it
     kept = {}

@@ -306,7 +306,8 @@ def make_shapes(n, size, seed=0):
 def find_images(root):
     """Image files under root, recursively and sorted, following symlinked folders outside root once. A link to a
     folder inside root is skipped: that folder is read under its own name. Regular files only: reading a FIFO or a
-    device that has an image's name would block or fail."""
+    device that has an image's name would block or fail. Hidden names (.ipynb_checkpoints/, a Mac's ._x.png) are
+    skipped, as ls does."""
     found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -315,9 +316,10 @@ def find_images(root):
             continue
         seen.add(real)
         folders = [os.path.join(dirpath, d) for d in dirnames]
-        dirnames[:] = sorted(d for d, f in zip(dirnames, folders)
-                             if not (os.path.islink(f) and os.path.join(os.path.realpath(f), "").startswith(top)))
-        paths = (os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
+        dirnames[:] = sorted(d for d, f in zip(dirnames, folders) if not d.startswith(".") and
+                             not (os.path.islink(f) and os.path.join(os.path.realpath(f), "").startswith(top)))
+        paths = (os.path.join(dirpath, f) for f in filenames
+                 if not f.startswith(".") and os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
         found += filter(os.path.isfile, paths)
     return sorted(found)
 
@@ -469,7 +471,7 @@ def load_dataset(args, size):
             if unread:
                 fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
                      f"replace them or remove the folder(s)")
-            others = sorted(set(next(os.walk(root))[1]) - set(meta["classes"]))
+            others = sorted({d for d in next(os.walk(root))[1] if not d.startswith(".")} - set(meta["classes"]))
             if others:
                 log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder of --data "
                     f"is skipped), so not classes")

@@ -311,9 +311,10 @@ def test_out_dir_replace_deletes_old_images_only_when_asked(made, tmp_path):
     out.mkdir()
     for i in range(5):
         (out / f"stale{i}.png").write_bytes((made / "black.png").read_bytes())
+    (out / ".DS_Store").write_bytes(b"a file manager's, never counted by FID: it stays")
     sample.main([str(made / "run" / "ckpt.pt"), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
                  "--out-dir", str(out), "--replace"])
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "000000.png", "000001.png"]
 
 
 def test_out_dir_replace_keeps_what_is_not_an_image_and_names_it(made, tmp_path, capsys):

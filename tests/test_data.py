@@ -204,6 +204,17 @@ def test_fid_finds_the_images_train_finds_through_links(tmp_path):
     assert train.find_images(str(data)) == expected and [str(p) for p in fid.image_files(data)] == expected
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    data = tmp_path / "data"
+    for folder in ("cats", "dogs", ".ipynb_checkpoints", "dogs/.thumbs"):
+        (data / folder).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(data / folder / "1.png")
+    (data / "cats" / "._1.png").write_bytes(b"\x00\x05\x16\x07 a Mac's resource fork, no image")
+    expected = [str(data / "cats" / "1.png"), str(data / "dogs" / "1.png")]
+    assert train.find_images(str(data)) == expected and [str(p) for p in fid.image_files(data)] == expected
+    assert train.class_labels(str(data), expected, True)[1] == ["cats", "dogs"]
+
+
 def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_path):
     clear = Image.new("RGBA", (6, 4), (255, 0, 0, 0))  # transparent red: white, not red or black
     clear.putpixel((0, 0), (0, 0, 255, 255))
