@@ -156,16 +156,18 @@ def write_atomically(path, write, tmp=None):
 
 
 # The checkpoint, one dict of plain types and tensors (torch.load weights_only). format 2: attention's dense
-# layers stored 2-D. train.py adds the optimizer and scaler states, which sampling does not need.
+# layers stored 2-D. Training adds the optimizer and scaler states, which sampling does not need.
 FORMAT = 2
 CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": dict, "diffusion": dict,  # and types
                    "classes": (list, tuple), "model": dict, "ema": dict}
 
 
-def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler):
-    """What train.py saves: CHECKPOINT_KEYS, in order, then the training state."""
+def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
+    """What train.py saves: CHECKPOINT_KEYS, in order, then the training state and the number of training images
+    (so that --resume can say when --data has changed)."""
     values = (FORMAT, step, config, model_config, diffusion.config(), classes, model.state_dict(), ema.state_dict())
-    return dict(zip(CHECKPOINT_KEYS, values), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+    return dict(zip(CHECKPOINT_KEYS, values), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                images=images)
 
 
 def load_checkpoint(path):

@@ -847,8 +847,7 @@ def train_step(run, x0, y, step):
 def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
     state = sample.checkpoint_state(step, config_of(run.args), run.mcfg, run.diffusion, run.classes, run.model,
-                                    run.ema, run.opt, run.scaler)
-    state["images"] = len(run.images)  # so that --resume can say when --data has changed
+                                    run.ema, run.opt, run.scaler, len(run.images))
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
