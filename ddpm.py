@@ -34,8 +34,9 @@ def immiscible_noise(x0, noise):
 
 
 def _at(a, t, x):
-    """a[t] (a per-timestep tensor) as x's dtype and device, shaped to broadcast over [N, C, H, W]."""
-    return a.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
+    """a[t] (a per-timestep tensor) on x's device, shaped to broadcast over [N, C, H, W], as x's dtype but at least
+    float32: in bf16, 1/sqrt(alpha-bar) x_t - sqrt(1/alpha-bar - 1) eps at t = 999 (both ~157) would be off by ~1."""
+    return a.to(x.device)[t].to(torch.promote_types(x.dtype, torch.float32)).view(-1, 1, 1, 1)
 
 
 def randn(shape, generator=None, device="cpu"):
@@ -76,7 +77,8 @@ def repaint_schedule(T, jump=10, resample=10):
 def slerp(z0, z1, alpha):
     """Spherical interpolation between two noise tensors per sample (Shoemake 1985), as DDIM (Song et al.
     2021, sec. 5.3) interpolates x_T: a straight line would shrink the norm a Gaussian sample has."""
-    theta = torch.acos(F.cosine_similarity(z0.flatten(1), z1.flatten(1)).clamp(-1, 1)).view(-1, *[1] * (z0.dim() - 1))
+    cos = F.cosine_similarity(z0.flatten(1), z1.flatten(1)).clamp(-1, 1)
+    theta = torch.acos(cos).clamp(min=1e-4).view(-1, *[1] * (z0.dim() - 1))  # parallel: the limit, a straight line
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
@@ -169,6 +171,8 @@ class Diffusion:
     def ddpm_step(self, model, x, t, y=None, guidance=0.0, variance="beta", generator=None):
         """One step of Algorithm 2: x_{t-1} ~ p(x_{t-1} | x_t), and the predicted x_0. sigma_t^2 = beta_t
         ('beta') or beta-tilde_t ('beta_tilde'); the paper found both similar."""
+        if variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
         _, x0 = self.predict(model, x, t, y, guidance)
         mean, _ = self.q_posterior_mean_variance(x0, x, t)
         if t == 0:  # no noise is added at the last step
@@ -213,6 +217,8 @@ class Diffusion:
     def ddim_loop(self, model, x, steps=None, eta=0.0, y=None, guidance=0.0, generator=None):
         """DDIM (Song et al. 2021, eq. 12) on `steps` (default 50, or T if fewer) spaced timesteps; eta=0 is
         deterministic, eta=1 DDPM-like."""
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
         ts = spaced_timesteps(self.T, min(50, self.T) if steps is None else steps)
         for i, t in enumerate(ts):
             eps, x0 = self.predict(model, x, t, y, guidance)
@@ -247,6 +253,8 @@ class Diffusion:
     def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
              generator=None):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
+        if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim"):
+            raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}: eta is ddim's; ddpm takes all T steps")
         if sampler == "ddpm":
             return self.ddpm_loop(model, x, y, guidance, variance, generator)
         if sampler == "ddim":

@@ -243,7 +243,7 @@ def load_inception(weights=None, device='cpu'):
         state = torch.load(path, map_location='cpu', weights_only=True)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')}, strict=True)
     except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, missing or misshapen keys)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:150]
         raise FIDError(f"{path}: not FID Inception weights in pytorch-fid's layout ({reason}); "
                        f'use {WEIGHTS_NAME} from pytorch-fid') from None
     for module in model.modules():

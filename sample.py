@@ -181,8 +181,10 @@ def load_checkpoint(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
         first = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
-        if first.startswith("Weights only load failed"):  # torch goes on to advise weights_only=False: never here
+        if "Unsupported global" in str(e):  # torch goes on to advise weights_only=False: never here
             first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
+        elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
+            first = "damaged, or not a file torch.save wrote"
         raise ValueError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -514,9 +516,10 @@ def main(argv=None):
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
-        loop["steps"] = loop["steps"] or min(DEFAULT_STEPS, diffusion.T)  # the default: at most T
-        if args.sampler != "ddpm" and loop["steps"] > diffusion.T:
-            raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
+        if args.sampler != "ddpm":  # (ddpm takes all T steps)
+            loop["steps"] = loop["steps"] or min(DEFAULT_STEPS, diffusion.T)  # the default: at most T
+            if loop["steps"] > diffusion.T:
+                raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
         if args.t and max(args.t) >= diffusion.T:
             raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
         labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row

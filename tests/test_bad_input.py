@@ -267,7 +267,7 @@ def test_sample_refuses(argv, words, made, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["{d}/nan/ckpt.pt"], ["non-finite weights", "ema.conv_in.weight"]),
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
-    (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint"]),
+    (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),
     (["{d}/code.pt"], ["code.pt", "Python objects", "none was run"]),

@@ -25,6 +25,15 @@ def test_class_embedding_and_null_label():
     null = m(x, t, torch.tensor([-1, -1]))
     torch.testing.assert_close(m(x, t), null)  # no labels means the null label
     assert not torch.allclose(m(x, t, torch.tensor([0, 2])), null)
+    for y in (3, -2):  # 1-based labels, say: never silently the null label
+        with pytest.raises(ValueError, match=r"labels y must be in \[0, 3\) or -1"):
+            m(x, t, torch.tensor([0, y]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(ch=48), dict(ch_mult=()), dict(ch_mult=(1, 1.5)), dict(num_classes=-1)])
+def test_a_network_that_cannot_be_built_says_why(kwargs):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        unet.UNet(**{"ch": 32, "ch_mult": (1, 2), "image_size": (8, 8), **kwargs})
 
 
 def test_size_the_network_cannot_divide_names_the_nearest_sizes():
