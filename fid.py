@@ -293,8 +293,7 @@ def read_image(path, verify=False):
             if image.mode == 'F' or (image.mode == 'I' and kind == 'TIFF'):  # train.py skips these too
                 raise FIDError(f'{path}: 32-bit pixels (float or integer) have no standard range; save it with 8 or '
                                '16 bits')
-            if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag: rotated or mirrored
-                image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an image that is not turned
             if image.mode.startswith('I;16') or (image.mode == 'I' and kind != 'TIFF'):  # I: a 16-bit PGM
                 grey, transparent = np.asarray(image, np.float64), image.info.get('transparency')
                 image = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
@@ -366,7 +365,7 @@ def activations(images, model, batch_size=50, device=None, progress=False):
 
 def image_files(path, n=None):
     """The first n image files under folder `path` (recursive, by extension, sorted), after checking there are
-    at least 2 and n. A file with an image extension that PIL cannot read is an error, never skipped."""
+    at least 2 and n. Unreadable ones are not skipped: verify_images and read_image refuse them."""
     check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
@@ -394,9 +393,10 @@ def image_files(path, n=None):
     return images[:n]
 
 
-def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False):
-    """pool3 features, float32 [N, 2048], of the first n images (sorted paths) found recursively in `path`."""
-    files = image_files(path, n)
+def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False, files=None):
+    """pool3 features, float32 [N, 2048], of the first n images (sorted paths) found recursively in `path`, or of
+    `files`, its image_files already listed."""
+    files = image_files(path, n) if files is None else files
 
     def make_batch(start, stop):  # images of mixed sizes stay a list, resized one by one
         decoded = [torch.from_numpy(read_image(f)) for f in files[start:stop]]
@@ -516,7 +516,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
         except FIDError as e:
             print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
     verify_images(files)
-    mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress))
+    mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress, files))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cached, mu, sigma, len(files))
@@ -534,7 +534,7 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
     .npz statistics, loading the network if no `model` is given."""
     n = len(samples) if n is None else n
     check_counts(n=n)
-    if len(samples) < max(n, 2):
+    if len(samples) < n:
         raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
     if model is None:
         model = load_inception(weights, device or ('cuda' if torch.cuda.is_available() else 'cpu'))

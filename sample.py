@@ -59,6 +59,12 @@ def number(kind, interval):
     return parse
 
 
+def one_line(error, last=False):
+    """The first (or last: where torch puts the cause) line of an exception's message, for a one-line error."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return (lines[-1] if last else lines[0]).strip()[:200]
+
+
 def path(text):
     """An argparse type for paths: an empty one would quietly mean the current folder, or nothing."""
     if not text:
@@ -163,11 +169,11 @@ CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": d
 
 
 def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
-    """What train.py saves: CHECKPOINT_KEYS, in order, then the training state and the number of training images
-    (so that --resume can say when --data has changed)."""
-    values = (FORMAT, step, config, model_config, diffusion.config(), classes, model.state_dict(), ema.state_dict())
-    return dict(zip(CHECKPOINT_KEYS, values), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                images=images)
+    """What train.py saves: CHECKPOINT_KEYS, then the training state and the number of training images (so that
+    --resume can say when --data has changed)."""
+    return dict(format=FORMAT, step=step, config=config, model_config=model_config, diffusion=diffusion.config(),
+                classes=classes, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), images=images)
 
 
 def load_checkpoint(path):
@@ -180,12 +186,12 @@ def load_checkpoint(path):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
-        first = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+        first = one_line(e).split(". ")[0]
         if "Unsupported global" in str(e):  # torch goes on to advise weights_only=False: never here
             first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
         elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
             first = "damaged, or not a file torch.save wrote"
-        raise ValueError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        raise ValueError(f"{path}: not a loadable checkpoint ({first})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
@@ -219,8 +225,7 @@ def build(ckpt, ema=True, device="cpu"):
     try:
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
-        raise ValueError(f"checkpoint weights do not fit its own configuration "
-                         f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+        raise ValueError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
     return model.to(device).eval(), diffusion.to(device)
 
 
@@ -263,8 +268,8 @@ def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
     return picture
 
 
-def save_grid(x, path, nrow=8, pad=2, scale=1, labels=None):
-    save_png(grid_image(x, nrow, pad, scale, labels), path)
+def save_grid(x, path, nrow=8):
+    save_png(grid_image(x, nrow), path)
 
 
 def save_png(image, path):
@@ -441,7 +446,7 @@ def check_args(p, args, world=1):
         (args.interp, args.sampler == "dpm++" or (args.sampler == "ddim" and not args.eta),
          "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),
         (picture == "inpaint", args.mask, "--inpaint needs --mask: an image whose white pixels are the ones to fill"),
-        (args.fid, (args.n or 64) >= 2, "--fid needs --n 2 or more"),
+        (args.fid, args.n != 1, "--fid needs --n 2 or more"),
         (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) need --out-dir, "
          "where each writes its share of the samples (--fid and the pictures take one process: run fid.py on "
          "--out-dir afterwards)"),

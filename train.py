@@ -48,11 +48,26 @@ from sample import number, path
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")  # --resume cannot change these
 AUTO = ("channels", "precision", "accum")  # chosen by the data or the machine unless given; a --config chooses again
 UNSET = object()  # marks a flag the command line did not give
+CHUNK = 256  # images per network call when sampling grids and FIDs
 
 
 def fail(msg):
     """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
     sample.Parser(prog="train.py").error(msg)
+
+
+def format_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def log(*parts, end="\n"):
+    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
+    goes nowhere, and metrics.jsonl keeps the record."""
+    try:
+        print(*parts, end=end, flush=True)
+    except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def duration(text):
@@ -205,13 +220,13 @@ def parse_args(argv=None):
                  if getattr(from_config, k) != own.get(k)]
         if wrong:
             parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
+        changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
+                   if getattr(given, k) not in (UNSET, getattr(from_config, k))]
+        if changed:
+            parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
-    changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
-               if ckpt and getattr(given, k) not in (UNSET, getattr(from_config, k))]
-    if changed:
-        parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     if given.time is not UNSET and (given.steps is not UNSET or ckpt):
         parser.error("--time plans the step count of a new run: give --time or --steps, not both (a resumed run "
                      "trains to its planned --steps; give a larger --steps to extend it)")
@@ -277,11 +292,11 @@ SHAPES = ("circle", "square", "triangle", "cross")
 PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40), (220, 60, 220), (40, 210, 220)])
 
 
-def make_shapes(n, size, seed=0):
+def make_shapes(n, size):
     """The built-in dataset: one bright shape per image on a dark background (high contrast, few colours: learned
     in minutes), drawn 4x larger and downsampled for smooth edges. uint8 [n, H, W, 3] and each shape's index."""
     h, w = size
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)  # the same dataset in every run and process
     images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
     for i in range(n):
         bg = tuple(int(c) for c in rng.integers(0, 70, 3))
@@ -387,8 +402,8 @@ def remove_orphans(pattern):
 
 
 def load_folder(root, paths, size, cond, stem):
-    """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey), which makes it trusted; without
-    a writable stem, into a temporary file deleted once mapped. Returns the memory-mapped images and the metadata."""
+    """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey, source), which makes it trusted;
+    without a writable stem, into a temporary file deleted once mapped. Returns the mapped images and the metadata."""
     labels, classes = class_labels(root, paths, cond)
     scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
     for target in [stem, scratch] if stem else [scratch]:
@@ -502,12 +517,13 @@ def batch_images(images, idx, device, flip, channels=None):
     if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-    if channels == 1 and x0.shape[1] == 3:
-        x0 = (x0.float() * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).round()
+    if channels == 1 and x0.shape[1] == 3:  # Pillow's fixed point: exactly its L of every colour
+        luma = torch.tensor([19595, 38470, 7471], device=device).view(1, 3, 1, 1)
+        x0 = ((x0.int() * luma).sum(1, keepdim=True) + 0x8000) >> 16
     return x0.float().div_(127.5).sub_(1)
 
 
-# --- pictures, logs, the run folder and signals --------------------------------------------------------------
+# --- the loss curve, the run folder and signals --------------------------------------------------------------
 def draw_loss_curve(metrics, path):
     """loss (log scale) against step as a PNG, drawn with Pillow."""
     points = [(m["step"], math.log10(max(m["loss"], 1e-12))) for m in metrics if "loss" in m]  # FID lines have none
@@ -528,20 +544,6 @@ def draw_loss_curve(metrics, path):
     d.text((W - 70, H - B + 6), str(last), fill="black")
     d.text((W // 2 - 60, H - 18), "step (loss on a log scale)", fill="black")
     sample.save_png(im, path)
-
-
-def format_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-def log(*parts, end="\n"):
-    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
-    goes nowhere, and metrics.jsonl keeps the record."""
-    try:
-        print(*parts, end=end, flush=True)
-    except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def claim_run_folder(out, resume):
@@ -608,10 +610,8 @@ def setup_device(args):
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    if args.device or not torch.cuda.is_available():
-        device = torch.device(args.device or "cpu")
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"  # torchrun's GPU
+    device = torch.device(args.device or default)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -718,7 +718,7 @@ def fit_memory(run):
 def setup_run(args, ckpt, device, rank, world, started):
     """Everything the loop shares, in one namespace: the data (mapped), the network, its EMA, the diffusion,
     the optimizer, precision, and the run folder's files. A resumed run's state comes from its checkpoint."""
-    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, rank=rank, world=world,
+    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world,
                              master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
                              metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
                              sample_steps=min(sample.DEFAULT_STEPS, args.T), fid_of=None)
@@ -736,16 +736,16 @@ def setup_run(args, ckpt, device, rank, world, started):
         dist.barrier()
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
-    run.mcfg = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
-                                                                   len(run.classes) if args.cond else 0)
+    run.model_config = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
+                                                                           len(run.classes) if args.cond else 0)
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
-        run.model = unet.UNet(**run.mcfg).to(device)
+        run.model = unet.UNet(**run.model_config).to(device)
     except (TypeError, ValueError) as e:
         fail(f"--resume: the checkpoint's network configuration does not build here ({e})")
     run.ema = copy.deepcopy(run.model).requires_grad_(False).eval()
     run.diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
-    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if args.precision == "auto":  # decided once and recorded, so a resumed run computes as it did
         args.precision = sample.fastest_precision(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
@@ -753,7 +753,7 @@ def setup_run(args, ckpt, device, rank, world, started):
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if ckpt:
         resume(run, ckpt)
-    run.train_model = run.model
+    run.train_model = run.model  # what the steps run: DDP and compile wrap it; the EMA and checkpoints use run.model
     if world > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -766,11 +766,11 @@ def resume(run, ckpt):
     """Load a checkpoint's training state into the run; name the settings the command line changed, and the
     learning rate when they change it (a longer --steps of a --cosine run, a new --lr): it follows the flags."""
     try:
-        for part, name in ((run.model, "model"), (run.ema, "ema"), (run.opt, "optimizer"), (run.scaler, "scaler")):
+        for part, name in ((run.model, "model"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")):
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
                 part.load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(f"--resume: the checkpoint's {name} state does not fit its network ({str(e).strip().splitlines()[0][:200]})")
+        fail(f"--resume: the checkpoint's {name} state does not fit its network ({sample.one_line(e, last=True)})")
     args, start, old = run.args, ckpt["step"], ckpt["config"]
     changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items()
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
@@ -826,7 +826,7 @@ def train_step(run, x0, y, step):
                                                immiscible=args.immiscible)
         run.scaler.scale(loss / args.accum).backward()
         loss_step += loss.item() / args.accum
-    run.scaler.unscale_(run.opt)
+    run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
     if not math.isfinite(loss_step) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
         what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
@@ -834,9 +834,9 @@ def train_step(run, x0, y, step):
         print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
               f"Try a lower --lr or --precision fp32", file=sys.stderr)
         raise SystemExit(1)
-    run.scaler.step(run.opt)
+    run.scaler.step(run.optimizer)
     run.scaler.update()
-    run.opt.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
     with torch.no_grad():
         for e, p in zip(run.ema.parameters(), model.parameters()):
@@ -846,12 +846,12 @@ def train_step(run, x0, y, step):
 
 def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
-    state = sample.checkpoint_state(step, config_of(run.args), run.mcfg, run.diffusion, run.classes, run.model,
-                                    run.ema, run.opt, run.scaler, len(run.images))
+    state = sample.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
+                                    run.model, run.ema, run.optimizer, run.scaler, len(run.images))
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1] or type(e).__name__)[:200]
+        reason = getattr(e, "strerror", None) or sample.one_line(e, last=True)
         kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else \
             "no checkpoint exists yet"
         fail(f"could not write the checkpoint {run.ckpt_path}.tmp ({reason}); {kept}. Free disk space, then continue "
@@ -860,14 +860,14 @@ def checkpoint(run, step, stop):
     draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 
 
-def ema_samples(run, n, y=None, chunk=256):
+def ema_samples(run, n, y):
     """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
     g, out = torch.Generator(run.device).manual_seed(run.args.seed), []
-    for i in range(0, n, chunk):
+    for i in range(0, n, CHUNK):
         with run.autocast:
-            out.append(run.diffusion.sample(run.ema, (min(chunk, n - i), run.args.channels, *run.size), device=run.device,
+            out.append(run.diffusion.sample(run.ema, (min(CHUNK, n - i), run.args.channels, *run.size), device=run.device,
                                             generator=g, sampler=sample.DEFAULT_SAMPLER, steps=run.sample_steps,
-                                            y=None if y is None else y[i:i + chunk]).float())
+                                            y=None if y is None else y[i:i + CHUNK]).float())
     return torch.cat(out)
 
 
@@ -914,12 +914,12 @@ def plan_steps(run, done, steps, meter, stop):
         return
     step_seconds = seconds / (steps - 1) if steps > 1 else meter["step1"] - meter["t0"]  # a signal before step 2
     y, n = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
-    x = torch.randn(min(n, 256), args.channels, *run.size, device=run.device)
+    x = torch.randn(min(n, CHUNK), args.channels, *run.size, device=run.device)
     t = torch.full((len(x),), args.T // 2, device=run.device)
     start = time.perf_counter()
     with torch.no_grad(), run.autocast:
         run.ema(x, t, None if y is None else y[:len(x)]).float().sum().item()  # .item(): waits for a GPU
-    grid, save = (time.perf_counter() - start) * run.sample_steps * math.ceil(n / 256), 0.0
+    grid, save = (time.perf_counter() - start) * run.sample_steps * math.ceil(n / CHUNK), 0.0
     for _ in range(2 if run.master else 0):  # plan; time a checkpoint of it; plan with its cost, save again if moved
         left = args.time * 0.98 - (time.time() - run.started) - grid - save
         per_step = step_seconds + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
@@ -988,6 +988,32 @@ def stopped_anywhere(run, stop):
     return stop.signal is not None
 
 
+def warn_if_slow(run, done, seconds):
+    """After the first step on a CPU: say so when the run would take more than a day."""
+    args = run.args
+    if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
+        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
+            f"pace; --model tiny or small trains in minutes here (README, Quick start), or use a GPU")
+
+
+def finish(run, done, stop, lock):
+    """The final checkpoint, then (unless stopped) the final sample grid; a stopped run exits 128 + signal."""
+    if run.master:
+        checkpoint(run, done, stop)
+        stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
+        if stop.signal:
+            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --out {run.args.out} "
+                f"--resume")
+        else:
+            write_grid(run, done)
+            log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
+        lock.close()
+    if run.world > 1:
+        dist.destroy_process_group()
+    if stop.signal:
+        raise SystemExit(128 + getattr(signal, stop.signal))
+
+
 def main(argv=None, started=None):
     """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
     args, ckpt = parse_args(argv)
@@ -1019,12 +1045,12 @@ def train(args, ckpt, stop, started):
         f"process(es) x {args.accum} accumulation x {micro} | {args.precision} on {device}, memory {memory}")
     meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), t_log=time.perf_counter())
     stop.deferred = True  # from here a signal stops the loop after the step in flight
-    for step in itertools.count(start):
+    for step in itertools.count(start):  # not range(): a --time run plans args.steps inside the loop
         if step >= args.steps:
             break
         # the learning rate, data and randomness are functions of the step: resume is exact
         lr = learning_rate(args, step)
-        for group in run.opt.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
         idx = batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
@@ -1040,7 +1066,7 @@ def train(args, ckpt, stop, started):
                 fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
                      f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
             if args.compile and step == start:  # torch.compile compiles on the first call
-                fail(f"--compile: torch.compile failed ({str(e).strip().splitlines()[0][:200]}); train without --compile")
+                fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
         done = step + 1
         if done == start + 1:  # the run's files are written once a step has worked: a start that fails leaves none
@@ -1056,32 +1082,6 @@ def train(args, ckpt, stop, started):
         if stopped_anywhere(run, stop):
             break
     finish(run, done, stop, lock)
-
-
-def warn_if_slow(run, done, seconds):
-    """After the first step on a CPU: say so when the run would take more than a day."""
-    args = run.args
-    if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
-        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
-            f"pace; --model tiny or small trains in minutes here (README, Quick start), or use a GPU")
-
-
-def finish(run, done, stop, lock):
-    """The final checkpoint, then (unless stopped) the final sample grid; a stopped run exits 128 + signal."""
-    if run.master:
-        checkpoint(run, done, stop)
-        stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
-        if stop.signal:
-            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --out {run.args.out} "
-                f"--resume")
-        else:
-            write_grid(run, done)
-            log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
-        lock.close()
-    if run.world > 1:
-        dist.destroy_process_group()
-    if stop.signal:
-        raise SystemExit(128 + getattr(signal, stop.signal, signal.SIGINT))
 
 
 if __name__ == "__main__":

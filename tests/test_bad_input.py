@@ -434,11 +434,11 @@ def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path
     assert lrs[0][4:] == lrs[1][4:] and lrs[0][3] < lrs[1][3]  # steps 5-8 as the 8-step run; step 4 had annealed
 
 
-def test_colour_images_for_a_one_channel_model_are_luma(made):
-    images = torch.tensor([[[[255]], [[0]], [[0]]], [[[0]], [[255]], [[0]]]], dtype=torch.uint8)  # red, green
-    x = train.batch_images(images, torch.tensor([0, 1]), torch.device("cpu"), flip=False, channels=1)
-    grey = [Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0)) for c in ((255, 0, 0), (0, 255, 0))]
-    assert x.shape == (2, 1, 1, 1) and ((x.flatten() + 1) * 127.5).round().tolist() == grey
+def test_colour_images_for_a_one_channel_model_are_pillows_luma(made):
+    colours = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)  # 0.299 R + ... rounded
+    grey = np.asarray(Image.fromarray(colours[0]).convert("L"))  # differs from it for ~1 in 2000 colours
+    x = train.batch_images(torch.from_numpy(colours).permute(0, 3, 1, 2), [0], torch.device("cpu"), False, 1)
+    assert x.shape == (1, 1, 256, 256) and np.array_equal(((x[0, 0] + 1) * 127.5).round().numpy(), grey)
 
 
 def test_resume_refuses_renamed_class_folders_or_other_classes(tmp_path, capsys):
