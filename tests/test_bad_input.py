@@ -434,6 +434,11 @@ def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path
     assert lrs[0][4:] == lrs[1][4:] and lrs[0][3] < lrs[1][3]  # steps 5-8 as the 8-step run; step 4 had annealed
 
 
+def test_an_error_without_a_message_is_named_by_its_kind():  # RuntimeError("") crashed the checkpoint error
+    assert [sample.one_line(e, last=True) for e in (OSError(), RuntimeError(""), RuntimeError("a\n b "))] == \
+        ["OSError", "RuntimeError", "b"]
+
+
 def test_colour_images_for_a_one_channel_model_are_pillows_luma(made):
     colours = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)  # 0.299 R + ... rounded
     grey = np.asarray(Image.fromarray(colours[0]).convert("L"))  # differs from it for ~1 in 2000 colours
