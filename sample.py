@@ -115,7 +115,7 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
     """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
     on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (a FIFO blocks)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: not an image file")
+        raise ValueError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
     try:
         with Image.open(path) as im:  # Pillow refuses over twice its pixel limit and only warns below: refused here
             if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
@@ -252,10 +252,12 @@ def to_uint8(x):
 
 
 def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
-    """Images [N, C, H, W] in [-1, 1] (clamped) as one Pillow image, nrow per row on a white background, each
-    enlarged `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a caption above each column."""
+    """Images [N, C, H, W] in [-1, 1] (clamped) as one Pillow image, nrow per row (fewer images: one row of them) on
+    a white background, each enlarged `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a
+    caption above each column."""
     images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
+    nrow = min(nrow, n)
     top = 12 if labels else 0
     grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, im in enumerate(images):
@@ -387,8 +389,8 @@ def build_parser():
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
     one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: "
-                     "OUT.gif (every step, x_t over the predicted x_0) or OUT.png (10 steps, all if fewer; rows x_t, "
-                     "predicted x_0)")
+                     "OUT.gif (every step, or ~100 evenly spaced; x_t over the predicted x_0) or OUT.png (10 steps, "
+                     "all if fewer; rows x_t, predicted x_0)")
     one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
     one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"),
                      help="blend images A and B noised to each --t, then denoise from there (ancestral)")
@@ -468,6 +470,8 @@ def check_args(p, args, world=1):
         p.error(f"--grid {grid} is inside --out-dir {args.out_dir}, where a later FID would count it as a sample; "
                 "put it elsewhere")
     try:
+        if not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
+            load_checkpoint(args.ckpt)
         check_writable(args.process or grid, "--process" if args.process else "--grid")
         if args.out_dir:
             check_out_dir(args.out_dir, args.replace)

@@ -992,8 +992,10 @@ def warn_if_slow(run, done, seconds):
     """After the first step on a CPU: say so when the run would take more than a day."""
     args = run.args
     if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
+        hint = "--model tiny or small trains in minutes here (README, Quick start)" if args.model == "paper" else \
+            "give fewer --steps"
         log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
-            f"pace; --model tiny or small trains in minutes here (README, Quick start), or use a GPU")
+            f"pace; {hint}, or use a GPU")
 
 
 def finish(run, done, stop, lock):

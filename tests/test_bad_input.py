@@ -241,6 +241,7 @@ SAMPLE = [
     (["--t", "5"], ["--t", "--forward"]),
     (["--forward", "{d}/black.png", "--t", "5000", "--grid", "{d}/f.png"], ["--t 5000", "T = 1000"]),
     (["--forward", "{d}/text.txt", "--grid", "{d}/f.png"], ["text.txt", "not a readable image"]),
+    (["--forward", "{d}/nothing.png", "--grid", "{d}/f.png"], ["nothing.png: no such file"]),
     (["--fid", "{d}/images", "--n", "1"], ["--fid", "--n 2"]),
     (["--fid", "{d}/images", "--process", "{d}/p.gif"], ["--out-dir and --fid", "--process"]),
     (["--device", "banana"], ["--device banana"]),
@@ -267,6 +268,7 @@ def test_sample_refuses(argv, words, made, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["{d}/nan/ckpt.pt"], ["non-finite weights", "ema.conv_in.weight"]),
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
+    (["{d}/nowhere/ckpt.pt"], ["nowhere/ckpt.pt", "no such checkpoint"]),  # not --grid's missing folder
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),

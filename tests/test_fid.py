@@ -355,7 +355,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['good.npz', './good.npz'], 'the same'),
     (['nokeys.npz', 'good.npz'], 'nokeys.npz: no mu or sigma'),
     (['empty.npz', 'good.npz'], 'empty.npz: not a readable'),
-    (['text.npz', 'good.npz'], 'text.npz: not a readable'),
+    (['text.npz', 'good.npz'], 'text.npz: not a readable .npz of statistics (not a .npz archive)'),
     (['npy.npz', 'good.npz'], 'npy.npz: not a readable'),
     (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
     (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),

@@ -393,11 +393,19 @@ def test_the_memory_estimate_grows_with_the_pixels_and_covers_the_optimizer():
     assert 3 < per32 / per16 < 4.5 and fixed16 >= 3 * weights  # activations scale with H x W
 
 
+def test_a_grid_of_fewer_images_than_a_row_is_one_row_of_them_not_of_blanks():
+    assert sample.grid_image(torch.zeros(3, 1, 4, 4), nrow=8).size == (3 * (4 + 2) + 2, 4 + 2 + 2)
+
+
 def test_a_cpu_run_of_more_than_a_day_says_so_and_names_the_cpu_presets(capsys):
-    run = argparse.Namespace(device=torch.device("cpu"), args=argparse.Namespace(steps=1_000_000))
+    run = argparse.Namespace(device=torch.device("cpu"), args=argparse.Namespace(steps=1_000_000, model="paper"))
     train.warn_if_slow(run, 1, 0.5)
     out = capsys.readouterr().out
     assert "about 5.8 days on this CPU" in out and "--model tiny or small" in out
+    run.args.model = "tiny"  # already a CPU preset: the step count is what to change
+    train.warn_if_slow(run, 1, 0.5)
+    out = capsys.readouterr().out
+    assert "about 5.8 days on this CPU" in out and "give fewer --steps" in out and "--model" not in out
 
 
 @pytest.mark.parametrize("slow", ["bf16", "fp32"])
