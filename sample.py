@@ -525,10 +525,9 @@ def main(argv=None):
     try:
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = build(ckpt, not args.no_ema, args.device)
-        if args.sampler != "ddpm":  # (ddpm takes all T steps)
-            loop["steps"] = loop["steps"] or min(DEFAULT_STEPS, diffusion.T)  # the default: at most T
-            if loop["steps"] > diffusion.T:
-                raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
+        loop["steps"] = args.steps or (None if args.sampler == "ddpm" else min(DEFAULT_STEPS, diffusion.T))  # <= T
+        if (loop["steps"] or 0) > diffusion.T:  # (ddpm takes all T steps)
+            raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
         if args.t and max(args.t) >= diffusion.T:
             raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
         labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
