@@ -253,8 +253,10 @@ class Diffusion:
     def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
              generator=None):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
-        if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim"):
-            raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}: eta is ddim's; ddpm takes all T steps")
+        if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim") or \
+                (variance != "beta" and sampler != "ddpm"):
+            raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}, variance {variance!r}: eta is ddim's, "
+                             "variance ddpm's, and ddpm takes all T steps")
         if sampler == "ddpm":
             return self.ddpm_loop(model, x, y, guidance, variance, generator)
         if sampler == "ddim":

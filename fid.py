@@ -386,8 +386,8 @@ def image_files(path, n=None):
                    if not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
     if len(images) < 2:
-        raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}); '
-                       'FID needs at least 2')
+        raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}; hidden names '
+                       'skipped); FID needs at least 2')
     if n and len(images) < n:
         raise FIDError(f'{path}: {len(images)} image files, fewer than n = {n}; add images or lower --n')
     return images[:n]
@@ -487,7 +487,8 @@ def load_stats(path, network=False):
         n = n.item() if n is not None and n.ndim == 0 else n  # an array stays one, and check_counts refuses it
         check_counts(n=n)  # --save-stats writes the image count; any other n is not one
     except Exception as e:  # text, a .npy, a damaged zip, an n of [2], ...: numpy fails in many ways
-        reason = 'not a .npz archive' if 'pickle' in str(e) else e  # numpy would advise unpickling it
+        reason = 'not a .npz archive' if 'pickled' in str(e) else 'object arrays, not numbers' if 'Object' in str(e) \
+            else e  # numpy would advise unpickling either
         raise FIDError(f'{path}: not a readable .npz of statistics ({reason})') from None
     if mu is None or sigma is None:
         raise FIDError(f'{path}: no mu or sigma array; a statistics file needs keys mu and sigma '

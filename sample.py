@@ -179,15 +179,16 @@ def checkpoint_state(step, config, model_config, diffusion, classes, model, ema,
 def load_checkpoint(path):
     """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
     if not os.path.isfile(path):
-        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else \
+            "not a regular file" if os.path.exists(path) else "no such checkpoint file"
         raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
-        first = one_line(e).split(". ")[0]
-        if "Unsupported global" in str(e):  # torch goes on to advise weights_only=False: never here
+    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code; torch's own words
+        first = one_line(e).split(". ")[0]  # would advise weights_only=False, never done here
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # (torch < 2.4 says class)
             first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
         elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
             first = "damaged, or not a file torch.save wrote"

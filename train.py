@@ -471,7 +471,8 @@ def load_dataset(args, size):
         root, stem = os.path.abspath(args.data), None
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
-            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
+            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively, "
+                 f"skipping hidden names)")
         if not args.no_cache:  # rsync's quick check: not ctime, which a copy (cp -a to scratch, per job) renews
             stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
             key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]

@@ -155,9 +155,9 @@ class UNet(nn.Module):
                  image_size=(32, 32), num_classes=0):
         super().__init__()
         check_size(image_size, ch_mult)
-        if num_classes < 0 or not ch_mult or any(type(m) is not int or m < 1 or ch * m % 32 for m in ch_mult):
-            raise ValueError(f"ch {ch} times each ch_mult {ch_mult} must be a multiple of 32 (GroupNorm's groups), "
-                             f"num_classes >= 0 (got {num_classes})")
+        if num_classes < 0 or not len(ch_mult) or any(w < 32 or w % 32 for w in (ch, *(ch * m for m in ch_mult))):
+            raise ValueError(f"ch {ch} and ch times each ch_mult {tuple(ch_mult)} must be multiples of 32 (GroupNorm's "
+                             f"groups), num_classes >= 0 (got {num_classes})")
         self.ch, self.num_classes = ch, num_classes
         attn_levels = attention_levels(image_size, ch_mult, attn_res)
         self.attn_sizes = [(image_size[0] // 2 ** level, image_size[1] // 2 ** level) for level in attn_levels]
@@ -223,6 +223,7 @@ class UNet(nn.Module):
         if self.class_emb is not None:
             y = torch.full_like(t, -1) if y is None else y
             # -1 selects the null row; any other label outside [0, num_classes) fails the lookup, never selects it
+            # (on a GPU as CUDA's device-side assert: a check here would wait for the GPU at every call)
             index = torch.where(y == -1, self.num_classes, torch.where(y >= self.num_classes, -1, y))
             try:
                 temb = temb + self.class_emb(index)

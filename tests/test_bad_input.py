@@ -35,6 +35,7 @@ def made(tmp_path_factory):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(top / "black.png")
     Image.fromarray(np.tile(np.array([0, 1], np.uint8), (16, 8))).save(top / "zero_one.png")
     (top / "text.txt").write_text("not an image")
+    os.mkfifo(top / "fifo.pt")
     (top / "full").mkdir()
     (top / "full" / "old.png").write_bytes((images / "0.png").read_bytes())
     for name, config in {"steps_float": {"steps": 2.7}, "model": {"model": "huge"}, "bool": {"cosine": "false"},
@@ -269,6 +270,7 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/nan/ckpt.pt"], ["non-finite weights", "ema.conv_in.weight"]),
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
     (["{d}/nowhere/ckpt.pt"], ["nowhere/ckpt.pt", "no such checkpoint"]),  # not --grid's missing folder
+    (["{d}/fifo.pt"], ["fifo.pt: not a regular file"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),

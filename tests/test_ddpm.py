@@ -117,7 +117,8 @@ def test_settings_that_would_be_ignored_or_misread_are_refused():
     d, zero = ddpm.Diffusion(T=50), lambda x, t, y=None: torch.zeros_like(x)
     for kwargs, words in ((dict(sampler="ddpm", steps=10), "ddpm takes all T"),
                           (dict(sampler="dpm++", eta=1.0), "ddim's"), (dict(sampler="ddim", eta=2.0), "eta must be in"),
-                          (dict(sampler="ddpm", variance="fixedlarge"), "'beta' or 'beta_tilde'")):
+                          (dict(sampler="ddpm", variance="fixedlarge"), "'beta' or 'beta_tilde'"),
+                          (dict(sampler="ddim", variance="beta_tilde"), "variance ddpm's")):
         with pytest.raises(ValueError, match=words):
             d.sample(zero, (1, 1, 4, 4), **kwargs)
 

@@ -317,6 +317,7 @@ def bad(tmp_path_factory):
     (d / 'ro').chmod(0o555)
     (d / 'note.txt').write_text('not statistics')
     (d / 'text.npz').write_text('not statistics')
+    np.savez(d / 'objects.npz', mu=np.array([{'a': 1}], dtype=object), sigma=np.eye(1))
     (d / 'empty.npz').write_bytes(b'')
     with open(d / 'npy.npz', 'wb') as f:
         np.save(f, np.zeros(4))
@@ -356,6 +357,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['nokeys.npz', 'good.npz'], 'nokeys.npz: no mu or sigma'),
     (['empty.npz', 'good.npz'], 'empty.npz: not a readable'),
     (['text.npz', 'good.npz'], 'text.npz: not a readable .npz of statistics (not a .npz archive)'),
+    (['objects.npz', 'good.npz'], 'objects.npz: not a readable .npz of statistics (object arrays, not numbers)'),
     (['npy.npz', 'good.npz'], 'npy.npz: not a readable'),
     (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
     (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),

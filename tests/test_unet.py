@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -30,10 +31,12 @@ def test_class_embedding_and_null_label():
             m(x, t, torch.tensor([0, y]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(ch=48), dict(ch_mult=()), dict(ch_mult=(1, 1.5)), dict(num_classes=-1)])
+@pytest.mark.parametrize("kwargs", [dict(ch=48), dict(ch=16, ch_mult=(2, 2)), dict(ch_mult=()), dict(ch_mult=(1, 1.5)),
+                                    dict(num_classes=-1)])
 def test_a_network_that_cannot_be_built_says_why(kwargs):
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiples of 32"):
         unet.UNet(**{"ch": 32, "ch_mult": (1, 2), "image_size": (8, 8), **kwargs})
+    unet.UNet(ch=32, ch_mult=np.array([1, 2]), image_size=(8, 8))  # any integer sequence, as before
 
 
 def test_size_the_network_cannot_divide_names_the_nearest_sizes():
