@@ -159,6 +159,7 @@ class Diffusion:
         if guidance and y is None:
             raise ValueError("guidance needs labels y: it steers the samples towards their class")
         if guidance:  # linear, so guiding x0 or v is the same as guiding eps
+            y = y.expand(len(x_t))  # one label for the batch, as the network takes it too
             cond, uncond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([y, torch.full_like(y, -1)])).chunk(2)
             out = (1 + guidance) * cond.float() - guidance * uncond.float()
         else:
@@ -253,6 +254,8 @@ class Diffusion:
     def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
              generator=None):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
+        if sampler not in ("ddpm", "ddim", "dpm++"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
         if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim") or \
                 (variance != "beta" and sampler != "ddpm"):
             raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}, variance {variance!r}: eta is ddim's, "
@@ -261,9 +264,7 @@ class Diffusion:
             return self.ddpm_loop(model, x, y, guidance, variance, generator)
         if sampler == "ddim":
             return self.ddim_loop(model, x, steps, eta, y, guidance, generator)
-        if sampler == "dpm++":
-            return self.dpm_solver_loop(model, x, steps, y, guidance)
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
+        return self.dpm_solver_loop(model, x, steps, y, guidance)
 
     @torch.no_grad()
     def sample(self, model, shape, device="cpu", generator=None, **kwargs):

@@ -487,8 +487,8 @@ def load_stats(path, network=False):
         n = n.item() if n is not None and n.ndim == 0 else n  # an array stays one, and check_counts refuses it
         check_counts(n=n)  # --save-stats writes the image count; any other n is not one
     except Exception as e:  # text, a .npy, a damaged zip, an n of [2], ...: numpy fails in many ways
-        reason = 'not a .npz archive' if 'pickled' in str(e) else 'object arrays, not numbers' if 'Object' in str(e) \
-            else e  # numpy would advise unpickling either
+        reason = ('not a .npz archive' if 'pickled' in str(e) or 'context manager' in str(e) else  # or a .npy
+                  'object arrays, not numbers' if 'Object' in str(e) else e)  # numpy would advise unpickling either
         raise FIDError(f'{path}: not a readable .npz of statistics ({reason})') from None
     if mu is None or sigma is None:
         raise FIDError(f'{path}: no mu or sigma array; a statistics file needs keys mu and sigma '

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
     signal.signal(signal.SIGINT, lambda *_: (print("\nsample.py: interrupted while starting; nothing was written",
@@ -182,6 +183,10 @@ def load_checkpoint(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else \
             "not a regular file" if os.path.exists(path) else "no such checkpoint file"
         raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:  # torch.save's
+        damaged = archive.testzip()  # torch.load checks no checksum: a bit flipped in the weights would load
+        if damaged:
+            raise ValueError(f"{path}: damaged ({damaged} fails its checksum); use another copy or checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
             warnings.simplefilter("ignore")

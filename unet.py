@@ -226,7 +226,7 @@ class UNet(nn.Module):
             # (on a GPU as CUDA's device-side assert: a check here would wait for the GPU at every call)
             index = torch.where(y == -1, self.num_classes, torch.where(y >= self.num_classes, -1, y))
             try:
-                temb = temb + self.class_emb(index)
+                temb = temb + self.class_emb(index.long())  # (int8 or int16 labels too)
             except IndexError:
                 raise ValueError(f"labels y must be in [0, {self.num_classes}) or -1 (the null label)") from None
 

@@ -53,6 +53,9 @@ def made(tmp_path_factory):
     ckpt["format"] = 99
     torch.save(ckpt, top / "future.pt")
     torch.save({"model": Code(str(top / "ran"))}, top / "code.pt")
+    data = bytearray((top / "run" / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit-rotted byte in the weights: torch.load would take it
+    (top / "rotted.pt").write_bytes(bytes(data))
     edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
              "classes_none": lambda c: c.update(classes=None), "no_size": lambda c: c["model_config"].pop("image_size"),
              "size_3d": lambda c: c["model_config"].update(image_size=(16, 16, 16)),
@@ -271,6 +274,7 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
     (["{d}/nowhere/ckpt.pt"], ["nowhere/ckpt.pt", "no such checkpoint"]),  # not --grid's missing folder
     (["{d}/fifo.pt"], ["fifo.pt: not a regular file"]),
+    (["{d}/rotted.pt"], ["rotted.pt: damaged", "fails its checksum"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),

@@ -103,6 +103,13 @@ def test_guidance_combines_in_one_forward_pass():
     torch.testing.assert_close(x0, torch.full_like(x, (1 + 0.25) * 0.4 - 0.25 * -0.4))
 
 
+def test_guidance_takes_one_label_for_the_batch_as_the_network_does():
+    d, x = ddpm.Diffusion(target="x0"), torch.zeros(3, 1, 4, 4)
+    model = lambda x, t, y: (y >= 0).float().view(-1, 1, 1, 1) * torch.ones_like(x)  # 1 with a label, 0 without
+    for y in (torch.tensor(1), torch.tensor([1]), torch.tensor([1, 1, 1])):
+        torch.testing.assert_close(d.predict(model, x, 500, y, guidance=2.0)[1], torch.full_like(x, 1.0))
+
+
 def test_library_defaults_fit_a_small_T_and_guidance_needs_labels():
     d, x = ddpm.Diffusion("cosine", T=12, target="v"), torch.zeros(2, 1, 4, 4)
     for sampler, steps in (("ddim", 12), ("dpm++", 12)):  # default 50 and 20 steps, but no more than T
@@ -118,7 +125,8 @@ def test_settings_that_would_be_ignored_or_misread_are_refused():
     for kwargs, words in ((dict(sampler="ddpm", steps=10), "ddpm takes all T"),
                           (dict(sampler="dpm++", eta=1.0), "ddim's"), (dict(sampler="ddim", eta=2.0), "eta must be in"),
                           (dict(sampler="ddpm", variance="fixedlarge"), "'beta' or 'beta_tilde'"),
-                          (dict(sampler="ddim", variance="beta_tilde"), "variance ddpm's")):
+                          (dict(sampler="ddim", variance="beta_tilde"), "variance ddpm's"),
+                          (dict(sampler="DDPM", variance="beta_tilde"), "unknown sampler 'DDPM'")):
         with pytest.raises(ValueError, match=words):
             d.sample(zero, (1, 1, 4, 4), **kwargs)
 

@@ -358,7 +358,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['empty.npz', 'good.npz'], 'empty.npz: not a readable'),
     (['text.npz', 'good.npz'], 'text.npz: not a readable .npz of statistics (not a .npz archive)'),
     (['objects.npz', 'good.npz'], 'objects.npz: not a readable .npz of statistics (object arrays, not numbers)'),
-    (['npy.npz', 'good.npz'], 'npy.npz: not a readable'),
+    (['npy.npz', 'good.npz'], 'npy.npz: not a readable .npz of statistics (not a .npz archive)'),
     (['badn.npz', 'good.npz'], 'badn.npz: not a readable'),
     (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),
     (['good.npz', 'floatn.npz'], 'floatn.npz: not a readable .npz of statistics (n = 2.5'),

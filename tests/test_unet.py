@@ -26,6 +26,7 @@ def test_class_embedding_and_null_label():
     null = m(x, t, torch.tensor([-1, -1]))
     torch.testing.assert_close(m(x, t), null)  # no labels means the null label
     assert not torch.allclose(m(x, t, torch.tensor([0, 2])), null)
+    torch.testing.assert_close(m(x, t, torch.tensor([-1, -1], dtype=torch.int16)), null)  # any integer type
     for y in (3, -2):  # 1-based labels, say: never silently the null label
         with pytest.raises(ValueError, match=r"labels y must be in \[0, 3\) or -1"):
             m(x, t, torch.tensor([0, y]))
