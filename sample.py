@@ -183,16 +183,16 @@ def load_checkpoint(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else \
             "not a regular file" if os.path.exists(path) else "no such checkpoint file"
         raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
-    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:  # torch.save's
-        damaged = archive.testzip()  # torch.load checks no checksum: a bit flipped in the weights would load
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()  # torch.save writes a zip, and torch.load checks no checksum: a flipped bit loads
         if damaged:
             raise ValueError(f"{path}: damaged ({damaged} fails its checksum); use another copy or checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code; torch's own words
-        first = one_line(e).split(". ")[0]  # would advise weights_only=False, never done here
+    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
+        first = one_line(e).split(". ")[0]  # (torch's next sentences advise weights_only=False: never here)
         if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # (torch < 2.4 says class)
             first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
         elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has

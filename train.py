@@ -767,7 +767,8 @@ def resume(run, ckpt):
     """Load a checkpoint's training state into the run; name the settings the command line changed, and the
     learning rate when they change it (a longer --steps of a --cosine run, a new --lr): it follows the flags."""
     try:
-        for part, name in ((run.model, "model"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")):
+        parts = (run.model, "model"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")
+        for part, name in parts:
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
                 part.load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
