@@ -215,11 +215,11 @@ def find_weights(weights=None, download=True):
 def download_weights(dest):
     """pytorch-fid's weights into a temporary file renamed to `dest` once its sha256 is right (never half a file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=WEIGHTS_NAME, suffix='.part')
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response:
+            print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)  # once it answers: no network, 1 line
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
@@ -243,7 +243,11 @@ def load_inception(weights=None, device='cpu'):
         state = torch.load(path, map_location='cpu', weights_only=True)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')}, strict=True)
     except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, missing or misshapen keys)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:150]
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = ('empty or cut short' if isinstance(e, EOFError) or 'central directory' in lines[0] else
+                  'damaged, or not a file torch.save wrote' if isinstance(e, KeyError) else  # bytes no pickle has
+                  'it holds Python objects, not only tensors; none was run' if 'Unsupported' in str(e) else
+                  lines[-1 if 'state_dict' in lines[0] else 0].strip().split('. ')[0][:150])  # the key, not the header
         raise FIDError(f"{path}: not FID Inception weights in pytorch-fid's layout ({reason}); "
                        f'use {WEIGHTS_NAME} from pytorch-fid') from None
     for module in model.modules():

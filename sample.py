@@ -180,8 +180,8 @@ def checkpoint_state(step, config, model_config, diffusion, classes, model, ema,
 def load_checkpoint(path):
     """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
     if not os.path.isfile(path):
-        what = "a folder, not a checkpoint file" if os.path.isdir(path) else \
-            "not a regular file" if os.path.exists(path) else "no such checkpoint file"
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "not a regular file" if \
+            os.path.exists(path) else "a link to a missing file" if os.path.islink(path) else "no such checkpoint file"
         raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
     with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:
         damaged = archive.testzip()  # torch.save writes a zip, and torch.load checks no checksum: a flipped bit loads
@@ -197,6 +197,8 @@ def load_checkpoint(path):
             first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
         elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
             first = "damaged, or not a file torch.save wrote"
+        elif isinstance(e, EOFError) or "central directory" in first:  # a zip's directory is at its end
+            first = "empty or cut short: a partial copy or download?"
         raise ValueError(f"{path}: not a loadable checkpoint ({first})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -263,6 +265,8 @@ def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
     caption above each column."""
     images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
+    if not n:
+        raise ValueError("no images to put in a grid")
     nrow = min(nrow, n)
     top = 12 if labels else 0
     grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
@@ -547,8 +551,8 @@ def main(argv=None):
         fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
     except ValueError as e:
         p.error(str(e))
-    precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
-    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    args.precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if picture:
         with autocast:
             made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole,
@@ -561,7 +565,7 @@ def main(argv=None):
     if rank:
         return
     steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
-    what = f"{args.sampler}{steps}, seed {args.seed}, {precision}"
+    what = f"{args.sampler}{steps}, seed {args.seed}, {args.precision}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
@@ -590,7 +594,8 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
     for idx, x in sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank, world):
         if not torch.isfinite(x).all():  # never a black image that looks like a result
             print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
-                  "out non-finite (NaN or inf); try --precision fp32 or another checkpoint", file=sys.stderr)
+                  f"out non-finite (NaN or inf); try {'' if args.precision == 'fp32' else '--precision fp32 or '}another "
+                  "checkpoint", file=sys.stderr)
             raise SystemExit(1)
         if args.out_dir:
             for i, im in zip(idx, to_uint8(x)):

@@ -11,6 +11,7 @@ CIFAR-10 network (35.7M parameters). Weight names follow the paper's code as por
     eps = model(x_t, t, y)       # with num_classes > 0: y [N] labels, -1 meaning the null label
 """
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -154,9 +155,13 @@ class UNet(nn.Module):
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
                  image_size=(32, 32), num_classes=0):
         super().__init__()
+        try:  # numpy's and tensors' integers as Python's (a uint8 ch * mult would wrap); 2.0 is no width
+            ch, num_classes, ch_mult = operator.index(ch), operator.index(num_classes), tuple(map(operator.index, ch_mult))
+        except TypeError:
+            raise ValueError(f"ch {ch!r}, ch_mult {ch_mult!r}, num_classes {num_classes!r}: must be integers") from None
         check_size(image_size, ch_mult)
-        if num_classes < 0 or not len(ch_mult) or any(w < 32 or w % 32 for w in (ch, *(ch * m for m in ch_mult))):
-            raise ValueError(f"ch {ch} and ch times each ch_mult {tuple(ch_mult)} must be multiples of 32 (GroupNorm's "
+        if num_classes < 0 or not ch_mult or any(w < 32 or w % 32 for w in (ch, *(ch * m for m in ch_mult))):
+            raise ValueError(f"ch {ch} and ch times each ch_mult {ch_mult} must be multiples of 32 (GroupNorm's "
                              f"groups), num_classes >= 0 (got {num_classes})")
         self.ch, self.num_classes = ch, num_classes
         attn_levels = attention_levels(image_size, ch_mult, attn_res)
@@ -222,6 +227,8 @@ class UNet(nn.Module):
             raise ValueError("labels y given to a network without classes (num_classes = 0)")
         if self.class_emb is not None:
             y = torch.full_like(t, -1) if y is None else y
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:  # 1.7 would be truncated to class 1
+                raise ValueError(f"labels y must be integers, not {y.dtype}")
             # -1 selects the null row; any other label outside [0, num_classes) fails the lookup, never selects it
             # (on a GPU as CUDA's device-side assert: a check here would wait for the GPU at every call)
             index = torch.where(y == -1, self.num_classes, torch.where(y >= self.num_classes, -1, y))

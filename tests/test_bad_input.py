@@ -56,6 +56,9 @@ def made(tmp_path_factory):
     data = bytearray((top / "run" / "ckpt.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one bit-rotted byte in the weights: torch.load would take it
     (top / "rotted.pt").write_bytes(bytes(data))
+    (top / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))  # a copy or download that stopped halfway
+    (top / "empty.pt").write_bytes(b"")
+    (top / "moved.pt").symlink_to(top / "nowhere" / "ckpt.pt")
     edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
              "classes_none": lambda c: c.update(classes=None), "no_size": lambda c: c["model_config"].pop("image_size"),
              "size_3d": lambda c: c["model_config"].update(image_size=(16, 16, 16)),
@@ -275,6 +278,9 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/nowhere/ckpt.pt"], ["nowhere/ckpt.pt", "no such checkpoint"]),  # not --grid's missing folder
     (["{d}/fifo.pt"], ["fifo.pt: not a regular file"]),
     (["{d}/rotted.pt"], ["rotted.pt: damaged", "fails its checksum"]),
+    (["{d}/cut.pt"], ["cut.pt", "not a loadable checkpoint (empty or cut short"]),
+    (["{d}/empty.pt"], ["empty.pt", "not a loadable checkpoint (empty or cut short"]),
+    (["{d}/moved.pt"], ["moved.pt: a link to a missing file"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),
     (["{d}/run"], ["run: a folder, not a checkpoint file"]),
     (["{d}/future.pt"], ["future.pt", "format 99", "another version"]),
@@ -307,6 +313,9 @@ def test_non_finite_samples_are_an_error_not_a_black_grid(made, tmp_path, monkey
         sample.main([str(made / "run" / "ckpt.pt"), "--n", "3", "--grid", str(tmp_path / "g.png")])
     assert e.value.code == 1 and "3 of 3 samples came out non-finite" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+    with pytest.raises(SystemExit):  # already in fp32: not advised again
+        sample.main([str(made / "run" / "ckpt.pt"), "--n", "3", "--grid", str(tmp_path / "g.png"), "--precision", "fp32"])
+    assert "try another checkpoint" in capsys.readouterr().err
 
 
 def test_a_mask_of_zeros_and_ones_fills_its_ones(made):

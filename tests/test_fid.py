@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -277,7 +278,7 @@ def test_download_is_verified_before_it_is_used(tmp_path, monkeypatch):
     assert fid.find_weights().read_bytes() == b'not the weights'             # renamed into place
 
 
-def test_no_weights_and_no_network_says_where_to_put_them(tmp_path, monkeypatch):
+def test_no_weights_and_no_network_says_where_to_put_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
 
@@ -288,6 +289,21 @@ def test_no_weights_and_no_network_says_where_to_put_them(tmp_path, monkeypatch)
         fid.find_weights()
     message = str(error.value)
     assert 'FID_WEIGHTS' in message and '--weights' in message and str(tmp_path / 'cache') in message
+    assert capsys.readouterr().err == ''                                      # no 'downloading' line before it
+
+
+@pytest.mark.parametrize('make, reason', [
+    (lambda p: p.write_bytes(b''), 'empty or cut short'),
+    (lambda p: p.write_bytes(b'hello'), 'damaged, or not a file torch.save wrote'),
+    (lambda p: (torch.save({'w': torch.zeros(1000)}, p), p.write_bytes(p.read_bytes()[:2000])), 'empty or cut short'),
+    (lambda p: torch.save(torch.nn.Linear(2, 2), p), 'it holds Python objects'),
+    (lambda p: torch.save({'w': torch.zeros(1)}, p), 'Unexpected key(s) in state_dict: "w"'),
+])
+def test_unusable_weights_say_what_is_wrong_with_them(tmp_path, make, reason):
+    make(tmp_path / 'w.pth')
+    with pytest.raises(fid.FIDError, match=re.escape(f"w.pth: not FID Inception weights in pytorch-fid's layout "
+                                                     f"({reason}")):
+        fid.load_inception(tmp_path / 'w.pth')
 
 
 # --- bad input: one line, exit status 2 (FIDError in the library), before any work -----------------------

@@ -393,8 +393,10 @@ def test_the_memory_estimate_grows_with_the_pixels_and_covers_the_optimizer():
     assert 3 < per32 / per16 < 4.5 and fixed16 >= 3 * weights  # activations scale with H x W
 
 
-def test_a_grid_of_fewer_images_than_a_row_is_one_row_of_them_not_of_blanks():
+def test_a_grid_of_fewer_images_than_a_row_is_one_row_of_them_and_of_none_an_error():
     assert sample.grid_image(torch.zeros(3, 1, 4, 4), nrow=8).size == (3 * (4 + 2) + 2, 4 + 2 + 2)
+    with pytest.raises(ValueError, match="no images"):
+        sample.grid_image(torch.zeros(0, 1, 4, 4))
 
 
 def test_a_cpu_run_of_more_than_a_day_says_so_and_names_the_cpu_presets(capsys):

@@ -30,14 +30,23 @@ def test_class_embedding_and_null_label():
     for y in (3, -2):  # 1-based labels, say: never silently the null label
         with pytest.raises(ValueError, match=r"labels y must be in \[0, 3\) or -1"):
             m(x, t, torch.tensor([0, y]))
+    for y in ([0.0, 1.7], [True, False]):  # never truncated to a class, nor bools taken as 0 and 1
+        with pytest.raises(ValueError, match="labels y must be integers"):
+            m(x, t, torch.tensor(y))
 
 
 @pytest.mark.parametrize("kwargs", [dict(ch=48), dict(ch=16, ch_mult=(2, 2)), dict(ch_mult=()), dict(ch_mult=(1, 1.5)),
-                                    dict(num_classes=-1)])
+                                    dict(num_classes=-1), dict(ch_mult=(1, 2.0)), dict(ch=32.0), dict(num_classes=2.0)])
 def test_a_network_that_cannot_be_built_says_why(kwargs):
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of 32|must be integers"):
         unet.UNet(**{"ch": 32, "ch_mult": (1, 2), "image_size": (8, 8), **kwargs})
-    unet.UNet(ch=32, ch_mult=np.array([1, 2]), image_size=(8, 8))  # any integer sequence, as before
+
+
+@pytest.mark.parametrize("ch_mult", [np.array([1, 2], np.uint8), torch.tensor([1, 2]), [np.int64(1), 2]])
+def test_any_integer_sequence_is_a_ch_mult(ch_mult):  # a uint8's products would wrap: 128 x 2 = 0
+    counts = [sum(p.numel() for p in unet.UNet(ch=128, ch_mult=m, image_size=(8, 8)).parameters())
+              for m in (ch_mult, (1, 2))]
+    assert counts[0] == counts[1]
 
 
 def test_size_the_network_cannot_divide_names_the_nearest_sizes():
