@@ -5,10 +5,12 @@
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
 
 Also DDIM and DPM-Solver++(2M) with classifier-free guidance, RePaint inpainting, mixing and slerp. `model` is
-any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in [-1, 1];
-timesteps are integers in [0, T). Depends on torch and scipy only.
+any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in [-1, 1] (any
+[N, ...] data works); timesteps are integers in [0, T). The diffusion computes in float32 at least: run a bf16 or
+fp16 network under torch.autocast. Depends on torch and scipy only.
 """
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,9 @@ def immiscible_noise(x0, noise):
 
 
 def _at(a, t, x):
-    """a[t] (a per-timestep tensor) on x's device, shaped to broadcast over [N, C, H, W], as x's dtype but at least
+    """a[t] (a per-timestep tensor) on x's device, shaped to broadcast over x [N, ...], as x's dtype but at least
     float32: in bf16, 1/sqrt(alpha-bar) x_t - sqrt(1/alpha-bar - 1) eps at t = 999 (both ~157) would be off by ~1."""
-    return a.to(x.device)[t].to(torch.promote_types(x.dtype, torch.float32)).view(-1, 1, 1, 1)
+    return a.to(x.device)[t].to(torch.promote_types(x.dtype, torch.float32)).view(-1, *[1] * (x.dim() - 1))
 
 
 def randn(shape, generator=None, device="cpu"):
@@ -64,8 +66,9 @@ def repaint_schedule(T, jump=10, resample=10):
     move, q(x_{t+jump} | x_t) (their code walks it step by step: the same distribution). The last step is once.
     T=8, jump=2, resample=2 -> [7, 6, 5, 4, 6, 5, 4, 3, 2, 4, 3, 2, 1, 0, 2, 1, 0, -1]. Published: jump 10,
     resample 10 on 250 steps (sec. 5.1); jump 1 is Algorithm 1 as printed."""
-    if jump < 1 or resample < 1:
-        raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
+    if jump < 1 or resample < 1 or (resample > 1 and jump >= T):  # a jump from T-1 or more would never be made
+        raise ValueError(f"jump and resample must be at least 1, and jump below T = {T} to resample; got {jump} and "
+                         f"{resample}")
     ts = []
     for t in range(T - 1, -1, -1):
         ts.append(t)
@@ -89,9 +92,9 @@ class Diffusion:
     def __init__(self, schedule="linear", T=1000, target="eps", loss="mse"):
         if target not in ("eps", "x0", "v") or loss not in ("mse", "l1"):
             raise ValueError(f"target must be eps, x0 or v and loss mse or l1, got {target!r}, {loss!r}")
-        if not (isinstance(T, int) and T >= 2):
+        if not (isinstance(T, numbers.Integral) and T >= 2):  # (numpy's integers too)
             raise ValueError(f"T must be a whole number of steps, at least 2, got {T!r}")
-        self.schedule, self.T, self.target, self.loss = schedule, T, target, loss
+        self.schedule, self.T, self.target, self.loss = schedule, int(T), target, loss
         self.betas = beta_schedule(schedule, T)
         if not ((self.betas > 0) & (self.betas < 1)).all():  # the linear schedule's, scaled by 1000/T, for T <= 20
             raise ValueError(f"the {schedule} schedule with T = {T} has betas outside (0, 1); use a larger T")
@@ -108,7 +111,7 @@ class Diffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
     def to(self, device):
-        """Move the per-timestep tensors to a device (kept in float64 where the device has it)."""
+        """Move the per-timestep tensors (float64) to a device."""
         vars(self).update({name: v.to(device) for name, v in vars(self).items() if torch.is_tensor(v)})
         return self
 
@@ -149,6 +152,8 @@ class Diffusion:
         noise = immiscible_noise(x0, noise) if immiscible else noise
         target = noise if self.target == "eps" else x0 if self.target == "x0" else self.v_target(x0, t, noise)
         pred = model(self.q_sample(x0, t, noise), t, y).float()
+        if pred.shape != target.shape:  # broadcasting them would train on garbage, with only torch's warning
+            raise ValueError(f"the model's prediction {list(pred.shape)} is not shaped as its input {list(x0.shape)}")
         return F.mse_loss(pred, target) if self.loss == "mse" else F.l1_loss(pred, target)
 
     @torch.no_grad()
@@ -159,7 +164,7 @@ class Diffusion:
         if guidance and y is None:
             raise ValueError("guidance needs labels y: it steers the samples towards their class")
         if guidance:  # linear, so guiding x0 or v is the same as guiding eps
-            y = y.expand(len(x_t))  # one label for the batch, as the network takes it too
+            y = torch.as_tensor(y, device=x_t.device).expand(len(x_t))  # one label for the batch, as the network takes
             cond, uncond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([y, torch.full_like(y, -1)])).chunk(2)
             out = (1 + guidance) * cond.float() - guidance * uncond.float()
         else:
@@ -189,7 +194,7 @@ class Diffusion:
 
     def inpaint_loop(self, model, image, known, resample=1, y=None, guidance=0.0, generator=None, jump=10):
         """RePaint (Lugmayr et al. 2022, unconditional model) along `repaint_schedule(T, jump, resample)`, yielding at
-        each reverse step, their Algorithm 1's: the `known` pixels (a {0, 1} mask broadcastable to `image`) from
+        each reverse step, their Algorithm 1's: the `known` pixels (a {0, 1} or bool mask broadcastable to `image`) from
         q(x_{t-1} | x_0 = image), the rest from the model's step (eq. 8). Each jump back up re-noises all of x by
         q(x_{t+jump} | x_t) (sec. 4.2), so the generated region gets `resample` passes to agree with the known one."""
         ts = repaint_schedule(self.T, jump, resample)
@@ -202,13 +207,12 @@ class Diffusion:
             t_known = torch.full((len(image),), t_next, device=image.device)
             x_known = image if noise is None else self.q_sample(image, t_known, noise)  # the last step adds no noise
             x_unknown, x0 = self.ddpm_step(model, x, t, y, guidance, generator=generator)
-            x = known * x_known + (1 - known) * x_unknown
+            x = torch.where(known.bool(), x_known, x_unknown)
             yield t, x, x0
 
     def mix(self, model, a, b, t, weight=0.5, generator=None):
-        """Blend two images noised to step t with one noise (report 000's mixing), which is q_sample of their pixel
-        blend, a proper x_t, and denoise it from t (ancestral). Small t keeps the blend; large t lets the model
-        redraw it."""
+        """Blend two images noised to step t with one noise, which is q_sample of their pixel blend, a proper x_t, and
+        denoise it from t (ancestral). Small t keeps the blend; large t lets the model redraw it."""
         noise = randn(a.shape, generator, a.device)
         x = self.q_sample((1 - weight) * a + weight * b, torch.full((len(a),), t, device=a.device), noise)
         for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):

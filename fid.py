@@ -264,6 +264,8 @@ def to_uint8(images):
     are quantised as a PNG writer does, round(clamp((x + 1) / 2, 0, 1) * 255): samples give their PNGs' FID."""
     images = torch.as_tensor(images)
     if images.dtype == torch.uint8 and images.ndim == 3:                    # [N, H, W] grey
+        if images.shape[2] in (3, 4):  # far likelier one [H, W, C] image than images 3 or 4 pixels wide
+            raise FIDError(f'uint8 {list(images.shape)} is one [H, W, C] image? give a batch [N, H, W, C]')
         images = images[..., None]
     elif images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3):
         if not torch.isfinite(images).all():  # NaN would become black pixels, and a finite FID
@@ -440,6 +442,8 @@ def check_stats(mu, sigma, name, network=False):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Fréchet distance between
     N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982), computed as pytorch-fid does."""
+    if any(np.iscomplexobj(a) for a in (mu1, sigma1, mu2, sigma2)):  # float64 would drop the imaginary parts
+        raise FIDError('statistics must be real numbers, not complex')
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     check_stats(mu1, sigma1, 'the first statistics')
@@ -470,6 +474,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def save_stats(path, mu, sigma, n=None):
     """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place
     from a file of this process's own (concurrent writers of one path never share one). OSErrors name `path`."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a rename would replace a device or a FIFO
+        raise FIDError(f'{path}: exists and is not a regular file; give a file path')
     part = f'{path}.{os.getpid()}.part'
     try:
         with open(part, 'wb') as f:

@@ -114,7 +114,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 def read_image(path, size, resample=Image.Resampling.LANCZOS):
     """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
-    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (a FIFO blocks)."""
+    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (never a FIFO)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
     try:
@@ -140,7 +140,9 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
 def write_atomically(path, write, tmp=None):
     """write(f) to a temporary file beside path (`tmp`, or a new unique one: a link at path is written through),
     flushed, then renamed to path: no reader sees part of a file. An error removes the temporary file; a kill leaves
-    it, under a name nothing reads (PATH.<random>.tmp)."""
+    it, under a name nothing reads (PATH.<random>.tmp). A device or FIFO at path is refused, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):  # (as root, a grid saved to /dev/null would replace it)
+        raise OSError(errno.EEXIST, "exists and is not a regular file", path)
     if tmp is None:  # not mkstemp's file, which is private (0600): a written file gets the umask's mode
         path = os.path.realpath(path)
         tmp = f"{path}.{os.getpid()}{os.urandom(4).hex()}.tmp"
@@ -240,6 +242,7 @@ def build(ckpt, ema=True, device="cpu"):
 def class_labels(ckpt, cls, guidance, n, nrow=8):
     """The label of each image to sample, or None for an unconditional checkpoint. `cls` is a class name or
     index; without it each grid row of `nrow` images is one class (n defaults to a row per class)."""
+    cls = None if cls is None else str(cls)  # an index given as a number, as the command line's string
     classes = list(ckpt["classes"]) if ckpt["model_config"].get("num_classes") else []
     if not classes:
         if cls is not None or guidance:
@@ -265,8 +268,8 @@ def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
     caption above each column."""
     images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
-    if not n:
-        raise ValueError("no images to put in a grid")
+    if not n or nrow < 1:
+        raise ValueError(f"a grid of {n} images, {nrow} a row: give at least one of each")
     nrow = min(nrow, n)
     top = 12 if labels else 0
     grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)

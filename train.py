@@ -461,12 +461,13 @@ def read_cache(stem, size):
 
 
 def load_dataset(args, size):
-    """The training images as uint8 [N, C, H, W], labels [N] and class names. A folder is decoded once into a
-    cache file that every process maps: processes of a machine share one copy in the page cache, and a batch
-    reads only its own images. The cache is keyed by every file's name, size and mtime."""
+    """The training images as uint8 [N, C, H, W], labels [N] and class names (none without --cond). A folder is
+    decoded once into a cache file that every process maps: processes of a machine share one copy in the page
+    cache, and a batch reads only its own images. The cache is keyed by every file's name, size and mtime."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
-        images, meta = images.transpose(0, 3, 1, 2).copy(), {"labels": labels, "classes": list(SHAPES), "grey": False}
+        meta = {"labels": labels, "classes": list(SHAPES) if args.cond else [], "grey": False}  # as a folder's
+        images = images.transpose(0, 3, 1, 2).copy()
     else:
         root, stem = os.path.abspath(args.data), None
         paths = find_images(root)  # check_args made sure it is a folder
@@ -738,7 +739,7 @@ def setup_run(args, ckpt, device, rank, world, started):
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
     run.model_config = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
-                                                                           len(run.classes) if args.cond else 0)
+                                                                           len(run.classes))
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
         run.model = unet.UNet(**run.model_config).to(device)
@@ -1043,7 +1044,7 @@ def train(args, ckpt, stop, started):
     if args.time and not ckpt:
         args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
     model, micro = run.model, args.batch // world // args.accum
-    log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) if args.cond else 'no'} classes | "
+    log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
         f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
         f"{', '.join(f'{h}x{w}' for h, w in model.attn_sizes)} and the middle | batch {args.batch} = {world} "
         f"process(es) x {args.accum} accumulation x {micro} | {args.precision} on {device}, memory {memory}")

@@ -3,8 +3,9 @@
 A U-Net on the PixelCNN++ backbone (Appendix B): ResNet blocks with GroupNorm and a sinusoidal timestep
 embedding added in every block, self-attention at 16x16 (at other sizes: the level nearest 16x16, see
 `attention_levels`), dropout, two ResNet blocks per resolution. The constructor's defaults are the paper's
-CIFAR-10 network (35.7M parameters). Weight names follow the paper's code as ported by pesser/pytorch_diffusion
-(`down[i].block[j]`, `mid.attn_1`, `norm_out`). Depends on torch only.
+CIFAR-10 network (35.7M parameters). Module names follow the paper's code as ported by pesser/pytorch_diffusion
+(`down[i].block[j]`, `mid.attn_1`, `norm_out`), though its checkpoints do not load here: attention's q, k, v are
+one layer and the timestep MLP is a Sequential. Depends on torch only.
 
     model = UNet(in_ch=3, image_size=(32, 32))
     eps = model(x_t, t)          # x_t [N, C, H, W], t [N] integer timesteps in [0, T)
@@ -220,15 +221,18 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x, t, y=None):
-        """x [N, C, H, W], t [N] integers in [0, T), y [N] labels (-1: null) or None -> eps [N, C, H, W]."""
-        assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
+        """x [N, C, H, W], t [N] integers in [0, T), y [N] labels (-1: null), one label, or None -> the prediction
+        [N, C, H, W] (eps, or x0 or v: whatever it was trained to predict)."""
+        if x.ndim != 4 or t.shape != (len(x),):
+            raise ValueError(f"x must be [N, C, H, W] and t [N] timesteps, not {list(x.shape)} and {list(t.shape)}")
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         if self.class_emb is None and y is not None:  # guidance on it would silently do nothing
             raise ValueError("labels y given to a network without classes (num_classes = 0)")
         if self.class_emb is not None:
-            y = torch.full_like(t, -1) if y is None else y
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:  # 1.7 would be truncated to class 1
-                raise ValueError(f"labels y must be integers, not {y.dtype}")
+            y = torch.full_like(t, -1) if y is None else torch.as_tensor(y, device=t.device)
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.shape not in ((), (1,), t.shape):
+                raise ValueError(f"labels y must be integers, one per image or one for all, not {y.dtype} "
+                                 f"{list(y.shape)}")  # (1.7 would be truncated to class 1)
             # -1 selects the null row; any other label outside [0, num_classes) fails the lookup, never selects it
             # (on a GPU as CUDA's device-side assert: a check here would wait for the GPU at every call)
             index = torch.where(y == -1, self.num_classes, torch.where(y >= self.num_classes, -1, y))

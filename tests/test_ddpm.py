@@ -106,7 +106,7 @@ def test_guidance_combines_in_one_forward_pass():
 def test_guidance_takes_one_label_for_the_batch_as_the_network_does():
     d, x = ddpm.Diffusion(target="x0"), torch.zeros(3, 1, 4, 4)
     model = lambda x, t, y: (y >= 0).float().view(-1, 1, 1, 1) * torch.ones_like(x)  # 1 with a label, 0 without
-    for y in (torch.tensor(1), torch.tensor([1]), torch.tensor([1, 1, 1])):
+    for y in (torch.tensor(1), torch.tensor([1]), torch.tensor([1, 1, 1]), 1):
         torch.testing.assert_close(d.predict(model, x, 500, y, guidance=2.0)[1], torch.full_like(x, 1.0))
 
 
@@ -194,10 +194,11 @@ def test_inpainting_keeps_the_known_pixels_and_fills_the_hole_from_the_model():
     image = torch.rand(2, 1, 6, 6, generator=g) * 2 - 1  # differs from x_star everywhere
     known = torch.zeros(1, 1, 6, 6)
     known[..., :3] = 1  # left half known
-    for _, x, _ in d.inpaint_loop(oracle(d, x_star), image, known, resample=2, generator=g, jump=10):
-        pass
-    torch.testing.assert_close(x[..., :3], image[..., :3])
-    assert (x[..., 3:] - x_star[..., 3:]).abs().max().item() < 1e-3
+    for mask in (known, known.bool()):  # a {0, 1} mask or a bool one
+        for _, x, _ in d.inpaint_loop(oracle(d, x_star), image, mask, resample=2, generator=g.manual_seed(1), jump=10):
+            pass
+        torch.testing.assert_close(x[..., :3], image[..., :3])
+        assert (x[..., 3:] - x_star[..., 3:]).abs().max().item() < 1e-3
 
 
 def test_repaint_schedule_against_the_algorithm_by_hand():
@@ -209,10 +210,11 @@ def test_repaint_schedule_against_the_algorithm_by_hand():
     assert ddpm.repaint_schedule(7, 3, 3) == [6, 5, 4, 3, 6, 5, 4, 3, 6, 5, 4, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, -1]
     # j=1 is Algorithm 1 as printed (each step redone r times, re-noised by one step), but its last step once
     assert ddpm.repaint_schedule(4, 1, 3) == [3, 2, 3, 2, 3, 2, 1, 2, 1, 2, 1, 0, 1, 0, 1, 0, -1]
-    assert ddpm.repaint_schedule(5, 10, 10) == [4, 3, 2, 1, 0, -1]  # a jump longer than T: one pass
     assert ddpm.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0, -1]  # r=1: one pass
-    with pytest.raises(ValueError):
-        ddpm.repaint_schedule(6, 0, 2)
+    assert ddpm.repaint_schedule(5, 10, 1) == [4, 3, 2, 1, 0, -1]  # r=1 needs no jump
+    for jump, resample in ((0, 2), (5, 10), (10, 10)):  # no jump at all, or none that stays below T: never a
+        with pytest.raises(ValueError, match="jump"):  # silent single pass where r passes were asked for
+            ddpm.repaint_schedule(5, jump, resample)
 
 
 def test_repaint_schedule_published_setting_and_no_repeats_at_t0():
@@ -281,6 +283,17 @@ def test_mix_denoises_the_noised_pixel_blend():
 def test_a_diffusion_without_a_valid_schedule_is_refused(schedule, T, words):
     with pytest.raises(ValueError, match=re.escape(words)):  # not NaN samples or a ZeroDivisionError later
         ddpm.Diffusion(schedule, T)
+
+
+def test_data_of_any_shape_and_a_prediction_of_the_wrong_shape():
+    d = ddpm.Diffusion("cosine", np.int64(50), "v")  # a numpy integer T is a T
+    assert type(d.config()["T"]) is int
+    points = torch.randn(8, 2)  # toy 2-d data: [N, D], not [N, C, H, W]
+    assert d.q_sample(points, torch.arange(8), torch.randn(8, 2)).shape == (8, 2)
+    assert d.training_loss(lambda x, t, y=None: torch.zeros_like(x), points).ndim == 0
+    assert d.sample(lambda x, t, y=None: torch.zeros_like(x), (4, 2), steps=5).shape == (4, 2)
+    with pytest.raises(ValueError, match=re.escape("prediction [4, 1, 8, 8] is not shaped as its input [4, 3, 8, 8]")):
+        d.training_loss(lambda x, t, y=None: x[:, :1], torch.randn(4, 3, 8, 8))  # broadcast: garbage, not an error
 
 
 def test_one_generator_per_sample_or_one_for_all():

@@ -441,7 +441,10 @@ def test_library_refuses_bad_input(bad):
              (lambda: fid.activations(np.zeros((2, 8, 8, 3), np.uint8), None, 0, device='cpu'), 'batch_size = 0'),
              (lambda: fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2)), 'NaN'),
              (lambda: fid.frechet_distance(np.zeros(2), [[1, 1], [0, 1]], np.zeros(2), np.eye(2)), 'symmetric'),
-             (lambda: fid.frechet_distance(np.zeros(2), not_psd, np.zeros(2), not_psd), 'positive semi-definite')]
+             (lambda: fid.frechet_distance(np.zeros(2), not_psd, np.zeros(2), not_psd), 'positive semi-definite'),
+             (lambda: fid.frechet_distance(np.zeros(2), np.eye(2) * (1 + 5j), np.zeros(2), np.eye(2)), 'complex'),
+             (lambda: fid.to_uint8(np.zeros((32, 32, 3), np.uint8)), 'image. give a batch'),  # not 32 images 32x3
+             (lambda: fid.save_stats(bad / 'fifo.npz', np.zeros(2), np.eye(2)), 'not a regular file')]  # not replaced
     for call, words in cases:
         with pytest.raises(fid.FIDError, match=words):
             call()

@@ -232,7 +232,8 @@ def test_conditional_run_samples_a_class_with_guidance_and_a_row_per_class(folde
     sample.main([str(ckpt), "--class", "red", "--guidance", "3", "--n", "2", "--grid", str(tmp_path / "red.png"), *fast])
     assert "class red, guidance 3" in capsys.readouterr().out
     c = torch.load(ckpt, weights_only=True)
-    assert sample.class_labels(c, "red", 3, 2).tolist() == [1, 1] == sample.class_labels(c, "1", 0, 2).tolist()
+    assert sample.class_labels(c, "red", 3, 2).tolist() == [1, 1] == sample.class_labels(c, "1", 0, 2).tolist() \
+        == sample.class_labels(c, 1, 0, 2).tolist()  # an index as a number too
     assert sample.class_labels(c, None, 0, None).tolist() == [0] * 8 + [1] * 8
     one_line_error(run("sample.py", ckpt, "--class", "green", *fast), "--class green", "blue, red")
     train.main(["--data", str(folder), "--out", str(tmp_path / "u"), "--steps", "1", *TINY])
@@ -395,8 +396,16 @@ def test_the_memory_estimate_grows_with_the_pixels_and_covers_the_optimizer():
 
 def test_a_grid_of_fewer_images_than_a_row_is_one_row_of_them_and_of_none_an_error():
     assert sample.grid_image(torch.zeros(3, 1, 4, 4), nrow=8).size == (3 * (4 + 2) + 2, 4 + 2 + 2)
-    with pytest.raises(ValueError, match="no images"):
-        sample.grid_image(torch.zeros(0, 1, 4, 4))
+    for n, nrow in ((0, 8), (3, 0)):
+        with pytest.raises(ValueError, match=f"a grid of {n} images, {nrow} a row"):
+            sample.grid_image(torch.zeros(n, 1, 4, 4), nrow)
+
+
+def test_an_atomic_write_refuses_a_fifo_or_device_rather_than_replace_it(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # as root, a grid saved to /dev/null would have replaced it with a file
+    with pytest.raises(OSError, match="exists and is not a regular file"):
+        sample.save_grid(torch.zeros(1, 1, 4, 4), tmp_path / "pipe.png")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.png").st_mode) and os.listdir(tmp_path) == ["pipe.png"]
 
 
 def test_a_cpu_run_of_more_than_a_day_says_so_and_names_the_cpu_presets(capsys):

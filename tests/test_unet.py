@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -30,9 +32,12 @@ def test_class_embedding_and_null_label():
     for y in (3, -2):  # 1-based labels, say: never silently the null label
         with pytest.raises(ValueError, match=r"labels y must be in \[0, 3\) or -1"):
             m(x, t, torch.tensor([0, y]))
-    for y in ([0.0, 1.7], [True, False]):  # never truncated to a class, nor bools taken as 0 and 1
-        with pytest.raises(ValueError, match="labels y must be integers"):
-            m(x, t, torch.tensor(y))
+    torch.testing.assert_close(m(x, t, 2), m(x, t, torch.tensor([2, 2])))  # one label for all, as guidance gives
+    for y in ([0.0, 1.7], [True, False], [[0], [2]], [0, 1, 2]):  # never truncated to a class, bools taken as 0
+        with pytest.raises(ValueError, match="labels y must be integers, one per image or one for all"):  # and 1,
+            m(x, t, torch.tensor(y))  # nor broadcast to another shape
+    with pytest.raises(ValueError, match=re.escape("x must be [N, C, H, W] and t [N] timesteps, not [1, 16, 16]")):
+        m(x[0], t[:1])  # one image without its batch dimension
 
 
 @pytest.mark.parametrize("kwargs", [dict(ch=48), dict(ch=16, ch_mult=(2, 2)), dict(ch_mult=()), dict(ch_mult=(1, 1.5)),
