@@ -4,15 +4,12 @@
     python fid.py samples/ train_stats.npz           # ... or against saved statistics (keys mu, sigma)
     python fid.py data/train/ --save-stats train_stats.npz
 
-The network is TensorFlow's inception-2015-12-05 graph as pytorch-fid ports it; the numbers and statistics
-files follow pytorch-fid's (PIL decoding to RGB, bilinear resize to 299x299, 2048-d pool3 features, float64
-statistics, scipy's sqrtm); rotated (EXIF), 16-bit and transparent images are decoded as train.py trains on them.
-Weights: --weights, else $FID_WEIGHTS, else $XDG_CACHE_HOME/ddpm-toolkit (~/.cache), else a sha256-checked download.
-Bad input: one line on stderr, exit status 2, before any work.
+Numbers and statistics files are pytorch-fid's: its port of TF's inception-2015-12-05 graph, PIL decoding to
+RGB, bilinear resize to 299x299, 2048-d pool3 features, float64 statistics, scipy's sqrtm. Rotated (EXIF), 16-bit
+and transparent images are decoded as train.py trains on them. Bad input: one line on stderr, exit status 2.
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
 import argparse
-import contextlib
 import hashlib
 import os
 import sys
@@ -32,20 +29,19 @@ from PIL import Image, ImageOps
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
-# sha256 of the file at WEIGHTS_URL (95,628,359 bytes); its first 8 hex digits are the name's (torch.hub's rule).
-WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
+WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # of WEIGHTS_URL's 95,628,359 bytes
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 STATS_VERSION = 2  # part of the statistics cache key: change it when the preprocessing changes
-DIMS = 2048  # pool3 features, the dimension of every statistics file used with the network
+DIMS = 2048  # pool3 features
 COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
 
 class FIDError(Exception):
-    """A problem the user can fix (a path, a file, a flag); the CLI prints it as one line and exits with 2."""
+    """A problem the user can fix (a path, a file, a flag): the CLI prints it as one line and exits with 2."""
 
 
 def check_counts(**counts):
-    """Raises FIDError unless each count given (None: not given) is an integer >= its minimum in COUNTS."""
+    """FIDError unless each count given (not None) is an integer >= its minimum in COUNTS."""
     for name, value in counts.items():
         if value is not None and not (isinstance(value, (int, np.integer)) and value >= COUNTS[name]):
             raise FIDError(f'{name} = {value!r}: must be a whole number >= {COUNTS[name]}')
@@ -54,8 +50,7 @@ def check_counts(**counts):
 # --- The network. Attribute names are pytorch-fid's (torchvision's Inception3), so its state dict loads strictly.
 
 class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (TF's eps 0.001; no scale, the weight is all ones), ReLU.
-    padding 'same' is TF's SAME (stride 1, odd kernels: k // 2 each side); VALID convolutions pass 0."""
+    """Convolution without bias, batch norm (TF's eps 0.001), ReLU. 'same' is TF's SAME (odd kernels, stride 1)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding='same'):
         super().__init__()
@@ -67,8 +62,8 @@ class BasicConv2d(nn.Module):
 
     @torch.no_grad()
     def fold_batchnorm(self):
-        """Folds the frozen batch norm into the convolution (in float64: pool3 moves by about 1e-5, the parity
-        tests allow 1e-4): one pass over memory less, 1.1x the images/s on 2 CPU cores, 16% less peak memory."""
+        """Folds the frozen batch norm into the convolution, in float64 (pool3 moves by about 1e-5; the parity tests
+        allow 1e-4): 1.1x the images/s on 2 CPU cores, 16% less peak memory (docs/benchmarks.md)."""
         bn, conv = self.bn, self.conv
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         conv.weight.copy_(conv.weight.double() * scale[:, None, None, None])
@@ -164,7 +159,7 @@ class InceptionE(NamedConvs):
 
 
 class FIDInception(NamedConvs):
-    """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed."""
+    """float [N, 3, 299, 299] in [0, 1] -> pool3 features [N, 2048]."""
 
     def __init__(self):
         super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2, 0), Conv2d_2a_3x3=(32, 32, 3, 1, 0), Conv2d_2b_3x3=(32, 64, 3),
@@ -178,8 +173,6 @@ class FIDInception(NamedConvs):
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
 
     def forward(self, x):
-        if x.shape[2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
         x = 2 * x - 1                                                        # the TF graph's input range
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 147x147
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
@@ -197,8 +190,8 @@ def cache_dir():
 
 
 def find_weights(weights=None, download=True):
-    """The weights file: `weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed: a re-saved
-    copy is fine), else a verified download (download=False: FIDError instead)."""
+    """`weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed), else a verified download
+    (download=False: FIDError instead)."""
     for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS') or None, 'FID_WEIGHTS')):
         if path is not None:  # --weights '' is a mistake; an empty variable is unset
             if not Path(path).is_file():
@@ -213,19 +206,18 @@ def find_weights(weights=None, download=True):
 
 
 def download_weights(dest):
-    """pytorch-fid's weights into a temporary file renamed to `dest` once its sha256 is right (never half a file)."""
+    """pytorch-fid's weights into a temporary file, renamed to `dest` once its sha256 is right."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=WEIGHTS_NAME, suffix='.part')
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response:
-            print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)  # once it answers: no network, 1 line
+            print(f'fid: downloading {WEIGHTS_URL} to {dest}', file=sys.stderr)  # once it answers
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
         if digest.hexdigest() != WEIGHTS_SHA256:
-            raise FIDError(f'{WEIGHTS_URL}: sha256 {digest.hexdigest()} is not the expected {WEIGHTS_SHA256}; '
-                           'the download was deleted')
+            raise FIDError(f'{WEIGHTS_URL}: sha256 {digest.hexdigest()}, not {WEIGHTS_SHA256}; download deleted')
         os.replace(tmp, dest)
     except OSError as e:  # no network, HTTP errors (URLError is an OSError), a full disk
         raise FIDError(f'no FID weights and the download failed ({e}): put {WEIGHTS_NAME} at {dest}, '
@@ -235,8 +227,8 @@ def download_weights(dest):
 
 
 def load_inception(weights=None, device='cpu'):
-    """The FID Inception (FIDInception) in eval mode on `device`, batch norms folded after a strict load of the
-    file (its `fc.*` logits are not needed for pool3), so its state_dict is no longer in pytorch-fid's layout."""
+    """FIDInception in eval mode on `device`: a strict load of the weights (less the fc.* logits), then batch norms
+    folded (so its state_dict is no longer pytorch-fid's)."""
     path = find_weights(weights)
     model = FIDInception()
     try:
@@ -249,7 +241,7 @@ def load_inception(weights=None, device='cpu'):
                   'it holds Python objects, not only tensors; none was run' if 'Unsupported' in str(e) else
                   lines[-1 if 'state_dict' in lines[0] else 0].strip().split('. ')[0][:150])  # the key, not the header
         raise FIDError(f"{path}: not FID Inception weights in pytorch-fid's layout ({reason}); "
-                       f'use {WEIGHTS_NAME} from pytorch-fid') from None
+                       f'use {WEIGHTS_NAME}') from None
     for module in model.modules():
         if isinstance(module, BasicConv2d):
             module.fold_batchnorm()
@@ -263,42 +255,40 @@ def to_uint8(images):
     """uint8 [N, H, W, 3] tensor from uint8 [N, H, W(, C)] or float [N, C, H, W] in [-1, 1], C 1 or 3. Floats
     are quantised as a PNG writer does, round(clamp((x + 1) / 2, 0, 1) * 255): samples give their PNGs' FID."""
     images = torch.as_tensor(images)
-    if images.dtype == torch.uint8 and images.ndim == 3:                    # [N, H, W] grey
+    if images.dtype == torch.uint8 and images.ndim == 3:
         if images.shape[2] in (3, 4):  # far likelier one [H, W, C] image than images 3 or 4 pixels wide
             raise FIDError(f'uint8 {list(images.shape)} is one [H, W, C] image? give a batch [N, H, W, C]')
-        images = images[..., None]
+        images = images[..., None]  # grey
     elif images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3):
         if not torch.isfinite(images).all():  # NaN would become black pixels, and a finite FID
             raise FIDError('images hold NaN or infinite values; they have no FID')
         images = ((images.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise FIDError(f'images must be uint8 [N, H, W, C] or float [N, C, H, W] in [-1, 1] with C 1 or 3, '
-                       f'not {images.dtype} {list(images.shape)}')
-    return images.expand(-1, -1, -1, 3)                                      # grey -> RGB
+        raise FIDError(f'images must be uint8 [N, H, W, C] or float [N, C, H, W] in [-1, 1], C 1 or 3, not '
+                       f'{images.dtype} {list(images.shape)}')
+    return images.expand(-1, -1, -1, 3)  # grey -> RGB
 
 
 def model_input(images, device):
     """uint8 [N, H, W, 3] (or a list of [H, W, 3] of mixed sizes) -> float [N, 3, 299, 299] in [0, 1], as
     pytorch-fid: x / 255, bilinear resize, align_corners=False. The permuted view is already channels_last."""
-    if isinstance(images, list):                                             # mixed sizes: one by one
+    if isinstance(images, list):  # mixed sizes: one by one
         return torch.cat([model_input(image[None], device) for image in images])
     x = images.to(device).permute(0, 3, 1, 2).float() / 255
     return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
 
 
 def read_image(path, verify=False):
-    """uint8 [H, W, 3] as train.py reads a training image (before resizing it): EXIF orientation applied, 16-bit grey
-    scaled to 8 bits, transparency composited on white, then RGB (grey replicated). For 8-bit images without these
-    it is pytorch-fid's decoding, PIL's convert('RGB'), which would ignore the orientation, clip 16 bits to white and
-    drop alpha. verify: only PIL's check of the file, without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
+    """uint8 [H, W, 3] as train.py reads an image: EXIF orientation applied, 16-bit grey scaled to 8 bits, transparency
+    composited on white, then RGB; otherwise pytorch-fid's convert('RGB'). verify: PIL's check of the file only,
+    without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
     try:
         with Image.open(path) as image:
             if verify:
                 return image.verify()
             kind = image.format
             if image.mode == 'F' or (image.mode == 'I' and kind == 'TIFF'):  # train.py skips these too
-                raise FIDError(f'{path}: 32-bit pixels (float or integer) have no standard range; save it with 8 or '
-                               '16 bits')
+                raise FIDError(f'{path}: 32-bit pixels have no standard range; save it with 8 or 16 bits')
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an image that is not turned
             if image.mode.startswith('I;16') or (image.mode == 'I' and kind != 'TIFF'):  # I: a 16-bit PGM
                 grey, transparent = np.asarray(image, np.float64), image.info.get('transparency')
@@ -313,14 +303,13 @@ def read_image(path, verify=False):
 
 
 def verify_images(files):
-    """FIDError naming the first file PIL cannot open and verify: found now, not after hours of Inception passes.
-    PIL checks a PNG's data whole (its checksums), other formats' headers: a broken JPEG still fails when decoded."""
+    """FIDError naming the first file PIL cannot verify (a PNG's checksums, other formats' headers), before any pass."""
     for f in files:
         read_image(f, verify=True)
 
 
 def show_progress(label, done, total, seconds):
-    """A stderr line redrawn in place on a terminal (\\x1b[K clears the rest of it); elsewhere the last one only."""
+    """A stderr line redrawn in place on a terminal (\\x1b[K clears the rest of it); elsewhere only the last."""
     line = f'fid: {label}: {done}/{total} images, {done / seconds:.1f} images/s'
     if sys.stderr.isatty():
         print(f'\r{line}\x1b[K', end='\n' if done == total else '', file=sys.stderr, flush=True)
@@ -329,11 +318,12 @@ def show_progress(label, done, total, seconds):
 
 
 def run_model(model, make_batch, n, batch_size, device, workers, label, progress):
-    """float32 [n, 2048] pool3 features of images [0, n), batches of uint8 from `make_batch(start, stop)`. `workers`
-    threads decode and resize them (on `device`) while the network runs: 1.2x the images/s for 512x512 PNGs on
-    2 CPU cores against decoding on this thread (none for 28x28), and the resize there, not here, 1.1x-1.3x."""
+    """float32 [n, 2048] pool3 features of images [0, n), uint8 batches from `make_batch(start, stop)`. `workers`
+    threads decode and resize them (on `device`, default the model's) while the network runs: 1.2x the images/s for
+    512x512 PNGs on 2 CPU cores (none for 28x28), and the resize there, not here, 1.1x-1.3x (docs/benchmarks.md)."""
     check_counts(batch_size=batch_size, workers=workers)
     model_device = next(model.parameters()).device
+    device = device or model_device
     batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     outputs, start_time = [], time.perf_counter()
 
@@ -361,23 +351,20 @@ def run_model(model, make_batch, n, batch_size, device, workers, label, progress
 
 
 def activations(images, model, batch_size=50, device=None, progress=False):
-    """pool3 features, float32 [N, 2048], of uint8 [N, H, W(, C)] (numpy or tensor) or float [N, C, H, W] in
-    [-1, 1] images, C 1 or 3. `device` is where the resize runs (default: the model's)."""
+    """pool3 features, float32 [N, 2048], of images as to_uint8 takes them; the resize runs on `device`."""
     if len(images) < 1:
         raise FIDError('no images')
-    return run_model(model, lambda start, stop: to_uint8(images[start:stop]), len(images), batch_size,
-                     device or next(model.parameters()).device, 1, 'images', progress)
+    return run_model(model, lambda start, stop: to_uint8(images[start:stop]), len(images), batch_size, device, 1,
+                     'images', progress)
 
 
 def image_files(path, n=None):
-    """The first n image files under folder `path` (recursive, by extension, sorted), after checking there are
-    at least 2 and n. Unreadable ones are not skipped: verify_images and read_image refuse them."""
+    """The first n image files under folder `path` (recursive, by extension, sorted), at least 2 and n of them."""
     check_counts(n=n)
     if not Path(path).is_dir():
         raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
-    # As train.py's search: linked folders outside `path` followed once, a link to a folder inside it skipped (that
-    # folder is read under its own name), regular files only (is_file follows links: a FIFO named x.png would block),
-    # hidden names skipped (.ipynb_checkpoints/, a Mac's ._x.png, which is no image).
+    # As train.py's search: linked folders outside `path` followed once, links to folders inside it skipped (read
+    # under their own names), regular files only (a FIFO named x.png would block), hidden names skipped (._x.png).
     images, seen, top = [], set(), os.path.join(os.path.realpath(path), '')
     for folder, subfolders, names in os.walk(path, followlinks=True):
         real = os.path.realpath(folder)
@@ -392,23 +379,21 @@ def image_files(path, n=None):
                    if not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
     if len(images) < 2:
-        raise FIDError(f'{path}: {len(images)} image file(s) ({", ".join(sorted(IMAGE_EXTENSIONS))}; hidden names '
-                       'skipped); FID needs at least 2')
+        raise FIDError(f'{path}: {len(images)} image file(s); FID needs at least 2 '
+                       f'({", ".join(sorted(IMAGE_EXTENSIONS))}, hidden names skipped)')
     if n and len(images) < n:
         raise FIDError(f'{path}: {len(images)} image files, fewer than n = {n}; add images or lower --n')
     return images[:n]
 
 
 def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False, files=None):
-    """pool3 features, float32 [N, 2048], of the first n images (sorted paths) found recursively in `path`, or of
-    `files`, its image_files already listed."""
+    """pool3 features, float32 [N, 2048], of `files` or else image_files(path, n)."""
     files = image_files(path, n) if files is None else files
 
     def make_batch(start, stop):  # images of mixed sizes stay a list, resized one by one
         decoded = [torch.from_numpy(read_image(f)) for f in files[start:stop]]
         return torch.stack(decoded) if all(d.shape == decoded[0].shape for d in decoded) else decoded
-    return run_model(model, make_batch, len(files), batch_size, device or next(model.parameters()).device,
-                     workers, str(path), progress)
+    return run_model(model, make_batch, len(files), batch_size, device, workers, str(path), progress)
 
 
 # --- Statistics and the distance
@@ -421,7 +406,7 @@ def statistics(acts):
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
-# (what is wrong, test of mu [D], sigma [D, D] and whether they meet the network): cheap next to the square root.
+# (what is wrong, test of float64 mu, sigma and whether they meet the network): cheap next to the square root.
 STATS_CHECKS = (
     ('mu and sigma are not [D] and [D, D]', lambda mu, s, net: mu.ndim == 1 and len(mu) and s.shape == mu.shape * 2),
     ('NaN or infinite values', lambda mu, s, net: np.isfinite(mu).all() and np.isfinite(s).all()),
@@ -432,7 +417,11 @@ STATS_CHECKS = (
 
 
 def check_stats(mu, sigma, name, network=False):
-    """(mu, sigma) as they came after checking them (float64) with STATS_CHECKS; FIDError naming `name`."""
+    """(mu, sigma) in float64 after STATS_CHECKS; FIDError naming `name`."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu':  # complex or bool would cast silently
+        raise FIDError(f'{name}: mu and sigma must hold real numbers, not {mu.dtype} and {sigma.dtype}')
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     for problem, ok in STATS_CHECKS:
         if not ok(mu, sigma, network):
             raise FIDError(f'{name}: {problem} (mu {list(mu.shape)}, sigma {list(sigma.shape)})')
@@ -442,12 +431,8 @@ def check_stats(mu, sigma, name, network=False):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Fréchet distance between
     N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982), computed as pytorch-fid does."""
-    if any(np.iscomplexobj(a) for a in (mu1, sigma1, mu2, sigma2)):  # float64 would drop the imaginary parts
-        raise FIDError('statistics must be real numbers, not complex')
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    check_stats(mu1, sigma1, 'the first statistics')
-    check_stats(mu2, sigma2, 'the second statistics')
+    mu1, sigma1 = check_stats(np.atleast_1d(mu1), np.atleast_2d(sigma1), 'the first statistics')
+    mu2, sigma2 = check_stats(np.atleast_1d(mu2), np.atleast_2d(sigma2), 'the second statistics')
     if mu1.shape != mu2.shape:
         raise FIDError(f'statistics do not match: {len(mu1)}-d and {len(mu2)}-d')
     # Few images make the product singular and scipy warn (overflow too): the checks below judge the root.
@@ -501,23 +486,19 @@ def load_stats(path, network=False):
                   'object arrays, not numbers' if 'Object' in str(e) else e)  # numpy would advise unpickling either
         raise FIDError(f'{path}: not a readable .npz of statistics ({reason})') from None
     if mu is None or sigma is None:
-        raise FIDError(f'{path}: no mu or sigma array; a statistics file needs keys mu and sigma '
-                       '(write one with --save-stats)')
-    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu':  # complex or bool would cast silently
-        raise FIDError(f'{path}: mu and sigma must hold real numbers, not {mu.dtype} and {sigma.dtype}')
-    return (*check_stats(mu.astype(np.float64), sigma.astype(np.float64), path, network), n)
+        raise FIDError(f'{path}: no mu or sigma array; statistics need both (write them with --save-stats)')
+    return (*check_stats(mu, sigma, path, network), n)
 
 
 def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
-    """(mu, sigma) of a .npz with keys mu and sigma (n is then ignored) or of a folder's first n images, the latter
-    cached under a key of the resolved path, n and each image's name, size and mtime (rsync's quick check: a file
-    rewritten with its size and mtime put back is not seen), and the files of its earlier states deleted. A damaged
-    cache file is computed again, an unwritable cache folder is not used."""
+    """(mu, sigma) of a .npz of statistics (n ignored) or of a folder's first n images. Those are cached, keyed by the
+    folder, n and each image's name, size and mtime (rsync's quick check), and the folder's earlier states deleted;
+    a damaged cache file is computed again, an unwritable cache folder is not used."""
     if not Path(ref).is_dir():
         if str(ref).lower().endswith('.npz'):
             return load_stats(ref, network=True)[:2]
         raise FIDError(f'{ref}: {"neither a folder of images nor a .npz" if Path(ref).exists() else "no such folder"}')
-    files, started = image_files(ref, n), time.time()
+    files = image_files(ref, n)
     source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode()).hexdigest()[:12]
     state = hashlib.sha256(''.join(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'
                                    for f, st in ((f, f.stat()) for f in files)).encode()).hexdigest()[:12]
@@ -532,10 +513,8 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cached, mu, sigma, len(files))
-        for old in cached.parent.glob(f'{source}-*.npz'):  # earlier states of the folder, cached before this began
-            with contextlib.suppress(OSError):  # (another process may remove it first)
-                if old != cached and old.stat().st_mtime < started:
-                    old.unlink()
+        for old in set(cached.parent.glob(f'{source}-*.npz')) - {cached}:  # the folder's earlier states
+            old.unlink(missing_ok=True)
     except OSError as e:
         print(f'fid: cannot cache the statistics in {cached.parent} ({e.strerror}); not cached', file=sys.stderr)
     return mu, sigma
@@ -563,7 +542,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def count_flag(name):
-    """argparse type of the flag for the count COUNTS[name], so that argparse's error names the flag."""
+    """argparse type for the count COUNTS[name], so that argparse's error names the flag."""
     def parse(text):
         if not text.isdigit() or int(text) < COUNTS[name]:
             raise argparse.ArgumentTypeError(f'{text!r} is not a whole number >= {COUNTS[name]}')
@@ -603,23 +582,20 @@ def check_args(args):
             raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
     if len(inputs) == 2 and os.path.samefile(*args.paths):
         raise FIDError(f'{args.paths[0]} and {args.paths[1]} are the same; a set against itself has FID 0')
-    dims = [len(stats[0]) if stats else DIMS for _, stats in inputs]
+    dims = [len(stats[0]) if stats else DIMS for _, stats in inputs]  # a folder's are the network's
     if len(set(dims)) > 1:
-        raise FIDError(f'{args.paths[0]} has {dims[0]}-d statistics but {args.paths[1]} has {dims[1]}-d; '
-                       'compute both with the same network (pool3, 2048-d)')
+        raise FIDError(f'{args.paths[0]} is {dims[0]}-d, {args.paths[1]} {dims[1]}-d; compute both with this network')
     return device, inputs
 
 
 def main(argv=None):
-    parser = ArgumentParser(description='FID between two sets of images (folders, searched recursively, '
-                            "or .npz statistics with keys mu and sigma), or save one set's statistics.")
+    parser = ArgumentParser(description='FID between two folders of images or .npz statistics (keys mu, sigma).')
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
     parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
     parser.add_argument('--n', type=count_flag('n'), help='use the first N images of each folder (sorted paths)')
     parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50, help='images per batch (default 50)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
-    parser.add_argument('--weights', metavar='PATH', help=f'the weights file ({WEIGHTS_NAME} from pytorch-fid); '
-                        'default: $FID_WEIGHTS, then the cache folder, then a verified download')
+    parser.add_argument('--weights', metavar='PATH', help=f'{WEIGHTS_NAME} (default: $FID_WEIGHTS, cache, download)')
     parser.add_argument('--workers', type=count_flag('workers'), default=1, help='image decoding threads (default 1)')
     try:
         args = parser.parse_args(argv)
