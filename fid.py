@@ -164,8 +164,7 @@ class FIDInception(NamedConvs):
     def __init__(self):
         super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2, 0), Conv2d_2a_3x3=(32, 32, 3, 1, 0), Conv2d_2b_3x3=(32, 64, 3),
                          Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3, 1, 0))
-        self.Mixed_5b, self.Mixed_5c = InceptionA(192, pool_ch=32), InceptionA(256, pool_ch=64)
-        self.Mixed_5d = InceptionA(288, pool_ch=64)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, mid=128), InceptionC(768, mid=160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, mid=160), InceptionC(768, mid=192)
@@ -190,23 +189,18 @@ def cache_dir():
 
 
 def find_weights(weights=None, download=True):
-    """`weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed), else a verified download
-    (download=False: FIDError instead)."""
+    """`weights`, else $FID_WEIGHTS, else the cache file (local files are not hashed), else pytorch-fid's file
+    downloaded into a temporary file, renamed there once its sha256 is right (download=False: FIDError instead)."""
     for path, source in ((weights, '--weights'), (os.environ.get('FID_WEIGHTS') or None, 'FID_WEIGHTS')):
         if path is not None:  # --weights '' is a mistake; an empty variable is unset
             if not Path(path).is_file():
                 raise FIDError(f'{source} {path}: no such file; give the path of {WEIGHTS_NAME}')
             return Path(path)
-    cached = cache_dir() / WEIGHTS_NAME
-    if not cached.is_file():
-        if not download:
-            raise FIDError(f'no FID weights: set FID_WEIGHTS=PATH or put {WEIGHTS_NAME} at {cached}')
-        download_weights(cached)
-    return cached
-
-
-def download_weights(dest):
-    """pytorch-fid's weights into a temporary file, renamed to `dest` once its sha256 is right."""
+    dest = cache_dir() / WEIGHTS_NAME
+    if dest.is_file():
+        return dest
+    if not download:
+        raise FIDError(f'no FID weights: set FID_WEIGHTS=PATH or put {WEIGHTS_NAME} at {dest}')
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=WEIGHTS_NAME, suffix='.part')
     try:
@@ -224,11 +218,11 @@ def download_weights(dest):
                        'or set FID_WEIGHTS=PATH, or pass --weights PATH') from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+    return dest
 
 
 def load_inception(weights=None, device='cpu'):
-    """FIDInception in eval mode on `device`: a strict load of the weights (less the fc.* logits), then batch norms
-    folded (so its state_dict is no longer pytorch-fid's)."""
+    """FIDInception on `device` in eval mode, loaded strictly (less the unused fc.* logits), its batch norms folded."""
     path = find_weights(weights)
     model = FIDInception()
     try:
@@ -280,8 +274,8 @@ def model_input(images, device):
 
 def read_image(path, verify=False):
     """uint8 [H, W, 3] as train.py reads an image: EXIF orientation applied, 16-bit grey scaled to 8 bits, transparency
-    composited on white, then RGB; otherwise pytorch-fid's convert('RGB'). verify: PIL's check of the file only,
-    without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
+    composited on white, then RGB; otherwise pytorch-fid's convert('RGB'). verify: only PIL's check of the file (a
+    PNG's checksums, other formats' headers), without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
     try:
         with Image.open(path) as image:
             if verify:
@@ -300,12 +294,6 @@ def read_image(path, verify=False):
             return np.array(image.convert('RGB'))  # a writable copy for torch
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL uses all of these
         raise FIDError(f'{path}: cannot read this image ({e}); remove or replace it') from None
-
-
-def verify_images(files):
-    """FIDError naming the first file PIL cannot verify (a PNG's checksums, other formats' headers), before any pass."""
-    for f in files:
-        read_image(f, verify=True)
 
 
 def show_progress(label, done, total, seconds):
@@ -447,8 +435,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise FIDError(f'the covariance product has no real square root (imaginary part {imaginary:.3g}): '
                            'use more images, or statistics whose sigma is a covariance')
         value = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-    # d^2 (a squared norm plus the squared Bures distance of two PSD matrices) is >= 0. sqrtm is good to about 1e-7
-    # of the traces (Inception features against themselves give -5e-5): a negative within 1e-5 of them reads 0.
+    # d^2 >= 0 (a squared norm plus a squared Bures distance); sqrtm is good to about 1e-7 of the traces (Inception
+    # features against themselves give -5e-5): a negative within 1e-5 of them reads 0.
     if not np.isfinite(value):
         raise FIDError(f'the distance came out {value}: the statistics are too large for float64')
     if not value >= -1e-5 * (np.trace(sigma1) + np.trace(sigma2)):
@@ -458,7 +446,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def save_stats(path, mu, sigma, n=None):
     """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place
-    from a file of this process's own (concurrent writers of one path never share one). OSErrors name `path`."""
+    from this process's own temporary file. OSErrors name `path`."""
     if os.path.exists(path) and not os.path.isfile(path):  # a rename would replace a device or a FIFO
         raise FIDError(f'{path}: exists and is not a regular file; give a file path')
     part = f'{path}.{os.getpid()}.part'
@@ -508,7 +496,8 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
             return load_stats(cached, network=True)[:2]
         except FIDError as e:
             print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
-    verify_images(files)
+    for f in files:  # a broken image is refused now, not after hours of passes
+        read_image(f, verify=True)
     mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress, files))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -521,8 +510,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
 
 
 def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
-    """FID of the first n (None: all) `samples` (float [N, C, H, W] in [-1, 1]) against `ref`'s first n images or its
-    .npz statistics, loading the network if no `model` is given."""
+    """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n)."""
     n = len(samples) if n is None else n
     check_counts(n=n)
     if len(samples) < n:
@@ -574,7 +562,8 @@ def check_args(args):
         if not os.path.exists(path):
             raise FIDError(f'{path}: no such file or folder')
         if os.path.isdir(path):
-            verify_images(image_files(path, args.n))  # enough images, each readable?
+            for f in image_files(path, args.n):  # enough images, each readable?
+                read_image(f, verify=True)
             inputs.append((path, None))
         elif path.lower().endswith('.npz'):
             inputs.append((path, load_stats(path)))
