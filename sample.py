@@ -219,7 +219,8 @@ def load_checkpoint(path):
     broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
               if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
     if broken:
-        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors); use an earlier checkpoint")
+        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
+                         "use an earlier checkpoint")
     return ckpt
 
 
@@ -312,9 +313,8 @@ def load_mask(path, size, image=None):
 
 def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None, images=(), hole=None, ts=None,
                  weight=0.5, resample=1, jump=10, frames=5):
-    """The picture `picture` (process, forward, mix, inpaint or interp) of n samples of `shape` (C, H, W), drawn with
-    `loop` (Diffusion.loop's settings): a strip, a caption per column; for process (strip, GIF frames of each step).
-    images: forward's or inpaint's one, mix's two, [1, C, H, W] each."""
+    """The process, forward, mix, inpaint or interp picture of n samples of `shape` (C, H, W) drawn with `loop`
+    (Diffusion.loop's settings): a captioned strip; for process (strip, GIF frames). images: the [1, C, H, W] inputs."""
     device = next(model.parameters()).device
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
@@ -374,48 +374,44 @@ def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", type=path, help="a checkpoint written by train.py")
-    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="images (default 64; a "
-                   "conditional one without --class: 8 per class); torchrun takes --n itself, so write --num-samples")
+    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"),
+                   help="images (default 64, or 8 per class); torchrun takes --n itself: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
     p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
-    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w "
-                   "(Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); diffusers' guidance_scale is 1 + w")
+    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
+                   "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w)")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
-    p.add_argument("--grid", type=path, help=f"grid (of the first {GRID_MAX} samples at most) or picture .png path "
-                   "(default: beside the checkpoint)")
+    p.add_argument("--grid", type=path, help=f"the grid (of the first {GRID_MAX} samples) or picture, .png (default: "
+                   "beside the checkpoint)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
-    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID of the samples against REF (a folder, "
-                   "of which the first --n images count, or fid.py statistics .npz)")
+    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID against REF: a folder or fid.py .npz")
     p.add_argument("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
-    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: "
-                     "OUT.gif (every step, or ~100; x_t over predicted x_0) or OUT.png (10 steps; rows x_t, x_0)")
+    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples, "
+                     "x_t over predicted x_0: OUT.gif (each step, ~100 at most) or OUT.png (10 steps)")
     one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
-    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"),
-                     help="blend images A and B noised to each --t, then denoise from there (ancestral)")
-    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n "
-                     "(default 4) completions (RePaint, ancestral)")
-    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of FRAMES "
-                     "samples, x_T slerped between two noise draws (a deterministic sampler: dpm++, or ddim eta 0)")
+    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="A and B blended, noised to each --t and "
+                     "denoised (ancestral)")
+    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="--n (default 4) RePaint completions of IMAGE")
+    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
+                     "FRAMES samples, x_T slerped between two noise draws (dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default "
                    "0 50 100 250 500 750 999 / 100 250 400 550 700 850, scaled to the checkpoint's T)")
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
-    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
-                   "--jump steps (published: --resample 10 --jump 10, ~r times the time)")
-    v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10), the steps "
-                   "gone back up before each pass")
+    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r (published: 10)")
+    v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="autocast precision; auto: "
-                   "bf16 where timed faster at start, else fp32 (give one for bit-identical reruns on a busy CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
     return p
 
@@ -445,10 +441,9 @@ def check_args(args, world=1):
         (args.process, os.path.splitext(args.process or "")[1].lower() in (".gif", ".png"),  # ".png" has none
          "--process: give a .gif or .png path"),
         (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
-        (args.cls is not None or args.guidance, not fixed, "--class and --guidance are not used by --forward, --mix "
-         "or --inpaint"),
-        (args.steps or args.sampler != DEFAULT_SAMPLER, not fixed, "--sampler and --steps are not used by --forward, "
-         "--mix or --inpaint (--mix and --inpaint are ancestral)"),
+        (args.cls is not None or args.guidance, not fixed, f"--class and --guidance are not used by --{picture}"),
+        (args.steps or args.sampler != DEFAULT_SAMPLER, not fixed,
+         f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
         (args.fid_weights, args.fid, "--fid-weights is only used with --fid"),
     ]
@@ -482,9 +477,8 @@ def check_folder(folder, what):
 
 
 def check_out_dir(folder, replace):
-    """--out-dir must be new or empty but for hidden files (.DS_Store), or with --replace images (and what killed
-    writes of them left), which it deletes: a later FID would count them. It is made when sampling starts, not here,
-    where a later refusal would leave it behind; never normalised: "link/../x" is where the kernel resolves it."""
+    """--out-dir must be new, or hold only hidden files (.DS_Store) and, with --replace, images: an FID would count
+    them. Made when sampling starts, so a refusal leaves none; never normalised ("link/../x" is the kernel's)."""
     given = existing = folder.rstrip("/") or "/"
     while not os.path.lexists(existing):  # up to the part of the path that exists
         existing = os.path.dirname(existing) or "."
@@ -532,7 +526,8 @@ def generate(args, world=1, rank=0):
                 guidance=args.guidance)
     labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
     shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
-    images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint] if f]
+    images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
+              if f]  # the pictures' input images
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
     fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
@@ -560,9 +555,8 @@ def generate(args, world=1, rank=0):
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """Sample this process's share (every world-th) of the --n images by --batch-size, writing each to --out-dir as
-    it is made; on rank 0 return the samples in order: all of them with --fid (one process), else the first GRID_MAX.
-    Sample i's noise has its own generator, seeded by (--seed, i): the same for any batch size or world."""
+    """Sample every world-th of the --n images, writing each to --out-dir as it is made; return on rank 0 the samples
+    in order (with --fid all, else the first GRID_MAX). Sample i's noise is seeded by (--seed, i) alone."""
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
     if args.replace and rank == 0:
@@ -586,7 +580,8 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
             raise SystemExit(1)
         if args.out_dir:
             for i, im in zip(idx, to_uint8(x)):
-                save_png(Image.fromarray(im[..., 0] if shape[0] == 1 else im), os.path.join(args.out_dir, f"{i:06d}.png"))
+                png = Image.fromarray(im[..., 0] if shape[0] == 1 else im)
+                save_png(png, os.path.join(args.out_dir, f"{i:06d}.png"))
         kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
             print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)
@@ -606,9 +601,8 @@ def sample_seed(seed, i):
 
 
 def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
-    """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
-    now, so a bad one fails before sampling. Errors, now or later, are ValueErrors starting with `flag` and naming the
-    caller's flags (--fid-weights, n_flag) where fid.py's would be (--weights, --n)."""
+    """The FID of n samples against ref, as a function of the samples; Inception and ref's statistics load now, so a
+    bad one fails before sampling. ValueErrors start with `flag` and say --fid-weights and n_flag for fid.py's flags."""
     try:
         import fid  # optional: only FIDs need fid.py
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
