@@ -356,8 +356,8 @@ def class_labels(root, paths, cond):
 
 
 def decode_into(f, root, paths, size):
-    """Decode `paths` in threads (Pillow releases the GIL) into the open file f as a .npy of uint8 [N, 3, H, W],
-    holding only a few images per thread whatever N. Returns the readable paths' indices and whether all are grey."""
+    """Decode paths in threads (Pillow releases the GIL), a few images ahead per thread, into the open file f as a .npy
+    of uint8 [N, 3, H, W]. Returns the indices of the readable paths and whether all of them are grey."""
     fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
     n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
     header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
@@ -391,111 +391,105 @@ def decode_into(f, root, paths, size):
     return keep, grey
 
 
-def remove_orphans(pattern):
-    """Delete the temporary files matching pattern that killed decoders left, each up to the size of the data:
-    unchanged for a minute, and with no live process holding their lock (decode_into's)."""
-    for old in filter(os.path.isfile, glob.glob(pattern)):  # regular files: opening a FIFO would block
+def cache_stem(root, paths, size):
+    """The cache's path less its extension, keyed by every file's name, size and mtime (rsync's quick check; not ctime,
+    which a copy renews), under $XDG_CACHE_HOME (if absolute, as the XDG spec says) or ~/.cache."""
+    stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
+    key = hashlib.sha256(json.dumps([root, size, stats]).encode()).hexdigest()[:20]
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit", f"data-{key}")
+
+
+def remove_orphans(stem):
+    """Delete what killed decodes left beside stem: files a minute old that no live decoder holds locked."""
+    for old in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.tmp")):  # not a FIFO
         with contextlib.suppress(OSError), open(old, "rb") as f:
             if time.time() - os.fstat(f.fileno()).st_mtime > 60:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
                 os.remove(old)
 
 
-def load_folder(root, paths, size, cond, stem):
-    """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey, source), which makes it trusted;
-    without a writable stem, into a temporary file deleted once mapped. Returns the mapped images and the metadata."""
-    labels, classes = class_labels(root, paths, cond)
-    scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
-    for target in [stem, scratch] if stem else [scratch]:
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if target == scratch:  # (the cache's are removed by load_dataset)
-                remove_orphans(glob.escape(scratch.rsplit("-", 1)[0]) + "-*.tmp")
-            started = time.time()
-            keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = dict(labels=labels[keep].tolist(), classes=classes, grey=grey, source=[root, list(size), cond])
-            if target == stem:
-                sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
-                remove_stale_caches(stem, meta["source"], started)
-            images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
-            if target == scratch:
-                os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
-            return images, meta
-        except OSError as e:
-            if target == scratch:
-                fail(f"cannot write the decoded images to {scratch}.npy ({e}); free space there or set TMPDIR")
-            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
-
-
 def remove_stale_caches(stem, source, started):
-    """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond), written
-    before this decode `started` (a later one may be of a newer state). Each change to a folder's files makes a new
-    cache; one of an earlier state is read again only if the folder returns to it."""
-    for other in filter(os.path.isfile, glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json")):  # not a FIFO
-        npy = other[:-len(".json")] + ".npy"
+    """Delete the caches of earlier states of this source (folder and size): those written before this decode started
+    (a later one may be of a newer state)."""
+    for other in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.json")):  # not a FIFO
         with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
             earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
             if earlier and json.load(f).get("source") == source:
                 os.remove(other)  # first: a cache without its .json is never trusted
-                os.remove(npy)
-                log(f"removed {npy}, the image cache of an earlier state of {source[0]}")
+                os.remove(other[:-len(".json")] + ".npy")
+                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
 
 
-def read_cache(stem, size):
-    """The memory-mapped images and metadata of a complete cache, or None. A damaged one is said and ignored."""
+def read_cache(stem, size, n):
+    """The mapped images and metadata of a complete cache of n files, or None; a damaged one is said and ignored."""
     if not os.path.exists(stem + ".json"):  # written last: an interrupted decode has none
         return None
     try:
         with open(stem + ".json") as f:
             meta = json.load(f)
-        images = np.load(stem + ".npy", mmap_mode="c")
-        if images.shape != (len(meta["labels"]), 3, *size) or images.dtype != np.uint8:
-            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
-        labels, classes = meta["labels"], meta["classes"]
-        typed = isinstance(meta["grey"], bool) and isinstance(classes, list) and all(type(c) is str for c in classes)
-        if not (typed and all(type(n) is int and 0 <= n < max(1, len(classes)) for n in labels)):
-            raise ValueError("its labels, classes or grey flag are not what a decode writes")
+        images, keep = np.load(stem + ".npy", mmap_mode="c"), meta["keep"]
+        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool:
+            raise ValueError("its metadata is not what a decode writes")
+        if images.shape != (len(keep), 3, *size) or images.dtype != np.uint8:
+            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(keep)} images")
         return images, meta
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
 
 
+def decode(root, paths, size, stem):
+    """Decode into the cache stem.npy, then stem.json (written last: it makes the cache trusted); with no cache or an
+    unwritable one, into an unnamed temporary file. Returns the mapped images and the metadata."""
+    if stem:
+        try:
+            started = time.time()
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            keep, grey = sample.write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
+            meta = {"keep": keep, "grey": grey, "source": [root, list(size)]}
+            sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+            remove_stale_caches(stem, meta["source"], started)
+            return np.load(stem + ".npy", mmap_mode="c"), meta  # copy-on-write: never written, one shared page cache
+        except OSError as e:
+            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+    try:
+        with tempfile.TemporaryFile() as f:  # unnamed: nothing is left behind, however the process ends
+            keep, grey = decode_into(f, root, paths, size)
+            f.seek(0)
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)  # leaves f at the first image
+            return np.memmap(f, np.uint8, "c", f.tell(), (len(keep), 3, *size)), {"keep": keep, "grey": grey}
+    except OSError as e:
+        fail(f"cannot write the decoded images to {tempfile.gettempdir()} ({e}); free space there or set TMPDIR")
+
+
 def load_dataset(args, size):
     """The training images as uint8 [N, C, H, W], labels [N] and class names (none without --cond). A folder is
-    decoded once into a cache file that every process maps: processes of a machine share one copy in the page
-    cache, and a batch reads only its own images. The cache is keyed by every file's name, size and mtime."""
+    decoded once into a cache file that every process maps: a machine's processes share one copy in the page cache,
+    and a batch reads only its own images."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
-        meta = {"labels": labels, "classes": list(SHAPES) if args.cond else [], "grey": False}  # as a folder's
-        images = images.transpose(0, 3, 1, 2).copy()
+        images, classes, grey = images.transpose(0, 3, 1, 2).copy(), list(SHAPES) if args.cond else [], False
     else:
-        root, stem = os.path.abspath(args.data), None
+        root = os.path.abspath(args.data)
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
-            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively, "
-                 f"skipping hidden names)")
-        if not args.no_cache:  # rsync's quick check: not ctime, which a copy (cp -a to scratch, per job) renews
-            stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
-            key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
-            cache = os.environ.get("XDG_CACHE_HOME", "")  # the XDG spec: an empty or relative one is ignored
-            stem = os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit",
-                                f"data-{key}")
-            remove_orphans(glob.escape(stem.rsplit("-", 1)[0]) + "-*.tmp")  # also when the cache is found
-        images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
-        if args.cond:  # classes none of whose images could be read; first-level folders that are not classes
-            counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))
-            unread = [c for c, n in zip(meta["classes"], counts) if not n]
-            if unread:
-                fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
-                     f"replace them or remove the folder(s)")
-            others = sorted({d for d in next(os.walk(root))[1] if not d.startswith(".")} - set(meta["classes"]))
-            if others:
-                log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder of --data "
-                    f"is skipped), so not classes")
-    # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
-    # three planes even for --channels 1, which batch_images turns into luma
-    images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
-    return images, torch.as_tensor(meta["labels"], dtype=torch.int64), meta["classes"]
+            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
+        labels, classes = class_labels(root, paths, args.cond)  # before decoding: a bad layout fails at once
+        stem = None if args.no_cache else cache_stem(root, paths, size)
+        if stem:
+            remove_orphans(stem)  # also when the cache is found
+        images, meta = (stem and read_cache(stem, size, len(paths))) or decode(root, paths, size, stem)
+        labels, grey = labels[meta["keep"]], meta["grey"]
+        unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+        if unread:
+            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read")
+        others = sorted({d for d in next(os.walk(root))[1] if not d.startswith(".")} - set(classes)) if args.cond else []
+        if others:
+            log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")
+    # a grey image is one of its three equal planes (a view); colour stays three planes (--channels 1: batch_images)
+    images = torch.from_numpy(images)[:, :1 if grey and args.channels != 3 else 3]
+    return images, torch.as_tensor(labels, dtype=torch.int64), classes
 
 
 @functools.lru_cache(maxsize=2)
