@@ -52,7 +52,7 @@ CHUNK = 256  # images per network call when sampling grids and FIDs
 
 
 def fail(msg):
-    """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
+    """A user error found after parsing: one line on stderr, exit status 2."""
     sample.Parser(prog="train.py").error(msg)
 
 
@@ -62,8 +62,7 @@ def format_time(seconds):
 
 
 def log(*parts, end="\n"):
-    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
-    goes nowhere, and metrics.jsonl keeps the record."""
+    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: metrics.jsonl remains."""
     try:
         print(*parts, end=end, flush=True)
     except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
@@ -114,9 +113,9 @@ def build_parser(prog="train.py"):
     a("--p-uncond", type=number(float, "[0, 1)"), default=0.1, help="label dropout for guidance (Ho & Salimans)")
     a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset and its training recipe (README: "
-      "defaults per size); paper's lr, batch, dropout at the size nearest the shorter side (64, 128: Nichol & "
-      "Dhariwal's): " + " | ".join(f"{s}: {r['lr']:.0e}, {r['batch']}, {r['dropout']:g}" for s, r in unet.PAPER_SIZES.items()))
+    recipes = " | ".join(f"{s}: {r['lr']:.0e}, {r['batch']}, {r['dropout']:g}" for s, r in unet.PAPER_SIZES.items())
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset and recipe (README); paper's lr, "
+      f"batch, dropout at the size nearest the shorter side (64, 128: Nichol & Dhariwal's): {recipes}")
     a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
     a("--T", type=number(int, "[2, 100000]"), default=1000, help="number of diffusion steps")
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
@@ -124,8 +123,7 @@ def build_parser(prog="train.py"):
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
-    a("--time", type=duration, help="train for this wall-clock budget instead of --steps, like 15m, 2h or 90s: the step "
-      "count is planned from the measured speed (counted from the start, data decoding included)")
+    a("--time", type=duration, help="a wall-clock budget like 15m, 2h, 90s instead of --steps")
     a("--batch", type=positive, help="global batch size (over all processes and accumulation)")
     a("--accum", type=positive, default=1, help="gradient accumulation: micro-batches per step")
     a("--lr", type=number(float, "(0, 1]"), help="peak learning rate")
@@ -135,21 +133,18 @@ def build_parser(prog="train.py"):
     a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, the paper's)")
     a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="gradient norm clip (paper: 1.0; 0: none)")
     a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
-    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-      help="autocast precision; auto: bf16 where it is measured faster than fp32 (docs/benchmarks.md), else fp32")
-    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see docs/benchmarks.md)")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast; auto: bf16 if faster")
+    a("--compile", action="store_true", help="torch.compile the network (off: slower on CPU, docs/benchmarks.md)")
     a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, t and dropout")
     # run folder
     a("--out", default="runs/run", type=path, help="run folder")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--config", type=path, help="a run's config.json; flags given on the command line override it (its out is "
-      "not used: give --out)")
+    a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
-    a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
-      "(0: never; costs --fid-n samples and Inception passes each time)")
+    a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network in metrics.jsonl (0: never)")
     a("--fid-ref", type=path, help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
     a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
     a("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
@@ -158,8 +153,7 @@ def build_parser(prog="train.py"):
 
 
 def config_words(config, actions):
-    """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
-    flags' types, choices and ranges. Raises ValueError for an unknown key or a wrongly typed value."""
+    """A config (a --config file's or a checkpoint's) as command-line words, to go through the flags' own checks."""
     if not isinstance(config, dict):
         raise ValueError("not a JSON object of settings")
     auto = config.get("auto", [])
@@ -184,9 +178,10 @@ def config_words(config, actions):
 
 
 def parse_args(argv=None):
-    """Flags over a config (--config FILE, or the checkpoint's own with --resume) over the defaults, each
-    checked by the same rules. Returns the settings and the checkpoint to resume (or None)."""
+    """Flags over a config (--config FILE, or the checkpoint's with --resume) over the defaults, all through the same
+    checks. Returns the settings and the checkpoint to resume (or None)."""
     parser, actions = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
     base, ckpt, source = {}, None, None
     if given.config is not UNSET and given.resume is True:
@@ -226,10 +221,9 @@ def parse_args(argv=None):
             parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
-    args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words + argv)
     if given.time is not UNSET and (given.steps is not UNSET or ckpt):
-        parser.error("--time plans the step count of a new run: give --time or --steps, not both (a resumed run "
-                     "trains to its planned --steps; give a larger --steps to extend it)")
+        parser.error("--time plans a new run's --steps: give --time or --steps, not both (a resumed run: --steps)")
     if given.steps is not UNSET:
         args.time = None  # the command line's --steps over a config's --time
     for k, v in unet.preset(args.model, parse_size(args.size)).items():  # the preset's recipe under the flags
@@ -249,28 +243,23 @@ def check_args(parser, args, ckpt):
     """The checks that involve more than one flag, the file system or the machine; each a one-line error."""
     size, world, folder = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1")), args.data != "shapes"
     betas = ddpm.beta_schedule(args.schedule, args.T)
-    problems = [
-        (args.batch % (world * args.accum), f"--batch {args.batch} must be divisible by processes x --accum = "
-         f"{world} x {args.accum}"),
+    inside = os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), ""))
+    done = ckpt["step"] if ckpt else 0
+    problems = [  # realpath: --out inside --data through links too, as the data search follows them
+        (args.batch % (world * args.accum), f"--batch {args.batch} is not divisible by {world} process(es) x --accum"),
         (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
-        (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule (its "
-         f"betas must stay in (0, 1)): use --T 21 or more, or --schedule cosine"),
-        (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up to 256 pixels; "
-         f"give --data a folder of images for larger sizes"),
-        (folder and os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), "")),
-         f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; choose an "
-         f"--out outside it"),  # realpath: through links too, as the data search follows them
+        (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule: give 21 "
+         f"or more, or --schedule cosine"),
+        (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes go up to 256; give --data a folder"),
+        (folder and inside, f"--out {args.out} is inside --data {args.data}: its grids would be trained on; choose "
+         "another --out"),
         (folder and not os.path.isdir(args.data), f"--data {args.data}: "
          f"{'not a folder' if os.path.exists(args.data) else 'no such folder'} (give a folder of images, or 'shapes')"),
-        (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py statistics "
-         ".npz of the real data"),
+        (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py .npz"),
         (args.fid_ref and not args.fid_every, "--fid-ref is only used with --fid-every N"),
-        (args.time and args.fid_every and not ckpt, "--time cannot plan around the FIDs of --fid-every: give --steps, "
-         "or score the finished run with sample.py --fid"),
-        (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or statistics "
-         f"file"),
-        (ckpt and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at step "
-         f"{ckpt and ckpt['step']}; give a larger --steps to train on"),
+        (args.time and args.fid_every and not ckpt, "--time cannot plan around --fid-every: give --steps instead"),
+        (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or file"),
+        (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
     ]
     for bad, message in problems:
         if bad:
