@@ -282,8 +282,7 @@ PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40)
 
 
 def make_shapes(n, size):
-    """The built-in dataset: one bright shape per image on a dark background (high contrast, few colours: learned
-    in minutes), drawn 4x larger and downsampled for smooth edges. uint8 [n, H, W, 3] and each shape's index."""
+    """The built-in dataset, learned in minutes: uint8 [n, H, W, 3], a bright shape on dark, and its index."""
     h, w = size
     rng = np.random.default_rng(0)  # the same dataset in every run and process
     images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
@@ -308,10 +307,8 @@ def make_shapes(n, size):
 
 
 def find_images(root):
-    """Image files under root, recursively and sorted, following symlinked folders outside root once. A link to a
-    folder inside root is skipped: that folder is read under its own name. Regular files only: reading a FIFO or a
-    device that has an image's name would block or fail. Hidden names (.ipynb_checkpoints/, a Mac's ._x.png) are
-    skipped, as ls does."""
+    """Image files under root, sorted, following links to folders outside root once (one inside is read under its own
+    name). Regular files only (a FIFO would block); hidden names (.ipynb_checkpoints/, ._x.png) are skipped, as by ls."""
     found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -329,8 +326,7 @@ def find_images(root):
 
 
 def class_labels(root, paths, cond):
-    """Each path's label (the index of its first-level subfolder of root, sorted) and the class names; with
-    cond unset, all 0 and no names. Checked before decoding, so a bad layout fails at once."""
+    """Each path's label (the index of its first-level subfolder, sorted) and the class names; all 0 without cond."""
     if not cond:
         return np.zeros(len(paths), np.int64), []
     tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
@@ -386,7 +382,8 @@ def cache_stem(root, paths, size):
     stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
     key = hashlib.sha256(json.dumps([root, size, stats]).encode()).hexdigest()[:20]
     cache = os.environ.get("XDG_CACHE_HOME", "")
-    return os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit", f"data-{key}")
+    cache = cache if os.path.isabs(cache) else os.path.expanduser("~/.cache")
+    return os.path.join(cache, "ddpm-toolkit", f"data-{key}")
 
 
 def remove_orphans(stem):
@@ -473,7 +470,7 @@ def load_dataset(args, size):
         unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
         if unread:
             fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read")
-        others = sorted({d for d in next(os.walk(root))[1] if not d.startswith(".")} - set(classes)) if args.cond else []
+        others = sorted({d for d in next(os.walk(root))[1] if d[0] != "."} - set(classes)) if args.cond else []
         if others:
             log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")
     # a grey image is one of its three equal planes (a view); colour stays three planes (--channels 1: batch_images)
@@ -487,22 +484,20 @@ def epoch_order(n, seed, epoch):
 
 
 def batch_indices(step, batch, n, seed):
-    """The global batch of a step: positions [step*batch, (step+1)*batch) in a sequence of per-epoch
-    permutations. A function of the step alone, so resuming (with any number of processes) is exact."""
+    """A step's global batch: positions [step*batch, (step+1)*batch) of per-epoch permutations (resume is exact)."""
     positions = torch.arange(step * batch, (step + 1) * batch)
     epochs = positions // n
     return torch.cat([epoch_order(n, seed, int(e))[positions[epochs == e] % n] for e in epochs.unique()])
 
 
 def batch_images(images, idx, device, flip, channels=None):
-    """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip;
-    colour images for a 1-channel model (channels=1) as ITU-R 601-2 luma, the grey of Pillow's convert("L")."""
+    """uint8 images[idx] -> [-1, 1] on device, mirrored with probability 1/2 if flip; for channels=1, colour as luma."""
     x0 = images[idx]  # reads only these images from the memory map
     x0 = (x0.pin_memory() if device.type == "cuda" else x0).to(device, non_blocking=True)  # pinned: an async copy
     if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-    if channels == 1 and x0.shape[1] == 3:  # Pillow's fixed point: exactly its L of every colour
+    if channels == 1 and x0.shape[1] == 3:  # ITU-R 601-2 luma in Pillow's fixed point: exactly its convert("L")
         luma = torch.tensor([19595, 38470, 7471], device=device).view(1, 3, 1, 1)
         x0 = ((x0.int() * luma).sum(1, keepdim=True) + 0x8000) >> 16
     return x0.float().div_(127.5).sub_(1)
@@ -532,9 +527,8 @@ def draw_loss_curve(metrics, path):
 
 
 def claim_run_folder(out, resume):
-    """Create and lock --out for this process: a second train.py on it is refused, naming the holder. The
-    lock is flock's, which the kernel drops when its process dies, however it dies. A new run needs a
-    folder with nothing of an earlier run in it. Returns the open lock file (the lock lives while it does)."""
+    """Create and lock --out for this process: flock's lock, which the kernel drops when its process dies however it
+    dies. A new run needs a folder with nothing of an earlier run in it. Returns the open lock file."""
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder: choose another --out")
     try:
@@ -553,8 +547,7 @@ def claim_run_folder(out, resume):
     if earlier:
         hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
         fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)
     lock.write(f"train.py process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -562,9 +555,8 @@ def claim_run_folder(out, resume):
 
 
 class Stop:
-    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, `docker stop`) and SIGHUP (a closed session) all
-    mean: stop cleanly. While `deferred` (a training step, a checkpoint write) the signal is only recorded
-    and the loop stops after the step; at any other moment it raises KeyboardInterrupt at once."""
+    """SIGINT, SIGTERM (a scheduler's preemption) and SIGHUP (a closed session) all mean: stop cleanly. While
+    `deferred` (a step, a checkpoint write) a signal is only recorded; at other moments it raises KeyboardInterrupt."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
@@ -594,18 +586,16 @@ def setup_device(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"  # torchrun's GPU
     device = torch.device(args.device or default)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, rank, world
+    return device, dist.get_rank() if world > 1 else 0, world
 
 
 def learning_rate(args, step):
-    """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps. A function of the
-    step and the run's length: extending a run's --steps re-plans the annealing over the new length."""
+    """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps (a longer run re-plans)."""
     if args.cosine and step >= args.warmup:
         progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
         return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -613,9 +603,8 @@ def learning_rate(args, step):
 
 
 def available_memory(device, root="/"):
-    """Bytes this process may still allocate on device: CUDA's free memory; on a CPU, the kernel's MemAvailable,
-    capped by the limit of every memory cgroup from this process's own (a container's, a SLURM job step's) up to
-    the root. None where unknown. `root`: where /proc and /sys are (tests)."""
+    """Bytes this process may still allocate: CUDA's free memory; on a CPU, MemAvailable capped by every memory cgroup
+    from this process's own (a container's, a SLURM job's) up to the root; None where unknown. root: of /proc, /sys."""
     if device.type != "cpu":
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     found, own = [], {}
@@ -644,14 +633,12 @@ def available_memory(device, root="/"):
 
 
 def out_of_memory(error):
-    """Whether a RuntimeError is CUDA's out-of-memory error or a CPU allocator's."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
 
 
 def step_memory(run):
-    """(fixed, per image): the bytes a step adds to what is allocated, fixed + per image x micro-batch. Fixed: the
-    gradients and Adam's two moments (3x the weights); per image: the tensors autograd keeps for the backward,
-    measured on probes of 1 and 2 images (they grow linearly), plus 25% for the backward's transients."""
+    """(fixed, per image) bytes a step adds: fixed, the gradients and Adam's moments (3x the weights); per image, what
+    autograd keeps for the backward, measured with 1 and 2 images (it grows linearly); both plus 25% for transients."""
     kept = []
     for n in (1, 2):
         storages = {}
@@ -670,9 +657,9 @@ def step_memory(run):
 
 
 def fit_memory(run):
-    """Raise --accum until a step fits in the device's memory (the global batch stays), or a one-line error if one
-    image per micro-batch cannot fit. Returns the estimate for the first log line."""
-    args, world, free = run.args, run.world, available_memory(run.device)
+    """Raise --accum until a step fits in the device's free memory (the batch stays), or refuse a step that cannot.
+    Returns the estimate for the first log line."""
+    args, micro, free = run.args, run.args.batch // run.world, available_memory(run.device)
     if free is None:
         return "memory not known"
     try:
@@ -682,31 +669,29 @@ def fit_memory(run):
             raise
         fail(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
              f"--model (tiny, small) or --size")
-    need = {a: fixed + args.batch // world // a * per_image for a in range(args.accum, args.batch // world + 1)
-            if args.batch % (world * a) == 0}
+    need = {a: fixed + micro // a * per_image for a in range(args.accum, micro + 1) if micro % a == 0}
     fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
     if not fits:
-        fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB "
-             f"and {run.device} has {free / 2**30:.3g} GB free; choose a smaller --model (tiny, small) or --size")
+        fail(f"--batch {args.batch}: one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB of the "
+             f"{free / 2**30:.3g} GB free on {run.device}; choose a smaller --model (tiny, small) or --size")
     accum = torch.tensor([fits[0]], device=run.device)
-    if world > 1:  # every process must accumulate alike
+    if run.world > 1:  # every process must accumulate alike
         dist.all_reduce(accum, dist.ReduceOp.MAX)
     accum = int(accum.item())
     if accum != args.accum:
-        log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
-            f"{need[args.accum] / 2**30:.3g} GB and {run.device} has {free / 2**30:.3g} GB free: --accum "
-            f"{accum} instead of {args.accum} (the batch stays {args.batch})")
+        log(f"memory: {micro // args.accum} images per process need about {need[args.accum] / 2**30:.3g} GB of the "
+            f"{free / 2**30:.3g} GB free: --accum {accum} instead of {args.accum} (the batch stays {args.batch})")
         args.accum, args.auto = accum, [k for k in AUTO if k in args.auto or k == "accum"]
     return f"about {need[args.accum] / 2**30:.3g} of {free / 2**30:.3g} GB free"
 
 
 def setup_run(args, ckpt, device, rank, world, started):
-    """Everything the loop shares, in one namespace: the data (mapped), the network, its EMA, the diffusion,
-    the optimizer, precision, and the run folder's files. A resumed run's state comes from its checkpoint."""
-    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world,
-                             master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
-                             metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
-                             sample_steps=min(sample.DEFAULT_STEPS, args.T), fid_of=None)
+    """Everything the loop shares, in one namespace: the mapped data, the network, its EMA, the diffusion, the
+    optimizer, the precision and the run folder's files; a resumed run's state from its checkpoint."""
+    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0,
+                             ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[], started=started,
+                             metrics_path=os.path.join(args.out, "metrics.jsonl"), fid_of=None,
+                             sample_steps=min(sample.DEFAULT_STEPS, args.T))
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
         try:
             run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights",
@@ -748,13 +733,11 @@ def setup_run(args, ckpt, device, rank, world, started):
 
 
 def resume(run, ckpt):
-    """Load a checkpoint's training state into the run; name the settings the command line changed, and the
-    learning rate when they change it (a longer --steps of a --cosine run, a new --lr): it follows the flags."""
+    """Load a checkpoint's training state; name the settings the flags changed, and the learning rate they re-plan."""
     try:
-        parts = (run.model, "model"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")
-        for part, name in parts:
+        for name in ("model", "ema", "optimizer", "scaler"):
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
-                part.load_state_dict(ckpt[name])
+                getattr(run, name).load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"--resume: the checkpoint's {name} state does not fit its network ({sample.one_line(e, last=True)})")
     args, start, old = run.args, ckpt["step"], ckpt["config"]
@@ -762,24 +745,21 @@ def resume(run, ckpt):
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
     log(f"resumed {run.ckpt_path} at step {start}" + (f", with changed settings: {', '.join(changed)}" if changed else ""))
     if ckpt.get("images", len(run.images)) != len(run.images):  # older checkpoints have no count
-        log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}: the data "
-            f"order from here is not the one that run would have had")
+        log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}")
     before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
     if f"{before:.6g}" != f"{now:.6g}":
-        log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}, as "
-            f"a run started with them has it")
+        log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}")
 
 
 def open_metrics(run, start):
     """Write config.json; keep metrics.jsonl's records up to step `start`, less any line a kill left half-written."""
     write_config(run.args)
-    if os.path.exists(run.metrics_path):
-        with open(run.metrics_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    m = json.loads(line)
-                    if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= start:
-                        run.metrics.append(m)
+    with contextlib.suppress(FileNotFoundError), open(run.metrics_path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                m = json.loads(line)
+                if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= start:
+                    run.metrics.append(m)
     with open(run.metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in run.metrics)
 
@@ -800,8 +780,8 @@ def record(run, m):
 
 
 def train_step(run, x0, y, step):
-    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite
-    loss or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
+    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite loss
+    or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
     args, micro, model = run.args, len(x0) // run.args.accum, run.model
     loss_step = 0.0
     for k in range(args.accum):
@@ -816,9 +796,9 @@ def train_step(run, x0, y, step):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
     if not math.isfinite(loss_step) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
         what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
-        good = f"the last good checkpoint is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
-        print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
-              f"Try a lower --lr or --precision fp32", file=sys.stderr)
+        good = f"the last good one is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "there is none"
+        print(f"train.py: error: the {what} at step {step + 1}: not saved ({good}); try a lower --lr or --precision "
+              "fp32", file=sys.stderr)
         raise SystemExit(1)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -837,11 +817,9 @@ def checkpoint(run, step, stop):
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        reason = getattr(e, "strerror", None) or sample.one_line(e, last=True)
-        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else \
-            "no checkpoint exists yet"
-        fail(f"could not write the checkpoint {run.ckpt_path}.tmp ({reason}); {kept}. Free disk space, then continue "
-             f"with --resume")
+        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else "no other"
+        fail(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or sample.one_line(e, last=True)}); "
+             f"{kept}: free disk space, then --resume")
     stop.saved = (run.ckpt_path, step)
     draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 
@@ -879,18 +857,16 @@ def log_fid(run, step):
     try:
         value = run.fid_of(ema_samples(run, args.fid_n, y))
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
-        log(f"step {step} | no FID: {e}")
-        return
+        return log(f"step {step} | no FID: {e}")
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
 def plan_steps(run, done, steps, meter, stop):
-    """--time, once the steps after the first (a warm-up) ran at least 3 and for 2% of the budget or 30 s, or a
-    signal came: fix --steps from the seconds a step, reserving the sample grids (periodic and final) and the
-    checkpoints, each timed here, and 2% of the budget. Stored in config.json and in the checkpoint written
-    here, so the lr plan and the EMA finish with the budget and --resume continues it. Rank 0 plans for all."""
+    """--time: once the steps after the first (a warm-up) ran for 2% of the budget or 30 s (3 steps at least), or a
+    signal came, fix --steps from the time a step takes, less a sample grid, the checkpoints (each timed here) and 2%.
+    Recorded in config.json and the checkpoint, so the lr plan and EMA end with the budget. Rank 0 plans for all."""
     args, seconds = run.args, time.perf_counter() - meter["step1"]
     ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))],
                          device=run.device)
@@ -915,19 +891,19 @@ def plan_steps(run, done, steps, meter, stop):
         args.steps, start = total, time.perf_counter()
         checkpoint(run, done, stop)
         save = time.perf_counter() - start
+    planned = torch.tensor([float(args.steps)], device=run.device)
     if run.world > 1:  # rank 0's plan for every process
-        planned = torch.tensor([float(args.steps)], device=run.device)
         dist.broadcast(planned, 0)
-        args.steps = int(planned.item())
-    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step after the warm-up, a sample grid {grid:.3g} s, a "
-        f"checkpoint {save:.3g} s: --steps {args.steps} (recorded in config.json; --resume trains to it)")
+    args.steps = int(planned.item())
+    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step, {grid:.3g} s a grid, {save:.3g} s a checkpoint: "
+        f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
     if run.master:
         write_config(args)
 
 
 def report(run, meter, done, loss, lr):
-    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss
-    over the whole batch: every process calls this, and their losses are averaged."""
+    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss over
+    the whole batch: every process calls this, and their losses are averaged."""
     args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
     meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
     planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
@@ -943,14 +919,13 @@ def report(run, meter, done, loss, lr):
             mean = total.item() / run.world
         if run.master:
             record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
-        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | "
-            f"{rate:.1f} img/s | ETA {eta}")
+        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
         meter.update(loss=0.0, n=0, t_log=time.perf_counter())
 
 
 def between_steps(run, done, stop):
-    """Rank 0's periodic work: a sample grid, an FID, a checkpoint. Sampling may take minutes: a signal
-    interrupts it, and the step is saved at once."""
+    """Rank 0's periodic work: a sample grid, an FID, a checkpoint. A signal interrupts sampling (minutes, it may be)
+    and the step is saved at once."""
     args = run.args
     stop.deferred = False
     with contextlib.suppress(KeyboardInterrupt):
@@ -968,9 +943,8 @@ def stopped_anywhere(run, stop):
     if run.world > 1:  # the signal's number, so that every process exits with 128 + it
         number = torch.tensor([getattr(signal, stop.signal) if stop.signal else 0], device=run.device)
         dist.all_reduce(number, dist.ReduceOp.MAX)
-        number = int(number.item())
-        if number and not stop.signal:  # never cleared here: a signal may have come since
-            stop.signal = signal.Signals(number).name
+        if number.item() and not stop.signal:  # never cleared here: a signal may have come since
+            stop.signal = signal.Signals(int(number.item())).name
     return stop.signal is not None
 
 
@@ -978,10 +952,8 @@ def warn_if_slow(run, done, seconds):
     """After the first step on a CPU: say so when the run would take more than a day."""
     args = run.args
     if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
-        hint = "--model tiny or small trains in minutes here (README, Quick start)" if args.model == "paper" else \
-            "give fewer --steps"
-        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
-            f"pace; {hint}, or use a GPU")
+        hint = "--model tiny or small trains in minutes here" if args.model == "paper" else "give fewer --steps"
+        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU; {hint}, or use a GPU")
 
 
 def finish(run, done, stop, lock):
@@ -990,8 +962,7 @@ def finish(run, done, stop, lock):
         checkpoint(run, done, stop)
         stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
         if stop.signal:
-            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --out {run.args.out} "
-                f"--resume")
+            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --resume")
         else:
             write_grid(run, done)
             log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
@@ -1051,8 +1022,7 @@ def train(args, ckpt, stop, started):
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
             if out_of_memory(e):
-                fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
-                     f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
+                fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays)")
             if args.compile and step == start:  # torch.compile compiles on the first call
                 fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
