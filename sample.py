@@ -138,9 +138,8 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
 
 
 def write_atomically(path, write, tmp=None):
-    """write(f) to a temporary file beside path (`tmp`, or a new unique one: a link at path is written through),
-    flushed, then renamed to path: no reader sees part of a file. An error removes the temporary file; a kill leaves
-    it, under a name nothing reads (PATH.<random>.tmp). A device or FIFO at path is refused, never replaced."""
+    """write(f) to a temporary file beside path (`tmp`, or PATH.<random>.tmp: a link at path is written through),
+    flushed, then renamed to path: no reader sees part of a file. A device or FIFO at path is refused, not replaced."""
     if os.path.exists(path) and not os.path.isfile(path):  # (as root, a grid saved to /dev/null would replace it)
         raise OSError(errno.EEXIST, "exists and is not a regular file", path)
     if tmp is None:  # not mkstemp's file, which is private (0600): a written file gets the umask's mode
@@ -159,7 +158,7 @@ def write_atomically(path, write, tmp=None):
         return result
     except OSError as e:  # a full disk, say: named by the file it was for, not the temporary one
         raise OSError(e.errno, e.strerror or str(e), path) from None
-    finally:
+    finally:  # an error removes the temporary file; a kill leaves it, under a name nothing reads
         if os.path.lexists(tmp):
             os.remove(tmp)
 
@@ -172,8 +171,7 @@ CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": d
 
 
 def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
-    """What train.py saves: CHECKPOINT_KEYS, then the training state and the number of training images (so that
-    --resume can say when --data has changed)."""
+    """CHECKPOINT_KEYS, the training state and the number of training images (--resume says if --data changed)."""
     return dict(format=FORMAT, step=step, config=config, model_config=model_config, diffusion=diffusion.config(),
                 classes=classes, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), images=images)
@@ -240,9 +238,9 @@ def build(ckpt, ema=True, device="cpu"):
 
 
 def class_labels(ckpt, cls, guidance, n, nrow=8):
-    """The label of each image to sample, or None for an unconditional checkpoint. `cls` is a class name or
-    index; without it each grid row of `nrow` images is one class (n defaults to a row per class)."""
-    cls = None if cls is None else str(cls)  # an index given as a number, as the command line's string
+    """Each sample's label, or None for an unconditional checkpoint. `cls`: a class name or index (a string or
+    number); without it each grid row of `nrow` images is one class (n defaults to a row per class)."""
+    cls = None if cls is None else str(cls)
     classes = list(ckpt["classes"]) if ckpt["model_config"].get("num_classes") else []
     if not classes:
         if cls is not None or guidance:
@@ -263,9 +261,8 @@ def to_uint8(x):
 
 
 def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
-    """Images [N, C, H, W] in [-1, 1] (clamped) as one Pillow image, nrow per row (fewer images: one row of them) on
-    a white background, each enlarged `scale` times (nearest neighbour, so pixels stay pixels); `labels` puts a
-    caption above each column."""
+    """Images [N, C, H, W] in [-1, 1] as one Pillow image on white, nrow a row (fewer images: one row of them), each
+    enlarged `scale` times (nearest neighbour: pixels stay pixels); `labels` captions the columns."""
     images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = images.shape
     if not n or nrow < 1:
@@ -300,11 +297,24 @@ def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
     return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
+def load_mask(path, size, image=None):
+    """--mask as {0, 1} [1, 1, H, W], 1 where to fill: 128 and up in an 8-bit mask, 1 in a 0/1 one. It must have
+    the size of `image` (a path), if given, so that both are resized and cropped alike."""
+    pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()  # checks the file
+    with Image.open(path) as m, Image.open(image or path) as i:
+        if m.size != i.size:
+            raise ValueError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}; "
+                             "give a mask of the image's size")
+    hole = pixels >= (1 if pixels.max() <= 1 else 128)
+    if not hole.any():
+        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1s) where pixels are to be filled")
+    return hole.float()
+
+
 def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None, images=(), hole=None, ts=None,
                  weight=0.5, resample=1, jump=10, frames=5):
-    """The picture of mode `picture` (process, forward, mix, inpaint or interp) for n samples of `shape` (C, H, W)
-    drawn with `loop` (Diffusion.loop's sampler settings): a strip with a caption per column, or for process the
-    strip and GIF frames of every step (x_t over predicted x_0). images: forward's or inpaint's one, mix's two."""
+    """The process, forward, mix, inpaint or interp picture of n samples of `shape` (C, H, W) drawn with `loop`
+    (Diffusion.loop's settings): a captioned strip; for process (strip, GIF frames). images: the [1, C, H, W] inputs."""
     device = next(model.parameters()).device
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
@@ -324,7 +334,7 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         zoom = scale([f"t={t}" for t, _, _ in steps])  # one for the strip and every frame
         strip = grid_image(torch.cat(rows), nrow=width, scale=zoom, labels=[f"t={t}" for t, _, _ in chosen])
         every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
-        shown = steps[::every] if (len(steps) - 1) % every == 0 else steps[::every] + steps[-1:]
+        shown = [steps[i] for i in sorted({*range(0, len(steps), every), len(steps) - 1})]
         return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=zoom, labels=[f"t={t}"]) for t, xt, x0 in shown]
     if picture == "forward":  # q(x_t | x_0 = image) at each t, one noise draw
         noise = torch.randn(images[0].shape, generator=g, device=device)
@@ -360,92 +370,56 @@ def save_picture(picture, path):
         save_png(strip, path)
 
 
-def load_mask(path, size, image=None):
-    """--mask as {0, 1} [1, 1, H, W], 1 where to fill: white (128 and up) in an 8-bit mask, 1 in a 0/1 mask. It
-    must have the size of `image` (a path), if given: both are then resized and cropped alike."""
-    pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()  # checks the file
-    with Image.open(path) as m, Image.open(image or path) as i:
-        if m.size != i.size:
-            raise ValueError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}: give "
-                             "a mask of the image's size")
-    hole = pixels >= (1 if pixels.max() <= 1 else 128)
-    if not hole.any():
-        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1, in 8 bits) where pixels are to be filled")
-    return hole.float()
-
-
 def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", type=path, help="a checkpoint written by train.py")
-    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"), help="images (default 64; a "
-                   "conditional one without --class: 8 per class); torchrun takes --n itself, so write --num-samples")
+    p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"),
+                   help="images (default 64, or 8 per class); torchrun takes --n itself: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
     p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
-    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance weight "
-                   "w (Ho & Salimans): eps = (1 + w) eps(x, y) - w eps(x, null); 0 is the plain conditional model. "
-                   "diffusers' guidance_scale is 1 + w")
+    p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
+                   "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w)")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
-    p.add_argument("--grid", type=path, help=f"grid (the first {GRID_MAX} samples at most) or picture path, .png "
-                   "(default: beside the checkpoint)")
+    p.add_argument("--grid", type=path, help=f"the grid (of the first {GRID_MAX} samples) or picture, .png (default: "
+                   "beside the checkpoint)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
-    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID of the --n samples against REF (a "
-                   "folder or fid.py statistics .npz; a folder uses its first --n images)")
+    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID against REF: a folder or fid.py .npz")
     p.add_argument("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
     one = v.add_mutually_exclusive_group()
-    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples: "
-                     "OUT.gif (every step, or ~100 evenly spaced; x_t over the predicted x_0) or OUT.png (10 steps, "
-                     "all if fewer; rows x_t, predicted x_0)")
+    one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples, "
+                     "x_t over predicted x_0: OUT.gif (each step, ~100 at most) or OUT.png (10 steps)")
     one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
-    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"),
-                     help="blend images A and B noised to each --t, then denoise from there (ancestral)")
-    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="fill the white pixels of --mask in IMAGE with --n "
-                     "(default 4) completions (RePaint, ancestral)")
-    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of FRAMES "
-                     "samples, x_T slerped between two noise draws (a deterministic sampler: dpm++, or ddim eta 0)")
+    one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="A and B blended, noised to each --t and "
+                     "denoised (ancestral)")
+    one.add_argument("--inpaint", type=path, metavar="IMAGE", help="--n (default 4) RePaint completions of IMAGE")
+    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
+                     "FRAMES samples, x_T slerped between two noise draws (dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
-    v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+",
-                   help="--forward/--mix: the steps (default 0 50 100 250 500 750 999 / 100 250 400 550 700 850, "
-                   "scaled to the checkpoint's T)")
+    v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default "
+                   "0 50 100 250 500 750 999 / 100 250 400 550 700 850, scaled to the checkpoint's T)")
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
-    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r over each stretch of "
-                   "--jump steps (1: one; published: --resample 10 --jump 10, ~r times the time; README, Pictures)")
-    v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10), the steps "
-                   "gone back up before each pass (1: each step redone at once; their 10 of 250 steps, here of T)")
+    v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r (published: 10)")
+    v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast precision of the network; auto: bf16 where it is measured faster, else fp32, "
-                   "timed at each start (a busy CPU can flip it: give bf16 or fp32 for bit-identical reruns)")
+                   help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
     return p
 
 
-def check_writable(path, flag):
-    """Raise ValueError unless a file can be written at `path` (its folder exists and takes a new file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.lexists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: exists and is not a regular file (a link to nowhere, a FIFO?); give "
-                         "another path")
-    if os.path.isdir(path) or not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: {'a folder' if os.path.isdir(path) else 'its folder does not exist'}; "
-                         "give a file path in an existing folder")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
-
-
-def check_args(p, args, world=1):
-    """Flag combinations, output paths and the device, before the checkpoint is even read."""
+def check_args(args, world=1):
+    """Flag combinations, output paths and the device, before the checkpoint is even read; ValueError if wrong."""
     picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f)), None)
+    fixed = picture in ("forward", "mix", "inpaint")  # these take no sampler settings or classes
     needs = [  # (the flag was given, it is used only when this holds, what to say)
         (args.steps, args.sampler != "ddpm", "--steps: the ddpm sampler always takes all T steps"),
         (args.eta, args.sampler == "ddim", "--eta is ddim's: add --sampler ddim"),
@@ -462,43 +436,49 @@ def check_args(p, args, world=1):
          "--interp needs a deterministic sampler (dpm++, or ddim with eta 0)"),
         (picture == "inpaint", args.mask, "--inpaint needs --mask: an image whose white pixels are the ones to fill"),
         (args.fid, args.n != 1, "--fid needs --n 2 or more"),
-        (world > 1, args.out_dir and not args.fid and not picture, "several processes (torchrun) need --out-dir, "
-         "where each writes its share of the samples (--fid and the pictures take one process: run fid.py on "
-         "--out-dir afterwards)"),
-        (args.process, os.path.splitext(args.process or "")[1].lower() in (".gif", ".png"),
-         "--process: give a .gif or .png path"),  # splitext: ".png" alone is a name, not an extension
+        (world > 1, args.out_dir and not args.fid and not picture,
+         "several processes (torchrun) need --out-dir, and no --fid or picture: run fid.py on --out-dir afterwards"),
+        (args.process, os.path.splitext(args.process or "")[1].lower() in (".gif", ".png"),  # ".png" has none
+         "--process: give a .gif or .png path"),
         (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
-        (args.cls is not None or args.guidance, picture not in ("forward", "mix", "inpaint"),
-         "--class and --guidance are not used by --forward, --mix or --inpaint"),
-        (args.steps or args.sampler != DEFAULT_SAMPLER, picture not in ("forward", "mix", "inpaint"),
-         "--sampler and --steps are not used by --forward, --mix or --inpaint (--mix and --inpaint are ancestral)"),
+        (args.cls is not None or args.guidance, not fixed, f"--class and --guidance are not used by --{picture}"),
+        (args.steps or args.sampler != DEFAULT_SAMPLER, not fixed,
+         f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
         (args.fid_weights, args.fid, "--fid-weights is only used with --fid"),
     ]
     for given, allowed, message in needs:
         if given and not allowed:
-            p.error(message)
+            raise ValueError(message)
     grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{picture or 'samples'}.png")
     if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
-        p.error(f"--grid {grid} is inside --out-dir {args.out_dir}, where a later FID would count it as a sample; "
-                "put it elsewhere")
-    try:
-        if not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
-            load_checkpoint(args.ckpt)
-        check_writable(args.process or grid, "--process" if args.process else "--grid")
-        if args.out_dir:
-            check_out_dir(args.out_dir, args.replace)
-        check_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+        raise ValueError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
+    if not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
+        load_checkpoint(args.ckpt)
+    out, flag = (args.process, "--process") if args.process else (grid, "--grid")
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise ValueError(f"{flag} {out}: not a regular file (a folder, a link to nowhere, a FIFO?); give a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {out}: its folder does not exist; give a file path in an existing folder")
+    check_folder(folder, f"{flag} {out}")
+    if args.out_dir:
+        check_out_dir(args.out_dir, args.replace)
+    check_device(args.device)
     return picture, grid
 
 
+def check_folder(folder, what):
+    """Raise ValueError, naming `what`, unless a new file can be made in `folder`."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+
+
 def check_out_dir(folder, replace):
-    """--out-dir must be new or empty but for hidden files (.DS_Store): images left from another run would be
-    counted by a later FID. With --replace its images are deleted, and what killed writes of them left (other files
-    stay and are refused). A new folder is made when sampling starts, not here, where a later refusal would leave it
-    behind. The path is never normalised: "link/../x" is where the kernel resolves it, not x."""
+    """--out-dir must be new, or hold only hidden files (.DS_Store) and, with --replace, images: an FID would count
+    them. Made when sampling starts, so a refusal leaves none; never normalised ("link/../x" is the kernel's)."""
     given = existing = folder.rstrip("/") or "/"
     while not os.path.lexists(existing):  # up to the part of the path that exists
         existing = os.path.dirname(existing) or "."
@@ -506,18 +486,13 @@ def check_out_dir(folder, replace):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
     found = sorted(f for f in os.listdir(folder) if not f.startswith(".")) if existing == given else []  # as FID
-
-    def image(name):  # an image, or the temporary file a killed write of one left (NAME.png.<random>.tmp)
-        return os.path.splitext(name.rsplit(".", 2)[0] if name.endswith(".tmp") else name)[1].lower() in IMAGE_EXTS
-    images = [f for f in found if image(f) and os.path.isfile(os.path.join(folder, f))]
+    images = [f for f in found if os.path.isfile(os.path.join(folder, f))  # or a killed write's NAME.png.<random>.tmp
+              and os.path.splitext(re.sub(r"\.\w+\.tmp$", "", f))[1].lower() in IMAGE_EXTS]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
         raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
                          f"choose an empty folder{'' if others else ', or add --replace to delete its images'}")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise ValueError(f"--out-dir {folder}: cannot write in {existing} ({e.strerror})") from None
+    check_folder(existing, f"--out-dir {folder}")
 
 
 def main(argv=None):
@@ -525,50 +500,50 @@ def main(argv=None):
     args = p.parse_args(argv)
     with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    picture, grid = check_args(p, args, world)
+    try:
+        generate(args, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+    except ValueError as e:  # every refusal: before sampling, or an FID that cannot be computed after it
+        p.error(str(e))
+
+
+def generate(args, world=1, rank=0):
+    """Check every flag and the checkpoint, then write the picture, or the samples (grid, --out-dir, --fid)."""
+    picture, grid = check_args(args, world)
     if world > 1:  # torchrun: each process samples its share and writes its PNGs; rank 0 the grid
         dist.init_process_group("gloo")
         if rank:
             sys.stdout = open(os.devnull, "w")
     args.n, args.jump = args.n or (4 if picture else None), args.jump or 10  # 10: RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loop = dict(sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, variance=args.variance or "beta",
+    ckpt = load_checkpoint(args.ckpt)
+    model, diffusion = build(ckpt, not args.no_ema, args.device)
+    T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(DEFAULT_STEPS, diffusion.T))
+    for flag, value, most in (("--steps", steps or 0, T), ("--t", max(args.t or [0]), T - 1),
+                              ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
+        if value > most:
+            raise ValueError(f"{flag} {value}: this checkpoint's diffusion has T = {T} steps; give at most {most}")
+    loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=args.variance or "beta",
                 guidance=args.guidance)
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-        model, diffusion = build(ckpt, not args.no_ema, args.device)
-        loop["steps"] = args.steps or (None if args.sampler == "ddpm" else min(DEFAULT_STEPS, diffusion.T))  # <= T
-        if (loop["steps"] or 0) > diffusion.T:  # (ddpm takes all T steps)
-            raise ValueError(f"--steps {loop['steps']}: this checkpoint's diffusion has T = {diffusion.T} steps")
-        if args.t and max(args.t) >= diffusion.T:
-            raise ValueError(f"--t {max(args.t)}: steps must be below T = {diffusion.T}")
-        labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
-        shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
-        images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
-                  if f]
-        hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
-        if args.resample > 1 and args.jump >= diffusion.T:
-            raise ValueError(f"--jump {args.jump}: RePaint jumps back up from below T = {diffusion.T}; give less")
-        args.n = len(labels) if labels is not None else args.n or 64
-        fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
-    except ValueError as e:
-        p.error(str(e))
+    labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
+    shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+    images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
+              if f]  # the pictures' input images
+    hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
+    args.n = len(labels) if labels is not None else args.n or 64
+    fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
     args.precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if picture:
         with autocast:
-            made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole,
-                                args.t, 0.5 if args.weight is None else args.weight, args.resample, args.jump,
-                                args.interp)
+            made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole, args.t,
+                                0.5 if args.weight is None else args.weight, args.resample, args.jump, args.interp)
         save_picture(made, args.process or grid)
         print(f"wrote {args.process or grid}")
         return
     samples = write_samples(diffusion, model, labels, shape, args, loop, autocast, rank, world)
     if rank:
         return
-    steps = "" if args.sampler == "ddpm" else f" {loop['steps']} steps"
-    what = f"{args.sampler}{steps}, seed {args.seed}, {args.precision}"
+    what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {steps} steps'}, seed {args.seed}, {args.precision}"
     if labels is not None:
         what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
@@ -576,15 +551,12 @@ def main(argv=None):
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
     if args.fid:
-        try:
-            print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
-        except ValueError as e:  # the samples are written; their FID could not be computed
-            p.error(str(e))
+        print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """Sample this process's share of the --n images, writing each to --out-dir as it is made. Returns, on
-    rank 0, the samples in order: all of them with --fid (one process), else the grid's first GRID_MAX."""
+    """Sample every world-th of the --n images, writing each to --out-dir as it is made; return on rank 0 the samples
+    in order (with --fid all, else the first GRID_MAX). Sample i's noise is seeded by (--seed, i) alone."""
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
     if args.replace and rank == 0:
@@ -593,12 +565,18 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
                 os.remove(os.path.join(args.out_dir, f))
     if world > 1:
         dist.barrier()  # every process has checked --out-dir before any writes to it
-    kept = {}
-    for idx, x in sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank, world):
+    kept, mine = {}, range(rank, args.n, world)
+    for start in range(0, len(mine), args.batch_size):
+        idx = list(mine[start:start + args.batch_size])
+        generators = [torch.Generator(args.device).manual_seed(sample_seed(args.seed, i)) for i in idx]
+        y = None if labels is None else labels[idx].to(args.device)
+        with autocast:
+            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
+        x = x.float().cpu()
         if not torch.isfinite(x).all():  # never a black image that looks like a result
+            advice = "" if args.precision == "fp32" else "--precision fp32 or "
             print(f"sample.py: error: {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {len(x)} samples came "
-                  f"out non-finite (NaN or inf); try {'' if args.precision == 'fp32' else '--precision fp32 or '}another "
-                  "checkpoint", file=sys.stderr)
+                  f"out non-finite (NaN or inf); try {advice}another checkpoint", file=sys.stderr)
             raise SystemExit(1)
         if args.out_dir:
             for i, im in zip(idx, to_uint8(x)):
@@ -616,19 +594,6 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
     return torch.stack([kept[i] for i in sorted(kept)]) if rank == 0 else None
 
 
-def sample_shard(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
-    """(indices, samples [B, C, H, W] in [-1, 1] on the CPU) of this process's share (every world-th) of --n, by
-    --batch-size. Sample i's noise has its own generator, seeded by (--seed, i): the same for any batch or world."""
-    mine = range(rank, args.n, world)
-    for start in range(0, len(mine), args.batch_size):
-        idx = list(mine[start:start + args.batch_size])
-        generators = [torch.Generator(args.device).manual_seed(sample_seed(args.seed, i)) for i in idx]
-        y = None if labels is None else labels[idx].to(args.device)
-        with autocast:
-            x = diffusion.sample(model, (len(idx), *shape), device=args.device, generator=generators, y=y, **loop)
-        yield idx, x.float().cpu()
-
-
 def sample_seed(seed, i):
     """Sample i's generator seed under --seed. 32 bits: a CPU generator keeps no more, so seed * 2**32 + i would
     drop --seed. Distinct for each i of a run; golden-ratio strides keep seeds 0-999 apart up to --n 1.9 million."""
@@ -636,28 +601,25 @@ def sample_seed(seed, i):
 
 
 def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
-    """The FID of n samples against ref, as a function of the samples. Inception and ref's statistics (cached) load
-    now, before sampling, so a bad one fails at once. Errors, now or from the function, are ValueErrors starting with
-    `flag` and naming the caller's flags (--fid-weights, n_flag) where fid.py's would be (--weights, --n)."""
+    """The FID of n samples against ref, as a function of the samples; Inception and ref's statistics load now, so a
+    bad one fails before sampling. ValueErrors start with `flag` and say --fid-weights and n_flag for fid.py's flags."""
     try:
         import fid  # optional: only FIDs need fid.py
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
         raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
     names = {"--weights": "--fid-weights", "--n": n_flag}
 
-    def refusal(e):  # fid.py names its flags first or last in a message, never where a path may stand
-        return ValueError(f"{flag}: " + re.sub(r"^--weights\b|--weights(?= PATH$)|--n$", lambda m: names[m[0]], str(e)))
+    def refusing(work, *args, **kwargs):
+        try:
+            return work(*args, **kwargs)
+        except fid.FIDError as e:  # fid.py names its flags first or last in a message, never where a path may stand
+            said = re.sub(r"^--weights\b|--weights(?= PATH$)|--n$", lambda m: names[m[0]], str(e))
+            raise ValueError(f"{flag}: {said}") from None
+    inception = refusing(fid.load_inception, weights, device)
+    refusing(fid.reference_stats, ref, inception, n=n, device=device)
 
     def fid_of(samples):
-        try:
-            return fid.fid_from_samples(samples, ref, n, model=inception, device=device)
-        except fid.FIDError as e:  # too few samples for a real square root, say
-            raise refusal(e) from None
-    try:
-        inception = fid.load_inception(weights, device)
-        fid.reference_stats(ref, inception, n=n, device=device)
-    except fid.FIDError as e:
-        raise refusal(e) from None
+        return refusing(fid.fid_from_samples, samples, ref, n, model=inception, device=device)
     return fid_of
 
 

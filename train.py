@@ -52,7 +52,7 @@ CHUNK = 256  # images per network call when sampling grids and FIDs
 
 
 def fail(msg):
-    """A user error found after parsing (the data, the run folder): one line on stderr, exit status 2."""
+    """A user error found after parsing: one line on stderr, exit status 2."""
     sample.Parser(prog="train.py").error(msg)
 
 
@@ -62,8 +62,7 @@ def format_time(seconds):
 
 
 def log(*parts, end="\n"):
-    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: the output then
-    goes nowhere, and metrics.jsonl keeps the record."""
+    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: metrics.jsonl remains."""
     try:
         print(*parts, end=end, flush=True)
     except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
@@ -114,9 +113,9 @@ def build_parser(prog="train.py"):
     a("--p-uncond", type=number(float, "[0, 1)"), default=0.1, help="label dropout for guidance (Ho & Salimans)")
     a("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     # network and diffusion
-    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset and its training recipe (README: "
-      "defaults per size); paper's lr, batch, dropout at the size nearest the shorter side (64, 128: Nichol & "
-      "Dhariwal's): " + " | ".join(f"{s}: {r['lr']:.0e}, {r['batch']}, {r['dropout']:g}" for s, r in unet.PAPER_SIZES.items()))
+    recipes = " | ".join(f"{s}: {r['lr']:.0e}, {r['batch']}, {r['dropout']:g}" for s, r in unet.PAPER_SIZES.items())
+    a("--model", default="paper", choices=list(unet.PRESETS), help="network preset and recipe (README); paper's lr, "
+      f"batch, dropout at the size nearest the shorter side (64, 128: Nichol & Dhariwal's): {recipes}")
     a("--schedule", choices=("linear", "cosine"), help="beta schedule (default: the --model preset's)")
     a("--T", type=number(int, "[2, 100000]"), default=1000, help="number of diffusion steps")
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
@@ -124,8 +123,7 @@ def build_parser(prog="train.py"):
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
-    a("--time", type=duration, help="train for this wall-clock budget instead of --steps, like 15m, 2h or 90s: the step "
-      "count is planned from the measured speed (counted from the start, data decoding included)")
+    a("--time", type=duration, help="a wall-clock budget like 15m, 2h, 90s instead of --steps")
     a("--batch", type=positive, help="global batch size (over all processes and accumulation)")
     a("--accum", type=positive, default=1, help="gradient accumulation: micro-batches per step")
     a("--lr", type=number(float, "(0, 1]"), help="peak learning rate")
@@ -135,21 +133,18 @@ def build_parser(prog="train.py"):
     a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, the paper's)")
     a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="gradient norm clip (paper: 1.0; 0: none)")
     a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
-    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-      help="autocast precision; auto: bf16 where it is measured faster than fp32 (docs/benchmarks.md), else fp32")
-    a("--compile", action="store_true", help="torch.compile the network (off: on CPU it measured slower, see docs/benchmarks.md)")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast; auto: bf16 if faster")
+    a("--compile", action="store_true", help="torch.compile the network (off: slower on CPU, docs/benchmarks.md)")
     a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, t and dropout")
     # run folder
     a("--out", default="runs/run", type=path, help="run folder")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--config", type=path, help="a run's config.json; flags given on the command line override it (its out is "
-      "not used: give --out)")
+    a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
-    a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network, logged to metrics.jsonl "
-      "(0: never; costs --fid-n samples and Inception passes each time)")
+    a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network in metrics.jsonl (0: never)")
     a("--fid-ref", type=path, help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
     a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
     a("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
@@ -158,8 +153,7 @@ def build_parser(prog="train.py"):
 
 
 def config_words(config, actions):
-    """A config (a --config file's or a checkpoint's) as command-line words, so it passes through exactly the
-    flags' types, choices and ranges. Raises ValueError for an unknown key or a wrongly typed value."""
+    """A config (a --config file's or a checkpoint's) as command-line words, to go through the flags' own checks."""
     if not isinstance(config, dict):
         raise ValueError("not a JSON object of settings")
     auto = config.get("auto", [])
@@ -184,9 +178,10 @@ def config_words(config, actions):
 
 
 def parse_args(argv=None):
-    """Flags over a config (--config FILE, or the checkpoint's own with --resume) over the defaults, each
-    checked by the same rules. Returns the settings and the checkpoint to resume (or None)."""
+    """Flags over a config (--config FILE, or the checkpoint's with --resume) over the defaults, all through the same
+    checks. Returns the settings and the checkpoint to resume (or None)."""
     parser, actions = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
     base, ckpt, source = {}, None, None
     if given.config is not UNSET and given.resume is True:
@@ -226,10 +221,9 @@ def parse_args(argv=None):
             parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
-    args = parser.parse_args(words + list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words + argv)
     if given.time is not UNSET and (given.steps is not UNSET or ckpt):
-        parser.error("--time plans the step count of a new run: give --time or --steps, not both (a resumed run "
-                     "trains to its planned --steps; give a larger --steps to extend it)")
+        parser.error("--time plans a new run's --steps: give --time or --steps, not both (a resumed run: --steps)")
     if given.steps is not UNSET:
         args.time = None  # the command line's --steps over a config's --time
     for k, v in unet.preset(args.model, parse_size(args.size)).items():  # the preset's recipe under the flags
@@ -249,28 +243,23 @@ def check_args(parser, args, ckpt):
     """The checks that involve more than one flag, the file system or the machine; each a one-line error."""
     size, world, folder = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1")), args.data != "shapes"
     betas = ddpm.beta_schedule(args.schedule, args.T)
-    problems = [
-        (args.batch % (world * args.accum), f"--batch {args.batch} must be divisible by processes x --accum = "
-         f"{world} x {args.accum}"),
+    inside = os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), ""))
+    done = ckpt["step"] if ckpt else 0
+    problems = [  # realpath: --out inside --data through links too, as the data search follows them
+        (args.batch % (world * args.accum), f"--batch {args.batch} is not divisible by {world} process(es) x --accum"),
         (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
-        (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule (its "
-         f"betas must stay in (0, 1)): use --T 21 or more, or --schedule cosine"),
-        (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes are drawn at up to 256 pixels; "
-         f"give --data a folder of images for larger sizes"),
-        (folder and os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), "")),
-         f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; choose an "
-         f"--out outside it"),  # realpath: through links too, as the data search follows them
+        (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule: give 21 "
+         f"or more, or --schedule cosine"),
+        (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes go up to 256; give --data a folder"),
+        (folder and inside, f"--out {args.out} is inside --data {args.data}: its grids would be trained on; choose "
+         "another --out"),
         (folder and not os.path.isdir(args.data), f"--data {args.data}: "
          f"{'not a folder' if os.path.exists(args.data) else 'no such folder'} (give a folder of images, or 'shapes')"),
-        (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py statistics "
-         ".npz of the real data"),
+        (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py .npz"),
         (args.fid_ref and not args.fid_every, "--fid-ref is only used with --fid-every N"),
-        (args.time and args.fid_every and not ckpt, "--time cannot plan around the FIDs of --fid-every: give --steps, "
-         "or score the finished run with sample.py --fid"),
-        (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or statistics "
-         f"file"),
-        (ckpt and ckpt["step"] >= args.steps, f"--steps {args.steps}: the checkpoint is already at step "
-         f"{ckpt and ckpt['step']}; give a larger --steps to train on"),
+        (args.time and args.fid_every and not ckpt, "--time cannot plan around --fid-every: give --steps instead"),
+        (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or file"),
+        (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
     ]
     for bad, message in problems:
         if bad:
@@ -293,8 +282,7 @@ PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40)
 
 
 def make_shapes(n, size):
-    """The built-in dataset: one bright shape per image on a dark background (high contrast, few colours: learned
-    in minutes), drawn 4x larger and downsampled for smooth edges. uint8 [n, H, W, 3] and each shape's index."""
+    """The built-in dataset, learned in minutes: uint8 [n, H, W, 3], a bright shape on dark, and its index."""
     h, w = size
     rng = np.random.default_rng(0)  # the same dataset in every run and process
     images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
@@ -319,10 +307,8 @@ def make_shapes(n, size):
 
 
 def find_images(root):
-    """Image files under root, recursively and sorted, following symlinked folders outside root once. A link to a
-    folder inside root is skipped: that folder is read under its own name. Regular files only: reading a FIFO or a
-    device that has an image's name would block or fail. Hidden names (.ipynb_checkpoints/, a Mac's ._x.png) are
-    skipped, as ls does."""
+    """Image files under root, sorted, following links to folders outside root once (one inside is read under its own
+    name). Regular files only (a FIFO would block); hidden names (.ipynb_checkpoints/, ._x.png) are skipped, as by ls."""
     found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -340,8 +326,7 @@ def find_images(root):
 
 
 def class_labels(root, paths, cond):
-    """Each path's label (the index of its first-level subfolder of root, sorted) and the class names; with
-    cond unset, all 0 and no names. Checked before decoding, so a bad layout fails at once."""
+    """Each path's label (the index of its first-level subfolder, sorted) and the class names; all 0 without cond."""
     if not cond:
         return np.zeros(len(paths), np.int64), []
     tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
@@ -356,8 +341,8 @@ def class_labels(root, paths, cond):
 
 
 def decode_into(f, root, paths, size):
-    """Decode `paths` in threads (Pillow releases the GIL) into the open file f as a .npy of uint8 [N, 3, H, W],
-    holding only a few images per thread whatever N. Returns the readable paths' indices and whether all are grey."""
+    """Decode paths in threads (Pillow releases the GIL), a few images ahead per thread, into the open file f as a .npy
+    of uint8 [N, 3, H, W]. Returns the indices of the readable paths and whether all of them are grey."""
     fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
     n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
     header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
@@ -391,111 +376,106 @@ def decode_into(f, root, paths, size):
     return keep, grey
 
 
-def remove_orphans(pattern):
-    """Delete the temporary files matching pattern that killed decoders left, each up to the size of the data:
-    unchanged for a minute, and with no live process holding their lock (decode_into's)."""
-    for old in filter(os.path.isfile, glob.glob(pattern)):  # regular files: opening a FIFO would block
+def cache_stem(root, paths, size):
+    """The cache's path less its extension, keyed by every file's name, size and mtime (rsync's quick check; not ctime,
+    which a copy renews), under $XDG_CACHE_HOME (if absolute, as the XDG spec says) or ~/.cache."""
+    stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
+    key = hashlib.sha256(json.dumps([root, size, stats]).encode()).hexdigest()[:20]
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    cache = cache if os.path.isabs(cache) else os.path.expanduser("~/.cache")
+    return os.path.join(cache, "ddpm-toolkit", f"data-{key}")
+
+
+def remove_orphans(stem):
+    """Delete what killed decodes left beside stem: files a minute old that no live decoder holds locked."""
+    for old in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.tmp")):  # not a FIFO
         with contextlib.suppress(OSError), open(old, "rb") as f:
             if time.time() - os.fstat(f.fileno()).st_mtime > 60:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
                 os.remove(old)
 
 
-def load_folder(root, paths, size, cond, stem):
-    """Decode `paths` into the cache stem.npy, then stem.json (labels, classes, grey, source), which makes it trusted;
-    without a writable stem, into a temporary file deleted once mapped. Returns the mapped images and the metadata."""
-    labels, classes = class_labels(root, paths, cond)
-    scratch = os.path.join(tempfile.gettempdir(), f"ddpm-images-{os.getpid()}")
-    for target in [stem, scratch] if stem else [scratch]:
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if target == scratch:  # (the cache's are removed by load_dataset)
-                remove_orphans(glob.escape(scratch.rsplit("-", 1)[0]) + "-*.tmp")
-            started = time.time()
-            keep, grey = sample.write_atomically(target + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = dict(labels=labels[keep].tolist(), classes=classes, grey=grey, source=[root, list(size), cond])
-            if target == stem:
-                sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
-                remove_stale_caches(stem, meta["source"], started)
-            images = np.load(target + ".npy", mmap_mode="c")  # copy-on-write: never written, shared page cache
-            if target == scratch:
-                os.remove(scratch + ".npy")  # the mapping keeps the data until the process ends
-            return images, meta
-        except OSError as e:
-            if target == scratch:
-                fail(f"cannot write the decoded images to {scratch}.npy ({e}); free space there or set TMPDIR")
-            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
-
-
 def remove_stale_caches(stem, source, started):
-    """Delete the caches of earlier states of the folder just cached (same source: folder, size, --cond), written
-    before this decode `started` (a later one may be of a newer state). Each change to a folder's files makes a new
-    cache; one of an earlier state is read again only if the folder returns to it."""
-    for other in filter(os.path.isfile, glob.glob(glob.escape(stem.rsplit("-", 1)[0]) + "-*.json")):  # not a FIFO
-        npy = other[:-len(".json")] + ".npy"
+    """Delete the caches of earlier states of this source (folder and size): those written before this decode started
+    (a later one may be of a newer state)."""
+    for other in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.json")):  # not a FIFO
         with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
             earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
             if earlier and json.load(f).get("source") == source:
                 os.remove(other)  # first: a cache without its .json is never trusted
-                os.remove(npy)
-                log(f"removed {npy}, the image cache of an earlier state of {source[0]}")
+                os.remove(other[:-len(".json")] + ".npy")
+                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
 
 
-def read_cache(stem, size):
-    """The memory-mapped images and metadata of a complete cache, or None. A damaged one is said and ignored."""
+def read_cache(stem, size, n):
+    """The mapped images and metadata of a complete cache of n files, or None; a damaged one is said and ignored."""
     if not os.path.exists(stem + ".json"):  # written last: an interrupted decode has none
         return None
     try:
         with open(stem + ".json") as f:
             meta = json.load(f)
-        images = np.load(stem + ".npy", mmap_mode="c")
-        if images.shape != (len(meta["labels"]), 3, *size) or images.dtype != np.uint8:
-            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(meta['labels'])} labels")
-        labels, classes = meta["labels"], meta["classes"]
-        typed = isinstance(meta["grey"], bool) and isinstance(classes, list) and all(type(c) is str for c in classes)
-        if not (typed and all(type(n) is int and 0 <= n < max(1, len(classes)) for n in labels)):
-            raise ValueError("its labels, classes or grey flag are not what a decode writes")
+        images, keep = np.load(stem + ".npy", mmap_mode="c"), meta["keep"]
+        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool:
+            raise ValueError("its metadata is not what a decode writes")
+        if images.shape != (len(keep), 3, *size) or images.dtype != np.uint8:
+            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(keep)} images")
         return images, meta
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
 
 
+def decode(root, paths, size, stem):
+    """Decode into the cache stem.npy, then stem.json (written last: it makes the cache trusted); with no cache or an
+    unwritable one, into an unnamed temporary file. Returns the mapped images and the metadata."""
+    if stem:
+        try:
+            started = time.time()
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            keep, grey = sample.write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
+            meta = {"keep": keep, "grey": grey, "source": [root, list(size)]}
+            sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+            remove_stale_caches(stem, meta["source"], started)
+            return np.load(stem + ".npy", mmap_mode="c"), meta  # copy-on-write: never written, one shared page cache
+        except OSError as e:
+            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+    try:
+        with tempfile.TemporaryFile() as f:  # unnamed: nothing is left behind, however the process ends
+            keep, grey = decode_into(f, root, paths, size)
+            f.seek(0)
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)  # leaves f at the first image
+            return np.memmap(f, np.uint8, "c", f.tell(), (len(keep), 3, *size)), {"keep": keep, "grey": grey}
+    except OSError as e:
+        fail(f"cannot write the decoded images to {tempfile.gettempdir()} ({e}); free space there or set TMPDIR")
+
+
 def load_dataset(args, size):
     """The training images as uint8 [N, C, H, W], labels [N] and class names (none without --cond). A folder is
-    decoded once into a cache file that every process maps: processes of a machine share one copy in the page
-    cache, and a batch reads only its own images. The cache is keyed by every file's name, size and mtime."""
+    decoded once into a cache file that every process maps: a machine's processes share one copy in the page cache,
+    and a batch reads only its own images."""
     if args.data == "shapes":
         images, labels = make_shapes(8192, size)
-        meta = {"labels": labels, "classes": list(SHAPES) if args.cond else [], "grey": False}  # as a folder's
-        images = images.transpose(0, 3, 1, 2).copy()
+        images, classes, grey = images.transpose(0, 3, 1, 2).copy(), list(SHAPES) if args.cond else [], False
     else:
-        root, stem = os.path.abspath(args.data), None
+        root = os.path.abspath(args.data)
         paths = find_images(root)  # check_args made sure it is a folder
         if not paths:
-            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively, "
-                 f"skipping hidden names)")
-        if not args.no_cache:  # rsync's quick check: not ctime, which a copy (cp -a to scratch, per job) renews
-            stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
-            key = hashlib.sha256(json.dumps([root, size, args.cond, stats]).encode()).hexdigest()[:20]
-            cache = os.environ.get("XDG_CACHE_HOME", "")  # the XDG spec: an empty or relative one is ignored
-            stem = os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "ddpm-toolkit",
-                                f"data-{key}")
-            remove_orphans(glob.escape(stem.rsplit("-", 1)[0]) + "-*.tmp")  # also when the cache is found
-        images, meta = (stem and read_cache(stem, size)) or load_folder(root, paths, size, args.cond, stem)
-        if args.cond:  # classes none of whose images could be read; first-level folders that are not classes
-            counts = np.bincount(meta["labels"], minlength=len(meta["classes"]))
-            unread = [c for c, n in zip(meta["classes"], counts) if not n]
-            if unread:
-                fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; "
-                     f"replace them or remove the folder(s)")
-            others = sorted({d for d in next(os.walk(root))[1] if not d.startswith(".")} - set(meta["classes"]))
-            if others:
-                log(f"--cond: {', '.join(others)} in {root}: no images of their own (a link to a folder of --data "
-                    f"is skipped), so not classes")
-    # grey images are stored as three equal planes, of which one is the image (a view); colour images stay
-    # three planes even for --channels 1, which batch_images turns into luma
-    images = torch.from_numpy(images)[:, :1 if meta["grey"] and args.channels != 3 else 3]
-    return images, torch.as_tensor(meta["labels"], dtype=torch.int64), meta["classes"]
+            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
+        labels, classes = class_labels(root, paths, args.cond)  # before decoding: a bad layout fails at once
+        stem = None if args.no_cache else cache_stem(root, paths, size)
+        if stem:
+            remove_orphans(stem)  # also when the cache is found
+        images, meta = (stem and read_cache(stem, size, len(paths))) or decode(root, paths, size, stem)
+        labels, grey = labels[meta["keep"]], meta["grey"]
+        unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+        if unread:
+            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read")
+        others = sorted({d for d in next(os.walk(root))[1] if d[0] != "."} - set(classes)) if args.cond else []
+        if others:
+            log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")
+    # a grey image is one of its three equal planes (a view); colour stays three planes (--channels 1: batch_images)
+    images = torch.from_numpy(images)[:, :1 if grey and args.channels != 3 else 3]
+    return images, torch.as_tensor(labels, dtype=torch.int64), classes
 
 
 @functools.lru_cache(maxsize=2)
@@ -504,22 +484,20 @@ def epoch_order(n, seed, epoch):
 
 
 def batch_indices(step, batch, n, seed):
-    """The global batch of a step: positions [step*batch, (step+1)*batch) in a sequence of per-epoch
-    permutations. A function of the step alone, so resuming (with any number of processes) is exact."""
+    """A step's global batch: positions [step*batch, (step+1)*batch) of per-epoch permutations (resume is exact)."""
     positions = torch.arange(step * batch, (step + 1) * batch)
     epochs = positions // n
     return torch.cat([epoch_order(n, seed, int(e))[positions[epochs == e] % n] for e in epochs.unique()])
 
 
 def batch_images(images, idx, device, flip, channels=None):
-    """uint8 images[idx] -> floats in [-1, 1] on device, each mirrored left-right with probability 1/2 if flip;
-    colour images for a 1-channel model (channels=1) as ITU-R 601-2 luma, the grey of Pillow's convert("L")."""
+    """uint8 images[idx] -> [-1, 1] on device, mirrored with probability 1/2 if flip; for channels=1, colour as luma."""
     x0 = images[idx]  # reads only these images from the memory map
     x0 = (x0.pin_memory() if device.type == "cuda" else x0).to(device, non_blocking=True)  # pinned: an async copy
     if flip:  # on uint8: a quarter of the bytes to move, the same result
         mirror = torch.rand(len(idx), device=device) < 0.5
         x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-    if channels == 1 and x0.shape[1] == 3:  # Pillow's fixed point: exactly its L of every colour
+    if channels == 1 and x0.shape[1] == 3:  # ITU-R 601-2 luma in Pillow's fixed point: exactly its convert("L")
         luma = torch.tensor([19595, 38470, 7471], device=device).view(1, 3, 1, 1)
         x0 = ((x0.int() * luma).sum(1, keepdim=True) + 0x8000) >> 16
     return x0.float().div_(127.5).sub_(1)
@@ -549,9 +527,8 @@ def draw_loss_curve(metrics, path):
 
 
 def claim_run_folder(out, resume):
-    """Create and lock --out for this process: a second train.py on it is refused, naming the holder. The
-    lock is flock's, which the kernel drops when its process dies, however it dies. A new run needs a
-    folder with nothing of an earlier run in it. Returns the open lock file (the lock lives while it does)."""
+    """Create and lock --out for this process: flock's lock, which the kernel drops when its process dies however it
+    dies. A new run needs a folder with nothing of an earlier run in it. Returns the open lock file."""
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder: choose another --out")
     try:
@@ -570,8 +547,7 @@ def claim_run_folder(out, resume):
     if earlier:
         hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
         fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)
     lock.write(f"train.py process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -579,9 +555,8 @@ def claim_run_folder(out, resume):
 
 
 class Stop:
-    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, `docker stop`) and SIGHUP (a closed session) all
-    mean: stop cleanly. While `deferred` (a training step, a checkpoint write) the signal is only recorded
-    and the loop stops after the step; at any other moment it raises KeyboardInterrupt at once."""
+    """SIGINT, SIGTERM (a scheduler's preemption) and SIGHUP (a closed session) all mean: stop cleanly. While
+    `deferred` (a step, a checkpoint write) a signal is only recorded; at other moments it raises KeyboardInterrupt."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
@@ -611,18 +586,16 @@ def setup_device(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"  # torchrun's GPU
     device = torch.device(args.device or default)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, rank, world
+    return device, dist.get_rank() if world > 1 else 0, world
 
 
 def learning_rate(args, step):
-    """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps. A function of the
-    step and the run's length: extending a run's --steps re-plans the annealing over the new length."""
+    """Linear warm-up to --lr, then constant or (--cosine) annealed to --lr-min at --steps (a longer run re-plans)."""
     if args.cosine and step >= args.warmup:
         progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
         return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -630,9 +603,8 @@ def learning_rate(args, step):
 
 
 def available_memory(device, root="/"):
-    """Bytes this process may still allocate on device: CUDA's free memory; on a CPU, the kernel's MemAvailable,
-    capped by the limit of every memory cgroup from this process's own (a container's, a SLURM job step's) up to
-    the root. None where unknown. `root`: where /proc and /sys are (tests)."""
+    """Bytes this process may still allocate: CUDA's free memory; on a CPU, MemAvailable capped by every memory cgroup
+    from this process's own (a container's, a SLURM job's) up to the root; None where unknown. root: of /proc, /sys."""
     if device.type != "cpu":
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     found, own = [], {}
@@ -661,14 +633,12 @@ def available_memory(device, root="/"):
 
 
 def out_of_memory(error):
-    """Whether a RuntimeError is CUDA's out-of-memory error or a CPU allocator's."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
 
 
 def step_memory(run):
-    """(fixed, per image): the bytes a step adds to what is allocated, fixed + per image x micro-batch. Fixed: the
-    gradients and Adam's two moments (3x the weights); per image: the tensors autograd keeps for the backward,
-    measured on probes of 1 and 2 images (they grow linearly), plus 25% for the backward's transients."""
+    """(fixed, per image) bytes a step adds: fixed, the gradients and Adam's moments (3x the weights); per image, what
+    autograd keeps for the backward, measured with 1 and 2 images (it grows linearly); both plus 25% for transients."""
     kept = []
     for n in (1, 2):
         storages = {}
@@ -687,9 +657,9 @@ def step_memory(run):
 
 
 def fit_memory(run):
-    """Raise --accum until a step fits in the device's memory (the global batch stays), or a one-line error if one
-    image per micro-batch cannot fit. Returns the estimate for the first log line."""
-    args, world, free = run.args, run.world, available_memory(run.device)
+    """Raise --accum until a step fits in the device's free memory (the batch stays), or refuse a step that cannot.
+    Returns the estimate for the first log line."""
+    args, micro, free = run.args, run.args.batch // run.world, available_memory(run.device)
     if free is None:
         return "memory not known"
     try:
@@ -699,31 +669,29 @@ def fit_memory(run):
             raise
         fail(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
              f"--model (tiny, small) or --size")
-    need = {a: fixed + args.batch // world // a * per_image for a in range(args.accum, args.batch // world + 1)
-            if args.batch % (world * a) == 0}
+    need = {a: fixed + micro // a * per_image for a in range(args.accum, micro + 1) if micro % a == 0}
     fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
     if not fits:
-        fail(f"--batch {args.batch}: even one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB "
-             f"and {run.device} has {free / 2**30:.3g} GB free; choose a smaller --model (tiny, small) or --size")
+        fail(f"--batch {args.batch}: one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB of the "
+             f"{free / 2**30:.3g} GB free on {run.device}; choose a smaller --model (tiny, small) or --size")
     accum = torch.tensor([fits[0]], device=run.device)
-    if world > 1:  # every process must accumulate alike
+    if run.world > 1:  # every process must accumulate alike
         dist.all_reduce(accum, dist.ReduceOp.MAX)
     accum = int(accum.item())
     if accum != args.accum:
-        log(f"memory: a step of {args.batch // world // args.accum} images per process needs about "
-            f"{need[args.accum] / 2**30:.3g} GB and {run.device} has {free / 2**30:.3g} GB free: --accum "
-            f"{accum} instead of {args.accum} (the batch stays {args.batch})")
+        log(f"memory: {micro // args.accum} images per process need about {need[args.accum] / 2**30:.3g} GB of the "
+            f"{free / 2**30:.3g} GB free: --accum {accum} instead of {args.accum} (the batch stays {args.batch})")
         args.accum, args.auto = accum, [k for k in AUTO if k in args.auto or k == "accum"]
     return f"about {need[args.accum] / 2**30:.3g} of {free / 2**30:.3g} GB free"
 
 
 def setup_run(args, ckpt, device, rank, world, started):
-    """Everything the loop shares, in one namespace: the data (mapped), the network, its EMA, the diffusion,
-    the optimizer, precision, and the run folder's files. A resumed run's state comes from its checkpoint."""
-    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world,
-                             master=rank == 0, ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[],
-                             metrics_path=os.path.join(args.out, "metrics.jsonl"), started=started,
-                             sample_steps=min(sample.DEFAULT_STEPS, args.T), fid_of=None)
+    """Everything the loop shares, in one namespace: the mapped data, the network, its EMA, the diffusion, the
+    optimizer, the precision and the run folder's files; a resumed run's state from its checkpoint."""
+    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0,
+                             ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[], started=started,
+                             metrics_path=os.path.join(args.out, "metrics.jsonl"), fid_of=None,
+                             sample_steps=min(sample.DEFAULT_STEPS, args.T))
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
         try:
             run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights",
@@ -765,13 +733,11 @@ def setup_run(args, ckpt, device, rank, world, started):
 
 
 def resume(run, ckpt):
-    """Load a checkpoint's training state into the run; name the settings the command line changed, and the
-    learning rate when they change it (a longer --steps of a --cosine run, a new --lr): it follows the flags."""
+    """Load a checkpoint's training state; name the settings the flags changed, and the learning rate they re-plan."""
     try:
-        parts = (run.model, "model"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")
-        for part, name in parts:
+        for name in ("model", "ema", "optimizer", "scaler"):
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
-                part.load_state_dict(ckpt[name])
+                getattr(run, name).load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"--resume: the checkpoint's {name} state does not fit its network ({sample.one_line(e, last=True)})")
     args, start, old = run.args, ckpt["step"], ckpt["config"]
@@ -779,24 +745,21 @@ def resume(run, ckpt):
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
     log(f"resumed {run.ckpt_path} at step {start}" + (f", with changed settings: {', '.join(changed)}" if changed else ""))
     if ckpt.get("images", len(run.images)) != len(run.images):  # older checkpoints have no count
-        log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}: the data "
-            f"order from here is not the one that run would have had")
+        log(f"--data {args.data}: {len(run.images)} images where the checkpoint's run had {ckpt['images']}")
     before, now = learning_rate(argparse.Namespace(**{**vars(args), **old}), start), learning_rate(args, start)
     if f"{before:.6g}" != f"{now:.6g}":
-        log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}, as "
-            f"a run started with them has it")
+        log(f"the learning rate is re-planned from these settings: {before:.6g} -> {now:.6g} at step {start + 1}")
 
 
 def open_metrics(run, start):
     """Write config.json; keep metrics.jsonl's records up to step `start`, less any line a kill left half-written."""
     write_config(run.args)
-    if os.path.exists(run.metrics_path):
-        with open(run.metrics_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    m = json.loads(line)
-                    if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= start:
-                        run.metrics.append(m)
+    with contextlib.suppress(FileNotFoundError), open(run.metrics_path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                m = json.loads(line)
+                if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= start:
+                    run.metrics.append(m)
     with open(run.metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in run.metrics)
 
@@ -817,8 +780,8 @@ def record(run, m):
 
 
 def train_step(run, x0, y, step):
-    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite
-    loss or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
+    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite loss
+    or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
     args, micro, model = run.args, len(x0) // run.args.accum, run.model
     loss_step = 0.0
     for k in range(args.accum):
@@ -833,9 +796,9 @@ def train_step(run, x0, y, step):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
     if not math.isfinite(loss_step) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
         what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
-        good = f"the last good checkpoint is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
-        print(f"train.py: error: the {what} at step {step + 1}; stopped without saving, {good}. "
-              f"Try a lower --lr or --precision fp32", file=sys.stderr)
+        good = f"the last good one is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "there is none"
+        print(f"train.py: error: the {what} at step {step + 1}: not saved ({good}); try a lower --lr or --precision "
+              "fp32", file=sys.stderr)
         raise SystemExit(1)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -854,11 +817,9 @@ def checkpoint(run, step, stop):
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        reason = getattr(e, "strerror", None) or sample.one_line(e, last=True)
-        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else \
-            "no checkpoint exists yet"
-        fail(f"could not write the checkpoint {run.ckpt_path}.tmp ({reason}); {kept}. Free disk space, then continue "
-             f"with --resume")
+        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else "no other"
+        fail(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or sample.one_line(e, last=True)}); "
+             f"{kept}: free disk space, then --resume")
     stop.saved = (run.ckpt_path, step)
     draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 
@@ -896,18 +857,16 @@ def log_fid(run, step):
     try:
         value = run.fid_of(ema_samples(run, args.fid_n, y))
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
-        log(f"step {step} | no FID: {e}")
-        return
+        return log(f"step {step} | no FID: {e}")
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
 def plan_steps(run, done, steps, meter, stop):
-    """--time, once the steps after the first (a warm-up) ran at least 3 and for 2% of the budget or 30 s, or a
-    signal came: fix --steps from the seconds a step, reserving the sample grids (periodic and final) and the
-    checkpoints, each timed here, and 2% of the budget. Stored in config.json and in the checkpoint written
-    here, so the lr plan and the EMA finish with the budget and --resume continues it. Rank 0 plans for all."""
+    """--time: once the steps after the first (a warm-up) ran for 2% of the budget or 30 s (3 steps at least), or a
+    signal came, fix --steps from the time a step takes, less a sample grid, the checkpoints (each timed here) and 2%.
+    Recorded in config.json and the checkpoint, so the lr plan and EMA end with the budget. Rank 0 plans for all."""
     args, seconds = run.args, time.perf_counter() - meter["step1"]
     ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))],
                          device=run.device)
@@ -932,19 +891,19 @@ def plan_steps(run, done, steps, meter, stop):
         args.steps, start = total, time.perf_counter()
         checkpoint(run, done, stop)
         save = time.perf_counter() - start
+    planned = torch.tensor([float(args.steps)], device=run.device)
     if run.world > 1:  # rank 0's plan for every process
-        planned = torch.tensor([float(args.steps)], device=run.device)
         dist.broadcast(planned, 0)
-        args.steps = int(planned.item())
-    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step after the warm-up, a sample grid {grid:.3g} s, a "
-        f"checkpoint {save:.3g} s: --steps {args.steps} (recorded in config.json; --resume trains to it)")
+    args.steps = int(planned.item())
+    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step, {grid:.3g} s a grid, {save:.3g} s a checkpoint: "
+        f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
     if run.master:
         write_config(args)
 
 
 def report(run, meter, done, loss, lr):
-    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss
-    over the whole batch: every process calls this, and their losses are averaged."""
+    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss over
+    the whole batch: every process calls this, and their losses are averaged."""
     args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
     meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
     planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
@@ -960,14 +919,13 @@ def report(run, meter, done, loss, lr):
             mean = total.item() / run.world
         if run.master:
             record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
-        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | "
-            f"{rate:.1f} img/s | ETA {eta}")
+        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
         meter.update(loss=0.0, n=0, t_log=time.perf_counter())
 
 
 def between_steps(run, done, stop):
-    """Rank 0's periodic work: a sample grid, an FID, a checkpoint. Sampling may take minutes: a signal
-    interrupts it, and the step is saved at once."""
+    """Rank 0's periodic work: a sample grid, an FID, a checkpoint. A signal interrupts sampling (minutes, it may be)
+    and the step is saved at once."""
     args = run.args
     stop.deferred = False
     with contextlib.suppress(KeyboardInterrupt):
@@ -985,9 +943,8 @@ def stopped_anywhere(run, stop):
     if run.world > 1:  # the signal's number, so that every process exits with 128 + it
         number = torch.tensor([getattr(signal, stop.signal) if stop.signal else 0], device=run.device)
         dist.all_reduce(number, dist.ReduceOp.MAX)
-        number = int(number.item())
-        if number and not stop.signal:  # never cleared here: a signal may have come since
-            stop.signal = signal.Signals(number).name
+        if number.item() and not stop.signal:  # never cleared here: a signal may have come since
+            stop.signal = signal.Signals(int(number.item())).name
     return stop.signal is not None
 
 
@@ -995,10 +952,8 @@ def warn_if_slow(run, done, seconds):
     """After the first step on a CPU: say so when the run would take more than a day."""
     args = run.args
     if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
-        hint = "--model tiny or small trains in minutes here (README, Quick start)" if args.model == "paper" else \
-            "give fewer --steps"
-        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU at the first step's "
-            f"pace; {hint}, or use a GPU")
+        hint = "--model tiny or small trains in minutes here" if args.model == "paper" else "give fewer --steps"
+        log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU; {hint}, or use a GPU")
 
 
 def finish(run, done, stop, lock):
@@ -1007,8 +962,7 @@ def finish(run, done, stop, lock):
         checkpoint(run, done, stop)
         stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
         if stop.signal:
-            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --out {run.args.out} "
-                f"--resume")
+            log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --resume")
         else:
             write_grid(run, done)
             log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
@@ -1068,8 +1022,7 @@ def train(args, ckpt, stop, started):
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
             if out_of_memory(e):
-                fail(f"out of memory on {device} at step {step + 1} with {micro} images per micro-batch: add --accum "
-                     f"{args.accum * 2} (the batch stays {args.batch}), then --resume if a checkpoint exists")
+                fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays)")
             if args.compile and step == start:  # torch.compile compiles on the first call
                 fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
