@@ -10,6 +10,7 @@ and transparent images are decoded as train.py trains on them. Bad input: one li
 It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -159,7 +160,7 @@ class InceptionE(NamedConvs):
 
 
 class FIDInception(NamedConvs):
-    """float [N, 3, 299, 299] in [0, 1] -> pool3 features [N, 2048]."""
+    """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed."""
 
     def __init__(self):
         super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2, 0), Conv2d_2a_3x3=(32, 32, 3, 1, 0), Conv2d_2b_3x3=(32, 64, 3),
@@ -172,6 +173,8 @@ class FIDInception(NamedConvs):
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
 
     def forward(self, x):
+        if x.shape[2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
         x = 2 * x - 1                                                        # the TF graph's input range
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 147x147
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
@@ -486,7 +489,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
         if str(ref).lower().endswith('.npz'):
             return load_stats(ref, network=True)[:2]
         raise FIDError(f'{ref}: {"neither a folder of images nor a .npz" if Path(ref).exists() else "no such folder"}')
-    files = image_files(ref, n)
+    files, started = image_files(ref, n), time.time()
     source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode()).hexdigest()[:12]
     state = hashlib.sha256(''.join(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'
                                    for f, st in ((f, f.stat()) for f in files)).encode()).hexdigest()[:12]
@@ -502,8 +505,10 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cached, mu, sigma, len(files))
-        for old in set(cached.parent.glob(f'{source}-*.npz')) - {cached}:  # the folder's earlier states
-            old.unlink(missing_ok=True)
+        for old in set(cached.parent.glob(f'{source}-*.npz')) - {cached}:  # earlier states, cached before this began
+            with contextlib.suppress(OSError):  # (another process may remove it first)
+                if old.stat().st_mtime < started:
+                    old.unlink()
     except OSError as e:
         print(f'fid: cannot cache the statistics in {cached.parent} ({e.strerror}); not cached', file=sys.stderr)
     return mu, sigma
