@@ -399,9 +399,9 @@ def remove_stale_caches(stem, source, started):
     """Delete the caches of earlier states of this source (folder and size): those written before this decode started
     (a later one may be of a newer state)."""
     for other in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.json")):  # not a FIFO
-        with contextlib.suppress(OSError, ValueError, AttributeError), open(other) as f:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError), open(other) as f:
             earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
-            if earlier and json.load(f).get("source") == source:
+            if earlier and (json.load(f).get("source") or [])[:2] == source:  # [:2]: older caches add --cond
                 os.remove(other)  # first: a cache without its .json is never trusted
                 os.remove(other[:-len(".json")] + ".npy")
                 log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")

@@ -165,6 +165,20 @@ def test_a_changed_folder_is_decoded_again_and_only_earlier_caches_removed(tmp_p
     assert len(cache_files(tmp_path)) == 5  # the new .npy and .json, the FIFO, the later cache's two files
 
 
+def test_a_cache_written_before_the_cache_kept_readable_indices_is_removed(folder, tmp_path, capsys):
+    cache = tmp_path / "cache" / "ddpm-toolkit"
+    cache.mkdir(parents=True)
+    old = cache / "data-old"  # its source also named --cond, and its key differs: never read again
+    np.save(old.with_suffix(".npy"), np.zeros((1, 3, 16, 16), np.uint8))
+    old.with_suffix(".json").write_text(json.dumps({"labels": [0], "classes": [], "grey": False,
+                                                    "source": [str(folder), [16, 16], False]}))
+    for f in (old.with_suffix(".npy"), old.with_suffix(".json")):
+        os.utime(f, (time.time() - 120,) * 2)
+    load(folder)
+    assert "the image cache of an earlier state of" in capsys.readouterr().out
+    assert not old.with_suffix(".json").exists() and not old.with_suffix(".npy").exists()
+
+
 def test_a_killed_decodes_file_is_removed_by_a_run_that_finds_the_cache(folder, tmp_path, capsys):
     load(folder)
     orphan = tmp_path / "cache" / "ddpm-toolkit" / "data-x.npy.y.tmp"
