@@ -123,7 +123,7 @@ def build_parser(prog="train.py"):
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
-    a("--time", type=duration, help="a wall-clock budget like 15m, 2h, 90s instead of --steps")
+    a("--time", type=duration, help="a wall-clock budget like 15m, 2h, 90s instead of --steps (data decoding counts)")
     a("--batch", type=positive, help="global batch size (over all processes and accumulation)")
     a("--accum", type=positive, default=1, help="gradient accumulation: micro-batches per step")
     a("--lr", type=number(float, "(0, 1]"), help="peak learning rate")
