@@ -1022,7 +1022,8 @@ def train(args, ckpt, stop, started):
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
             if out_of_memory(e):
-                fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays)")
+                fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays), "
+                     "then --resume if a checkpoint exists")
             if args.compile and step == start:  # torch.compile compiles on the first call
                 fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
