@@ -469,7 +469,8 @@ def load_dataset(args, size):
         labels, grey = labels[meta["keep"]], meta["grey"]
         unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
         if unread:
-            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read")
+            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; replace "
+                 "them or remove the folder(s)")
         others = sorted({d for d in next(os.walk(root))[1] if d[0] != "."} - set(classes)) if args.cond else []
         if others:
             log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")

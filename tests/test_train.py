@@ -222,6 +222,15 @@ def test_unreadable_images_only(tmp_path):
     one_line_error(run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-r"), "none of the 2 image files")
 
 
+def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):
+    for name in ("good", "bad"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "d" / "good" / "1.png")
+    (tmp_path / "d" / "bad" / "1.png").write_bytes(b"\x89PNG garbage")
+    one_line_error(run("train.py", "--data", tmp_path / "d", "--cond", "--out", tmp_path / "r"),
+                   "none of the images of class folder(s) bad", "remove the folder(s)")
+
+
 def test_conditional_run_samples_a_class_with_guidance_and_a_row_per_class(folder, tmp_path, capsys):
     train.main(["--data", str(folder), "--out", str(tmp_path / "c"), "--steps", "2", "--cond", *TINY])
     ckpt = tmp_path / "c" / "ckpt.pt"
