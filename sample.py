@@ -350,8 +350,8 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
             pass
         x, columns = torch.cat([image, image * known, x]), ["image", "masked", *["filled"] * n]
     else:  # interp: each of n rows slerps x_T (ddpm.slerp) between two noise draws, in `frames` frames
-        z = torch.Generator().manual_seed(seed)
-        z0, z1 = torch.randn((n, *shape), generator=z), torch.randn((n, *shape), generator=z)
+        g_cpu = torch.Generator().manual_seed(seed)
+        z0, z1 = torch.randn((n, *shape), generator=g_cpu), torch.randn((n, *shape), generator=g_cpu)
         alphas = torch.linspace(0, 1, frames)
         x = torch.stack([ddpm.slerp(z0, z1, a) for a in alphas], 1).flatten(0, 1).to(device)
         for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
@@ -513,7 +513,8 @@ def generate(args, world=1, rank=0):
         dist.init_process_group("gloo")
         if rank:
             sys.stdout = open(os.devnull, "w")
-    args.n, args.jump = args.n or (4 if picture else None), args.jump or 10  # 10: RePaint's published jump
+    args.n = args.n or (4 if picture else None)  # None: set with the labels below (a row per class, or 64)
+    args.jump = args.jump or 10  # RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = load_checkpoint(args.ckpt)
     model, diffusion = build(ckpt, not args.no_ema, args.device)
@@ -526,8 +527,7 @@ def generate(args, world=1, rank=0):
                 guidance=args.guidance)
     labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
     shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
-    images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward or args.inpaint]
-              if f]  # the pictures' input images
+    images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
     fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
@@ -584,7 +584,7 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
                 save_png(png, os.path.join(args.out_dir, f"{i:06d}.png"))
         kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
-            print(f"\r{min(idx[-1] + world - rank, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)
+            print(f"\r{min(idx[-1] + world, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)  # all ranks
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object(kept, parts)

@@ -781,14 +781,14 @@ def record(run, m):
 
 
 def train_step(run, x0, y, step):
-    """One optimizer step (Algorithm 1, lines 2-5) over --accum micro-batches, then the EMA update. A non-finite loss
-    or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
-    args, micro, model = run.args, len(x0) // run.args.accum, run.model
-    loss_step = 0.0
+    """Algorithm 1, lines 3-5 (training_loss draws t and eps) over --accum micro-batches, then the EMA update. A
+    non-finite loss or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
+    args, micro, loss_step = run.args, len(x0) // run.args.accum, 0.0
+    model = run.model  # the bare network (clip, EMA); the loss runs its wrapper run.train_model (DDP, torch.compile)
     for k in range(args.accum):
         part = slice(k * micro, (k + 1) * micro)
-        last = run.world == 1 or k == args.accum - 1
-        with contextlib.nullcontext() if last else run.train_model.no_sync(), run.autocast:
+        sync = run.world == 1 or k == args.accum - 1  # DDP all-reduces the gradients on the last micro-batch only
+        with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast:
             loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
                                                immiscible=args.immiscible)
         run.scaler.scale(loss / args.accum).backward()
@@ -864,18 +864,18 @@ def log_fid(run, step):
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
-def plan_steps(run, done, steps, meter, stop):
+def plan_steps(run, done, ran, meter, stop):
     """--time: once the steps after the first (a warm-up) ran for 2% of the budget or 30 s (3 steps at least), or a
     signal came, fix --steps from the time a step takes, less a sample grid, the checkpoints (each timed here) and 2%.
     Recorded in config.json and the checkpoint, so the lr plan and EMA end with the budget. Rank 0 plans for all."""
-    args, seconds = run.args, time.perf_counter() - meter["step1"]
-    ready = torch.tensor([float(stop.signal is not None or (steps > 3 and seconds >= min(30.0, args.time / 50)))],
+    args, seconds = run.args, time.perf_counter() - meter["t1"]  # the steps after the first
+    ready = torch.tensor([float(stop.signal is not None or (ran > 3 and seconds >= min(30.0, args.time / 50)))],
                          device=run.device)
     if run.world > 1:
         dist.broadcast(ready, 0)
     if not ready.item():
         return
-    step_seconds = seconds / (steps - 1) if steps > 1 else meter["step1"] - meter["t0"]  # a signal before step 2
+    step_seconds = seconds / (ran - 1) if ran > 1 else meter["t1"] - meter["t0"]  # a signal before step 2
     y, n = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
     x = torch.randn(min(n, CHUNK), args.channels, *run.size, device=run.device)
     t = torch.full((len(x),), args.T // 2, device=run.device)
@@ -1005,14 +1005,14 @@ def train(args, ckpt, stop, started):
         f"process(es) x {args.accum} accumulation x {micro} | {args.precision} on {device}, memory {memory}")
     meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), t_log=time.perf_counter())
     stop.deferred = True  # from here a signal stops the loop after the step in flight
-    for step in itertools.count(start):  # not range(): a --time run plans args.steps inside the loop
-        if step >= args.steps:
-            break
+    done = start
+    while done < args.steps:  # not range(): a --time run plans args.steps inside the loop
+        step = done
         # the learning rate, data and randomness are functions of the step: resume is exact
         lr = learning_rate(args, step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
+        torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)  # t, eps, flips, dropout: per step and rank
         idx = batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
         x0 = batch_images(run.images, idx, device, flip=not args.no_flip, channels=args.channels)
         y = None
@@ -1029,9 +1029,9 @@ def train(args, ckpt, stop, started):
                 fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
         done = step + 1
-        if done == start + 1:  # the run's files are written once a step has worked: a start that fails leaves none
-            meter["step1"] = time.perf_counter()
-            warn_if_slow(run, done, meter["step1"] - meter["t0"])
+        if done == start + 1:  # a failed start leaves no config.json or metrics.jsonl: they wait for a step that worked
+            meter["t1"] = time.perf_counter()
+            warn_if_slow(run, done, meter["t1"] - meter["t0"])
             if run.master:
                 open_metrics(run, start)
         if math.isinf(args.steps):
