@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -229,6 +230,9 @@ def load_inception(weights=None, device='cpu'):
     path = find_weights(weights)
     model = FIDInception()
     try:
+        with open(path, 'rb') as f:  # torch.save writes a zip: header first, directory last (a cut one has none)
+            if f.read(4) in (b'', b'PK\x03\x04') and not zipfile.is_zipfile(f):  # torch's error varies with the cut
+                raise EOFError
         state = torch.load(path, map_location='cpu', weights_only=True)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')}, strict=True)
     except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, missing or misshapen keys)

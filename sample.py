@@ -188,6 +188,9 @@ def load_checkpoint(path):
         if damaged:
             raise ValueError(f"{path}: damaged ({damaged} fails its checksum); use another copy or checkpoint")
     try:
+        with open(path, "rb") as f:  # torch.save writes a zip: header first, directory last (a cut one has none)
+            if f.read(4) in (b"", b"PK\x03\x04") and not zipfile.is_zipfile(f):  # torch's error varies with the cut
+                raise EOFError
         with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

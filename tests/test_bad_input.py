@@ -57,6 +57,7 @@ def made(tmp_path_factory):
     data[len(data) // 2] ^= 0xFF  # one bit-rotted byte in the weights: torch.load would take it
     (top / "rotted.pt").write_bytes(bytes(data))
     (top / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))  # a copy or download that stopped halfway
+    (top / "cut_early.pt").write_bytes(bytes(data[:5000]))  # torch's own error for this cut is "Invalid argument"
     (top / "empty.pt").write_bytes(b"")
     (top / "moved.pt").symlink_to(top / "nowhere" / "ckpt.pt")
     edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
@@ -279,6 +280,7 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/fifo.pt"], ["fifo.pt: not a regular file"]),
     (["{d}/rotted.pt"], ["rotted.pt: damaged", "fails its checksum"]),
     (["{d}/cut.pt"], ["cut.pt", "not a loadable checkpoint (empty or cut short"]),
+    (["{d}/cut_early.pt"], ["cut_early.pt", "not a loadable checkpoint (empty or cut short"]),
     (["{d}/empty.pt"], ["empty.pt", "not a loadable checkpoint (empty or cut short"]),
     (["{d}/moved.pt"], ["moved.pt: a link to a missing file"]),
     (["{d}/text.txt"], ["text.txt", "not a loadable checkpoint (damaged, or not a file torch.save wrote)"]),

@@ -296,6 +296,7 @@ def test_no_weights_and_no_network_says_where_to_put_them(tmp_path, monkeypatch,
     (lambda p: p.write_bytes(b''), 'empty or cut short'),
     (lambda p: p.write_bytes(b'hello'), 'damaged, or not a file torch.save wrote'),
     (lambda p: (torch.save({'w': torch.zeros(1000)}, p), p.write_bytes(p.read_bytes()[:2000])), 'empty or cut short'),
+    (lambda p: (torch.save({'w': torch.zeros(100000)}, p), p.write_bytes(p.read_bytes()[:5000])), 'empty or cut short'),
     (lambda p: torch.save(torch.nn.Linear(2, 2), p), 'it holds Python objects'),
     (lambda p: torch.save({'w': torch.zeros(1)}, p), 'Unexpected key(s) in state_dict: "w"'),
 ])
