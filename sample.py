@@ -251,10 +251,11 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
         return None
     if cls is None:
         return (torch.arange(n or nrow * len(classes)) // nrow) % len(classes)
-    index = int(cls) if re.fullmatch("0|[1-9][0-9]{0,8}", cls) else None  # "3", not "03", "+3" or "٣"
+    numbered = any(c.isdecimal() for c in classes)  # folders 0, 1, 2, 3, 5: "4" must not quietly mean folder 5
+    index = int(cls) if re.fullmatch("0|[1-9][0-9]{0,8}", cls) and not numbered else None  # "3", not "03" or "٣"
     if cls not in classes and not (index is not None and index < len(classes)):
-        raise ValueError(f"--class {cls}: not a class of this checkpoint; choose a name or index 0-{len(classes) - 1} "
-                         f"of {', '.join(map(str, classes))}")
+        which = "one" if numbered else f"a name or index 0-{len(classes) - 1}"
+        raise ValueError(f"--class {cls}: not a class of this checkpoint; choose {which} of {', '.join(classes)}")
     return torch.full((n or 64,), classes.index(cls) if cls in classes else index)
 
 
@@ -304,7 +305,8 @@ def load_mask(path, size, image=None):
     """--mask as {0, 1} [1, 1, H, W], 1 where to fill: 128 and up in an 8-bit mask, 1 in a 0/1 one. It must have
     the size of `image` (a path), if given, so that both are resized and cropped alike."""
     pixels = ((load_image(path, 1, size, Image.Resampling.NEAREST) + 1) * 127.5).round()  # checks the file
-    with Image.open(path) as m, Image.open(image or path) as i:
+    with Image.open(path) as m, Image.open(image or path) as i:  # as shown: a phone photo's EXIF turns it upright
+        m, i = ImageOps.exif_transpose(m), ImageOps.exif_transpose(i)
         if m.size != i.size:
             raise ValueError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}; "
                              "give a mask of the image's size")

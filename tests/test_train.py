@@ -569,9 +569,26 @@ def test_a_class_folder_with_no_readable_image_is_refused_and_one_without_images
     assert e.value.code == 2 and "class folder(s) dogs" in err and not (tmp_path / "b" / "ckpt.pt").exists()
 
 
+def test_a_mask_is_matched_to_the_photo_as_it_is_shown(tmp_path):
+    photo, exif = tmp_path / "photo.png", Image.Exif()
+    exif[0x0112] = 6  # stored 24 wide and 16 high; shown turned upright, 16 wide and 24 high
+    Image.new("RGB", (24, 16), "red").save(photo, exif=exif)
+    shown, stored = tmp_path / "shown.png", tmp_path / "stored.png"
+    Image.fromarray(np.pad(np.full((12, 16), 255, np.uint8), ((0, 12), (0, 0)))).save(shown)  # its top half
+    Image.new("L", (24, 16), 255).save(stored)
+    hole = sample.load_mask(str(shown), (24, 16), str(photo))
+    assert hole[0, 0, :12].all() and not hole[0, 0, 12:].any()
+    with pytest.raises(ValueError, match="stored.png is 24x16 but .*photo.png is 16x24"):
+        sample.load_mask(str(stored), (24, 16), str(photo))
+
+
 def test_class_indices_are_plain_numbers():
     ckpt = {"classes": ["a", "b", "c", "d"], "model_config": {"num_classes": 4}}
     assert sample.class_labels(ckpt, "3", 0.0, 2).tolist() == [3, 3]
     for cls in ("03", "\u0663", "+3", "4"):
         with pytest.raises(ValueError, match="not a class"):
             sample.class_labels(ckpt, cls, 0.0, 2)
+    numbered = {"classes": ["0", "1", "2", "3", "5"], "model_config": {"num_classes": 5}}  # folder 4 missing
+    assert sample.class_labels(numbered, "5", 0.0, 1).tolist() == [4]  # a name, never the index
+    with pytest.raises(ValueError, match="--class 4: not a class of this checkpoint; choose one of 0, 1, 2, 3, 5"):
+        sample.class_labels(numbered, "4", 0.0, 1)  # not index 4, folder 5
