@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -730,6 +731,10 @@ def setup_run(args, ckpt, device, rank, world, started):
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         run.train_model = torch.compile(run.train_model)
+    need, free = 4 * sum(p.numel() * p.element_size() for p in run.model.parameters()), shutil.disk_usage(args.out).free
+    if run.master and free < 1.05 * need:  # weights, EMA and Adam's two moments; checked before training, not after
+        fail(f"--out {args.out}: {free / 2**20:.1f} MB free, a checkpoint needs about {need / 2**20:.1f} MB; free disk "
+             "space or choose another --out")
     return run
 
 
@@ -818,9 +823,9 @@ def checkpoint(run, step, stop):
     try:
         sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched" if os.path.exists(run.ckpt_path) else "no other"
-        fail(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or sample.one_line(e, last=True)}); "
-             f"{kept}: free disk space, then --resume")
+        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched: free disk space, then --resume" if \
+            os.path.exists(run.ckpt_path) else "no checkpoint was written: free disk space, then start a new --out"
+        fail(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or sample.one_line(e, True)}); {kept}")
     stop.saved = (run.ckpt_path, step)
     draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 

@@ -122,6 +122,27 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint(folder, tmp_pat
     assert load(out / "ckpt.pt")["step"] == 6
 
 
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(folder, tmp_path, monkeypatch, capsys):
+    real = train.shutil.disk_usage
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))  # 1 MB left
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "3", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "1.0 MB free, a checkpoint needs about" in err
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "samples"]  # no step ran: nothing of a run to resume
+
+
+def test_a_first_checkpoint_that_cannot_be_written_says_what_can_be_done(folder, tmp_path, monkeypatch, capsys):
+    def full(path, write, tmp=None):  # as a disk filled by another program during training
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(sample, "write_atomically", full)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "3", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "No space left on device" in err
+    assert "no checkpoint was written: free disk space, then start a new --out" in err and "--resume" not in err
+
+
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
 def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoint(folder, tmp_path, monkeypatch, capsys, fault):
     real, calls = ddpm.Diffusion.training_loss, []
