@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -21,6 +22,9 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+if __name__ == '__main__':  # Ctrl-C while torch loads: one line, not a traceback (the end of this file takes over)
+    signal.signal(signal.SIGINT, lambda *_: (print('\nfid.py: interrupted', file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import scipy.linalg
@@ -620,4 +624,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # --save-stats writes only at the end, atomically: no partial file is left
+        print('\nfid.py: interrupted', file=sys.stderr)
+        sys.exit(130)

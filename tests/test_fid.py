@@ -112,6 +112,18 @@ def test_mnist_fid_matches_pytorch_fid(mnist, tmp_path):
 
 # --- the Fréchet distance ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('delay', [0.5, 5.0])  # while torch loads; while the network runs (or still loading)
+def test_ctrl_c_is_one_line_and_saves_nothing(mnist, tmp_path, delay):
+    folder = write_pngs(tmp_path / 'digits', mnist[0][:300])
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'fid.py'), str(folder), '--save-stats', str(tmp_path / 's.npz')],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'FID_WEIGHTS': str(fid_weights())})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and err.strip() == 'fid.py: interrupted', err
+    assert not (tmp_path / 's.npz').exists()
+
+
 def test_distance_of_a_set_to_itself_is_zero():
     mu, sigma = fid.statistics(np.random.default_rng(1).normal(size=(500, 32)))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
