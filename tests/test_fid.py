@@ -115,7 +115,7 @@ def test_mnist_fid_matches_pytorch_fid(mnist, tmp_path):
 @pytest.mark.parametrize('delay', [0.5, 5.0])  # while torch loads; while the network runs (or still loading)
 def test_ctrl_c_is_one_line_and_saves_nothing(mnist, tmp_path, delay):
     folder = write_pngs(tmp_path / 'digits', mnist[0][:300])
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'fid.py'), str(folder), '--save-stats', str(tmp_path / 's.npz')],
+    proc = subprocess.Popen([sys.executable, ROOT / 'fid.py', folder, '--save-stats', tmp_path / 's.npz'],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, 'FID_WEIGHTS': str(fid_weights())})
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
