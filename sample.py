@@ -66,6 +66,10 @@ def one_line(error, last=False):
     return (lines[-1] if last else lines[0]).strip()[:200]
 
 
+def out_of_memory(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
+
+
 def path(text):
     """An argparse type for paths: an empty one would quietly mean the current folder, or nothing."""
     if not text:
@@ -406,7 +410,7 @@ def build_parser():
     one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="A and B blended, noised to each --t and "
                      "denoised (ancestral)")
     one.add_argument("--inpaint", type=path, metavar="IMAGE", help="--n (default 4) RePaint completions of IMAGE")
-    one.add_argument("--interp", type=number(int, "[2, inf)"), metavar="FRAMES", help="--n (default 4) rows of "
+    one.add_argument("--interp", type=number(int, "[2, 1000]"), metavar="FRAMES", help="--n (default 4) rows of "
                      "FRAMES samples, x_T slerped between two noise draws (dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default "
@@ -509,6 +513,10 @@ def main(argv=None):
         generate(args, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
     except ValueError as e:  # every refusal: before sampling, or an FID that cannot be computed after it
         p.error(str(e))
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        p.error(f"out of memory on {args.device}: give a smaller --batch-size (a picture: a smaller --n or FRAMES)")
 
 
 def generate(args, world=1, rank=0):

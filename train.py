@@ -634,10 +634,6 @@ def available_memory(device, root="/"):
     return min(found) if found else None
 
 
-def out_of_memory(error):
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
-
-
 def step_memory(run):
     """(fixed, per image) bytes a step adds: fixed, the gradients and Adam's moments (3x the weights); per image, what
     autograd keeps for the backward, measured with 1 and 2 images (it grows linearly); both plus 25% for transients."""
@@ -667,7 +663,7 @@ def fit_memory(run):
     try:
         fixed, per_image = step_memory(run)
     except RuntimeError as e:
-        if not out_of_memory(e):
+        if not sample.out_of_memory(e):
             raise
         fail(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
              f"--model (tiny, small) or --size")
@@ -1027,7 +1023,7 @@ def train(args, ckpt, stop, started):
         try:
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
-            if out_of_memory(e):
+            if sample.out_of_memory(e):
                 fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays), "
                      "then --resume if a checkpoint exists")
             if args.compile and step == start:  # torch.compile compiles on the first call

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm
 import sample
 import train
 from test_train import TINY, run
@@ -236,6 +237,7 @@ SAMPLE = [
     (["--grid", "{d}/dangling.png"], ["--grid", "not a regular file"]),
     (["--interp", "0"], ["--interp"]),
     (["--interp", "1"], ["--interp"]),
+    (["--interp", "1001"], ["--interp", "not in [2, 1000]"]),  # all frames go through the network at once
     (["--interp", "4", "--sampler", "ddpm"], ["--interp", "deterministic"]),
     (["--process", "{d}/p.jpg"], ["--process", ".gif or .png"]),
     (["--process", "{d}/nodir/p.gif"], ["--process", "does not exist"]),
@@ -300,6 +302,15 @@ def test_sample_refuses(argv, words, made, capsys):
 def test_sample_refuses_checkpoints(argv, words, made, capsys):
     refused(sample.main, argv, words, made, capsys)
     assert not (made / "ran").exists()
+
+
+@pytest.mark.parametrize("argv", [["--n", "4"], ["--interp", "5"]])
+def test_sample_out_of_memory_is_one_line_naming_the_knob(argv, made, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 3 GB")
+    monkeypatch.setattr(ddpm.Diffusion, "loop", exhausted)  # every sampler and picture runs through it
+    refused(sample.main, CKPT + argv + ["--grid", "{d}/oom.png"], ["out of memory on cpu", "--batch-size"], made,
+            capsys)
 
 
 def test_fid_without_fid_py_is_one_line(made, monkeypatch, capsys):
