@@ -261,6 +261,8 @@ def check_args(parser, args, ckpt):
         (args.time and args.fid_every and not ckpt, "--time cannot plan around --fid-every: give --steps instead"),
         (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or file"),
         (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
+        (ckpt and not {"optimizer", "scaler"} <= ckpt.keys(), f"--resume: {args.out}/ckpt.pt holds no optimizer state "
+         "(cut down for sampling?): sample.py can use it, but training cannot continue from it; start a new run"),
     ]
     for bad, message in problems:
         if bad:

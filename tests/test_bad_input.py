@@ -513,6 +513,18 @@ def test_resume_refuses_a_checkpoint_that_disagrees_with_itself(made, tmp_path, 
     assert e.value.code == 2 and "disagrees with itself" in err and words in err
 
 
+def test_resume_refuses_a_checkpoint_cut_down_for_sampling_before_decoding_the_data(made, tmp_path, capsys):
+    shutil.copytree(made / "run", tmp_path / "r")
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    del ckpt["optimizer"], ckpt["scaler"]  # what sample.py needs, a third of the file
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3", "--no-cache"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "holds no optimizer state (cut down for sampling?)" in err and "start a new run" in err
+    assert "decoded" not in out  # refused before the data
+
+
 def test_a_half_written_metrics_line_and_a_precision_change_do_not_stop_a_resume(made, tmp_path, capsys):
     train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "2", *TINY])
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
