@@ -252,6 +252,8 @@ def check_args(parser, args, ckpt):
         (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule: give 21 "
          f"or more, or --schedule cosine"),
         (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes go up to 256; give --data a folder"),
+        (not folder and not ckpt and os.path.isdir("shapes"), "--data shapes is the built-in dataset, but ./shapes is a "
+         "folder here too: give --data ./shapes for the folder, or start in another folder for the built-in one"),
         (folder and inside, f"--out {args.out} is inside --data {args.data}: its grids would be trained on; choose "
          "another --out"),
         (folder and not os.path.isdir(args.data), f"--data {args.data}: "

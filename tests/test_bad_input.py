@@ -513,6 +513,18 @@ def test_resume_refuses_a_checkpoint_that_disagrees_with_itself(made, tmp_path, 
     assert e.value.code == 2 and "disagrees with itself" in err and words in err
 
 
+def test_data_shapes_with_a_shapes_folder_here_is_refused_as_ambiguous(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()  # the user's own folder, named like the built-in dataset
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "shapes", "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "give --data ./shapes for the folder" in err and not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        train.main(["--data", "./shapes", "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    assert "no images found" in capsys.readouterr().err  # ./shapes is the folder
+
+
 def test_resume_refuses_a_checkpoint_cut_down_for_sampling_before_decoding_the_data(made, tmp_path, capsys):
     shutil.copytree(made / "run", tmp_path / "r")
     ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
