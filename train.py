@@ -731,8 +731,9 @@ def setup_run(args, ckpt, device, rank, world, started):
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         run.train_model = torch.compile(run.train_model)
-    need, free = 4 * sum(p.numel() * p.element_size() for p in run.model.parameters()), shutil.disk_usage(args.out).free
-    if run.master and free < 1.05 * need:  # weights, EMA and Adam's two moments; checked before training, not after
+    need = 4 * sum(p.numel() * p.element_size() for p in run.model.parameters())  # weights, EMA, Adam's 2 moments
+    free = shutil.disk_usage(args.out).free if run.master else math.inf  # rank 0 alone writes (and has --out)
+    if free < 1.05 * need:  # checked before training, not after it
         fail(f"--out {args.out}: {free / 2**20:.1f} MB free, a checkpoint needs about {need / 2**20:.1f} MB; free disk "
              "space or choose another --out")
     return run
