@@ -582,6 +582,8 @@ def check_args(args):
             inputs.append((path, load_stats(path)))
         else:
             raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
+    if args.n and all(stats is not None for _, stats in inputs):  # not silently ignored
+        raise FIDError(f'--n {args.n} counts the images of a folder; statistics files hold theirs: leave --n out')
     if len(inputs) == 2 and os.path.samefile(*args.paths):
         raise FIDError(f'{args.paths[0]} and {args.paths[1]} are the same; a set against itself has FID 0')
     dims = [len(stats[0]) if stats else DIMS for _, stats in inputs]  # a folder's are the network's

@@ -381,6 +381,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['fifo', 'imgs'], 'fifo: 1 image file'),                 # the FIFO x.png is skipped, not read
     (['fifo.npz', 'good.npz'], 'fifo.npz: not a regular file'),
     (['imgs', '--save-stats', 'out.npz', '--n', '5'], 'n = 5'),
+    ([*STATS, '--n', '5'], '--n 5 counts the images of a folder'),
     (['imgs', 'imgs'], 'the same'),
     (['good.npz', './good.npz'], 'the same'),
     (['nokeys.npz', 'good.npz'], 'nokeys.npz: no mu or sigma'),
