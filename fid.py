@@ -7,7 +7,7 @@
 Numbers and statistics files are pytorch-fid's: its port of TF's inception-2015-12-05 graph, PIL decoding to
 RGB, bilinear resize to 299x299, 2048-d pool3 features, float64 statistics, scipy's sqrtm. Rotated (EXIF), 16-bit
 and transparent images are decoded as train.py trains on them. Bad input: one line on stderr, exit status 2.
-It keeps its own image search, decoding, float-to-uint8 and atomic writes, so that it works copied alone.
+It keeps its own image search, decoding, float-to-uint8, atomic writes and torch-file checks, to work copied alone.
 """
 import argparse
 import contextlib
