@@ -3,10 +3,12 @@
     python fid.py samples/ data/train/               # FID between two folders of images (searched recursively)
     python fid.py samples/ train_stats.npz           # ... or against saved statistics (keys mu, sigma)
     python fid.py data/train/ --save-stats train_stats.npz
+    python fid.py samples/ data/train/ --size 32 --n 10000  # the data read as train.py --size 32 does, 10,000 of it
 
 Numbers and statistics files are pytorch-fid's: its port of TF's inception-2015-12-05 graph, PIL decoding to
 RGB, bilinear resize to 299x299, 2048-d pool3 features, float64 statistics, scipy's sqrtm. Rotated (EXIF), 16-bit
-and transparent images are decoded as train.py trains on them. Bad input: one line on stderr, exit status 2.
+and transparent images are decoded as train.py trains on them; unreadable ones are skipped and named, as there.
+--n N takes a uniform random N of a folder, the same on every run. Bad input: one line on stderr, exit status 2.
 It keeps its own image search, decoding, float-to-uint8, atomic writes and torch-file checks, to work copied alone.
 """
 import argparse
@@ -37,8 +39,9 @@ WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # of WEIGHTS_URL's 95,628,359 bytes
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
-STATS_VERSION = 2  # part of the statistics cache key: change it when the preprocessing changes
+STATS_VERSION = 3  # part of the statistics cache key: change it when the preprocessing changes
 DIMS = 2048  # pool3 features
+SUBSET_SEED = 0  # which n images of a folder --n takes (readable_files)
 COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
 
@@ -250,6 +253,8 @@ def load_inception(weights=None, device='cpu'):
     for module in model.modules():
         if isinstance(module, BasicConv2d):
             module.fold_batchnorm()
+    stat = path.stat()  # keys the statistics cache: another file's statistics are other numbers
+    model.weights_id = f'{path.resolve()} {stat.st_size} {stat.st_mtime_ns}'
     # channels_last lets oneDNN run the convolutions without reordering each input: 1.4x the images/s on 2 CPU cores.
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
@@ -277,23 +282,32 @@ def to_uint8(images):
 def model_input(images, device):
     """uint8 [N, H, W, 3] (or a list of [H, W, 3] of mixed sizes) -> float [N, 3, 299, 299] in [0, 1], as
     pytorch-fid: x / 255, bilinear resize, align_corners=False. The permuted view is already channels_last."""
-    if isinstance(images, list):  # mixed sizes: one by one
-        return torch.cat([model_input(image[None], device) for image in images])
+    if isinstance(images, list):  # mixed sizes: one by one (none: every file of the batch was unreadable)
+        return torch.cat([model_input(image[None], device) for image in images] or [torch.empty(0, 3, 299, 299)])
     x = images.to(device).permute(0, 3, 1, 2).float() / 255
     return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
 
 
-def read_image(path, verify=False):
+def read_image(path, verify=False, size=None):
     """uint8 [H, W, 3] as train.py reads an image: EXIF orientation applied, 16-bit grey scaled to 8 bits, transparency
-    composited on white, then RGB; otherwise pytorch-fid's convert('RGB'). verify: only PIL's check of the file (a
-    PNG's checksums, other formats' headers), without decoding (a 512x512 PNG: 0.23 ms against 3.6 ms)."""
+    composited on white, then RGB; otherwise pytorch-fid's convert('RGB'). size (H, W): then as train.py's --size,
+    the shorter side resized (Lanczos; a JPEG decoded at the smallest scale that covers it) and centre-cropped.
+    verify: only PIL's check of the file (a PNG's checksums, other formats' headers), without decoding (a 512x512
+    PNG: 0.23 ms against 3.6 ms). A copy of train.py's decoder, kept equal by tests/test_data.py."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow warns between its limit and twice it: refused below, in one line
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below 2x
+                raise ValueError(f'{image.width}x{image.height} pixels, over Pillow\'s decompression-bomb limit')
             if verify:
                 return image.verify()
             kind = image.format
             if image.mode == 'F' or (image.mode == 'I' and kind == 'TIFF'):  # train.py skips these too
                 raise FIDError(f'{path}: 32-bit pixels have no standard range; save it with 8 or 16 bits')
+            if size:
+                image.draft('RGB', (size[1], size[0]))
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an image that is not turned
             if image.mode.startswith('I;16') or (image.mode == 'I' and kind != 'TIFF'):  # I: a 16-bit PGM
                 grey, transparent = np.asarray(image, np.float64), image.info.get('transparency')
@@ -302,9 +316,20 @@ def read_image(path, verify=False):
                     image.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
             if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
                 image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-            return np.array(image.convert('RGB'))  # a writable copy for torch
+            image = image.convert('RGB')
+            if size:
+                image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.LANCZOS)
+            return np.array(image)  # a writable copy for torch
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL uses all of these
         raise FIDError(f'{path}: cannot read this image ({e}); remove or replace it') from None
+
+
+def report_skipped(skipped, path, shown=20):
+    """The unreadable files met, named (the first `shown`) on stderr: train.py's rule, skip, count and name them."""
+    if skipped:
+        more = [f'  ... and {len(skipped) - shown} more'] if len(skipped) > shown else []
+        print('\n'.join([f'fid: skipped {len(skipped)} unreadable image file(s) in {path}:',
+                         *[f'  {message}' for message in skipped[:shown]], *more]), file=sys.stderr)
 
 
 def show_progress(label, done, total, seconds):
@@ -341,12 +366,13 @@ def run_model(model, make_batch, n, batch_size, device, workers, label, progress
             for i, (_, stop) in enumerate(batches):
                 x = pending.pop(0).result()
                 pending += [pool.submit(prepare, *batch) for batch in batches[i + workers + 1:i + workers + 2]]
-                outputs.append(model(x.to(model_device)).cpu())
+                if len(x):
+                    outputs.append(model(x.to(model_device)).cpu())
                 if progress:
                     show_progress(label, stop, n, time.perf_counter() - start_time)
     finally:
         setattr(switch, name, saved)
-    return torch.cat(outputs).numpy()
+    return torch.cat(outputs).numpy() if outputs else np.empty((0, DIMS), np.float32)
 
 
 def activations(images, model, batch_size=50, device=None, progress=False):
@@ -357,9 +383,8 @@ def activations(images, model, batch_size=50, device=None, progress=False):
                      'images', progress)
 
 
-def image_files(path, n=None):
-    """The first n image files under folder `path` (recursive, by extension, sorted), at least 2 and n of them."""
-    check_counts(n=n)
+def image_files(path):
+    """The image files under folder `path` (recursive, by extension, sorted), at least 2."""
     if not Path(path).is_dir():
         raise FIDError(f'{path}: {"not a folder" if Path(path).exists() else "no such folder"}')
     # As train.py's search: linked folders outside `path` followed once, links to folders inside it skipped (read
@@ -380,19 +405,67 @@ def image_files(path, n=None):
     if len(images) < 2:
         raise FIDError(f'{path}: {len(images)} image file(s); FID needs at least 2 '
                        f'({", ".join(sorted(IMAGE_EXTENSIONS))}, hidden names skipped)')
-    if n and len(images) < n:
-        raise FIDError(f'{path}: {len(images)} image files, fewer than n = {n}; add images or lower --n')
-    return images[:n]
+    return images
 
 
-def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False, files=None):
-    """pool3 features, float32 [N, 2048], of `files` or else image_files(path, n)."""
-    files = image_files(path, n) if files is None else files
+def readable_files(path, n=None):
+    """(files, skipped): n image files of folder `path` (None: all) that pass PIL's check, in sorted order, and the
+    messages of the unreadable ones met. n of them are a uniform random draw, the same on every run (a permutation
+    seeded by SUBSET_SEED), never the first n names: in class folders (MNIST by digit, ImageNet's) that is one class."""
+    check_counts(n=n)
+    files = image_files(path)
+    if n and len(files) < n:
+        raise FIDError(f'{path}: {len(files)} image files, fewer than n = {n}; add images or lower --n')
+    chosen, skipped = [], []
+    for i in np.random.default_rng(SUBSET_SEED).permutation(len(files)) if n else range(len(files)):
+        if len(chosen) == n:
+            break
+        try:
+            read_image(files[i], verify=True)
+            chosen.append(files[i])
+        except FIDError as e:
+            skipped.append(str(e))
+    if len(chosen) < (n or COUNTS['n']):
+        raise FIDError(f'{path}: {len(chosen)} readable image files, fewer than {n or COUNTS["n"]} ({skipped[0]})')
+    return sorted(chosen), skipped
+
+
+def subset_note(path, n=None):
+    """Which images of a folder n means, for logs: all of them or a random n; a .npz's are its own."""
+    if not Path(path).is_dir():
+        return 'its saved statistics'
+    total = len(image_files(path))
+    return f'all {total} images' if not n or n >= total else \
+        f'a uniform random {n} of its {total} images (seed {SUBSET_SEED})'
+
+
+def bias_warning(n):
+    """A warning for an FID of n < DIMS images, or None: it is biased upward, more the fewer (Chong & Forsyth 2020)."""
+    if n < DIMS:
+        return (f'an FID of {n} images is biased upward (under {DIMS}, the features\' dimension, their covariance is '
+                'rank-deficient): compare only FIDs of the same n, and use 2048 or more for a number to report')
+
+
+def folder_activations(path, model, n=None, batch_size=50, device=None, workers=1, progress=False, size=None,
+                       chosen=None):
+    """pool3 features, float32 [N, 2048], of readable_files(path, n) (or `chosen`, its result), read at `size` (H, W)
+    if given. Files that fail to decode are skipped too, and all the skipped named on stderr."""
+    files, skipped = chosen or readable_files(path, n)
+    skipped = list(skipped)
 
     def make_batch(start, stop):  # one size: one resize call (1.03x at 28x28, 7-10% less memory); mixed: a list
-        decoded = [torch.from_numpy(read_image(f)) for f in files[start:stop]]
-        return torch.stack(decoded) if all(d.shape == decoded[0].shape for d in decoded) else decoded
-    return run_model(model, make_batch, len(files), batch_size, device, workers, str(path), progress)
+        decoded = []
+        for f in files[start:stop]:
+            try:
+                decoded.append(torch.from_numpy(read_image(f, size=size)))
+            except FIDError as e:  # PIL's check passed, the decoding did not: skipped as train.py skips it
+                skipped.append(str(e))
+        return torch.stack(decoded) if decoded and all(d.shape == decoded[0].shape for d in decoded) else decoded
+    acts = run_model(model, make_batch, len(files), batch_size, device, workers, str(path), progress)
+    report_skipped(skipped, path)
+    if len(acts) < COUNTS['n']:
+        raise FIDError(f'{path}: {len(acts)} readable image(s); FID needs at least {COUNTS["n"]}')
+    return acts
 
 
 # --- Statistics and the distance
@@ -489,30 +562,33 @@ def load_stats(path, network=False):
     return (*check_stats(mu, sigma, path, network), n)
 
 
-def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False):
-    """(mu, sigma) of a .npz of statistics (n ignored) or of a folder's first n images. Those are cached, keyed by the
-    folder, n and each image's name, size and mtime (rsync's quick check), and the folder's earlier states deleted;
-    a damaged cache file is computed again, an unwritable cache folder is not used."""
+def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, progress=False, size=None):
+    """(mu, sigma) of a .npz of statistics (n and size ignored) or of folder_activations(ref, n, size). Those are
+    cached, keyed by the folder, n, size, the network's weights and each image's name, size and mtime (rsync's quick
+    check), and the folder's earlier states deleted; a damaged cache file is computed again, an unwritable cache
+    folder is not used."""
     if not Path(ref).is_dir():
         if str(ref).lower().endswith('.npz'):
             return load_stats(ref, network=True)[:2]
         raise FIDError(f'{ref}: {"neither a folder of images nor a .npz" if Path(ref).exists() else "no such folder"}')
-    files, started = image_files(ref, n), time.time()
-    source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n'.encode()).hexdigest()[:12]
+    check_counts(n=n)
+    files, started = image_files(ref), time.time()
+    weights = getattr(model, 'weights_id', None)  # statistics of other weights are other numbers
+    source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n{size}\n{weights}\n'.encode()).hexdigest()[:12]
     state = hashlib.sha256(''.join(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'
                                    for f, st in ((f, f.stat()) for f in files)).encode()).hexdigest()[:12]
-    cached = cache_dir() / 'fid-stats' / f'{source}-{state}.npz'  # the folder and n, then its files' state
+    cached = cache_dir() / 'fid-stats' / f'{source}-{state}.npz'  # the folder, n, size and weights, then its state
     if cached.is_file():
         try:
             return load_stats(cached, network=True)[:2]
         except FIDError as e:
             print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
-    for f in files:  # a broken image is refused now, not after hours of passes
-        read_image(f, verify=True)
-    mu, sigma = statistics(folder_activations(ref, model, n, batch_size, device, workers, progress, files))
+    chosen = readable_files(ref, n)  # before the passes: too few readable images is refused now
+    acts = folder_activations(ref, model, n, batch_size, device, workers, progress, size, chosen)
+    mu, sigma = statistics(acts)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(cached, mu, sigma, len(files))
+        save_stats(cached, mu, sigma, len(acts))
         for old in set(cached.parent.glob(f'{source}-*.npz')) - {cached}:  # earlier states, cached before this began
             with contextlib.suppress(OSError):  # (another process may remove it first)
                 if old.stat().st_mtime < started:
@@ -522,8 +598,9 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     return mu, sigma
 
 
-def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
-    """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n)."""
+def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, size=None):
+    """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n, size):
+    give the samples' (H, W) as size, so that a reference folder is read as the training data was."""
     n = len(samples) if n is None else n
     check_counts(n=n)
     if len(samples) < n:
@@ -531,7 +608,7 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None):
     if model is None:
         model = load_inception(weights, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     mu1, sigma1 = statistics(activations(samples[:n], model, device=device))
-    mu2, sigma2 = reference_stats(ref, model, n=n, device=device)
+    mu2, sigma2 = reference_stats(ref, model, n=n, device=device, size=size)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
@@ -570,33 +647,45 @@ def check_args(args):
         raise FIDError(f'--device {args.device}: not a device; use cpu, cuda or cuda:N') from None
     if device.type != 'cpu' and (device.type != 'cuda' or (device.index or 0) >= torch.cuda.device_count()):
         raise FIDError(f'--device {args.device}: not here ({torch.cuda.device_count()} CUDA devices); use cpu')
-    inputs = []
+    inputs = []  # (path, statistics of a .npz, readable_files of a folder)
     for path in args.paths:
         if not os.path.exists(path):
             raise FIDError(f'{path}: no such file or folder')
-        if os.path.isdir(path):
-            for f in image_files(path, args.n):  # enough images, each readable?
-                read_image(f, verify=True)
-            inputs.append((path, None))
+        if os.path.isdir(path):  # enough readable images? Asked now, not after the first folder's passes
+            inputs.append((path, None, readable_files(path, args.n)))
         elif path.lower().endswith('.npz'):
-            inputs.append((path, load_stats(path)))
+            inputs.append((path, load_stats(path), None))
         else:
             raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
-    if args.n and all(stats is not None for _, stats in inputs):  # not silently ignored
-        raise FIDError(f'--n {args.n} counts the images of a folder; statistics files hold theirs: leave --n out')
+    for flag, value in (('--n', args.n), ('--size', args.size)):  # not silently ignored
+        if value and all(stats is not None for _, stats, _ in inputs):
+            raise FIDError(f'{flag} reads the images of a folder; statistics files were computed already: leave '
+                           f'{flag} out')
     if len(inputs) == 2 and os.path.samefile(*args.paths):
         raise FIDError(f'{args.paths[0]} and {args.paths[1]} are the same; a set against itself has FID 0')
-    dims = [len(stats[0]) if stats else DIMS for _, stats in inputs]  # a folder's are the network's
+    dims = [len(stats[0]) if stats else DIMS for _, stats, _ in inputs]  # a folder's are the network's
     if len(set(dims)) > 1:
         raise FIDError(f'{args.paths[0]} is {dims[0]}-d, {args.paths[1]} {dims[1]}-d; compute both with this network')
     return device, inputs
+
+
+def size_flag(text):
+    """argparse type for --size: 32, or HxW like 64x128, as train.py's --size; returned as (H, W)."""
+    sides = text.lower().split('x')
+    if not (len(sides) <= 2 and all(side.isdigit() and 1 <= int(side) <= 4096 for side in sides)):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a size: give 32 or HxW like 64x128 (1 to 4096 a side)')
+    return int(sides[0]), int(sides[-1])
 
 
 def main(argv=None):
     parser = ArgumentParser(description='FID between two folders of images or .npz statistics (keys mu, sigma).')
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
     parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
-    parser.add_argument('--n', type=count_flag('n'), help='use the first N images of each folder (sorted paths)')
+    parser.add_argument('--n', type=count_flag('n'), help='use N images of each folder, a uniform random draw that is '
+                        'the same on every run (the first N sorted names of class folders would be one class)')
+    parser.add_argument('--size', type=size_flag, help="read each folder's images as train.py --size reads its data "
+                        '(shorter side resized, centre crop) before the resize to 299: compare samples of a 32x32 model '
+                        'with the data at 32x32, not at full size, whose detail no sample can have')
     parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50, help='images per batch (default 50)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
     parser.add_argument('--weights', metavar='PATH', help=f'{WEIGHTS_NAME} (default: $FID_WEIGHTS, cache, download)')
@@ -605,10 +694,13 @@ def main(argv=None):
         args = parser.parse_args(argv)
         device, inputs = check_args(args)
         model, results = None, []
-        for path, stats in inputs:
+        for path, stats, chosen in inputs:
             if stats is None:
                 model = model or load_inception(args.weights, device)
-                acts = folder_activations(path, model, args.n, args.batch_size, device, args.workers, progress=True)
+                if args.n:
+                    print(f'fid: {path}: {subset_note(path, args.n)}', file=sys.stderr)
+                acts = folder_activations(path, model, args.n, args.batch_size, device, args.workers, True, args.size,
+                                          chosen)
                 stats = (*statistics(acts), len(acts))
             results.append(stats)
         if args.save_stats:
@@ -619,6 +711,9 @@ def main(argv=None):
             value = frechet_distance(*results[0][:2], *results[1][:2])
             n1, n2 = (stats[2] or '?' for stats in results)
             print(f'FID: {value}  (n = {n1} from {args.paths[0]}, {n2} from {args.paths[1]})')
+            warning = bias_warning(min(stats[2] or DIMS for stats in results))
+            if warning:
+                print(f'fid: warning: {warning}', file=sys.stderr)
         return 0
     except (FIDError, OSError) as e:  # OSError: e.g. a full disk under --save-stats after the checks passed
         print(f'fid.py: error: {e}', file=sys.stderr)

@@ -249,6 +249,25 @@ def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_
         fid.read_image(tmp_path / "float.tif")
 
 
+def test_fid_at_a_size_decodes_exactly_as_training_does(tmp_path):
+    # fid.py keeps a copy of the training decoder (it works copied alone): this keeps the two equal, file by file.
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    photo.save(tmp_path / "big.jpg", quality=90)  # decoded at a reduced scale (draft) by both
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png", transparency=3)
+    Image.fromarray(rng.integers(0, 65536, (30, 50), dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    photo.save(tmp_path / "anim.gif", save_all=True, append_images=[photo.rotate(90)])
+    for name in sorted(os.listdir(tmp_path)):
+        for size in ((16, 16), (24, 40)):
+            assert np.array_equal(fid.read_image(tmp_path / name, size=size),
+                                  sample.read_image(str(tmp_path / name), size)), (name, size)
+
+
 def test_a_fifo_named_like_an_image_is_skipped(tmp_path):
     Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "real.png")
     os.mkfifo(tmp_path / "x.png")  # reading it would block forever

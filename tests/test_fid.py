@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import fid
+import sample
 from conftest import FIXTURES, ROOT, fid_weights
 
 REFERENCE_FID = json.loads((FIXTURES / 'pytorch_fid_mnist.json').read_text())['fid']
@@ -87,7 +88,8 @@ def test_png_folder_matches_pytorch_fid(model, mnist, tmp_path):
     reference = np.concatenate([np.load(FIXTURES / 'act_mnist_test_0_8_rgb28.npy'),
                                 np.load(FIXTURES / 'act_random_uint8_seed0_8x32x32x3.npy')])
     assert np.abs(acts - reference).max() < 1e-4
-    assert np.array_equal(fid.folder_activations(tmp_path / 'a', model, n=3), acts[:3])
+    some = sorted(np.random.default_rng(fid.SUBSET_SEED).permutation(16)[:3])  # n: a seeded random draw
+    assert np.array_equal(fid.folder_activations(tmp_path / 'a', model, n=3), acts[some])
 
 
 def test_float_and_grey_tensors_equal_their_uint8_images(model, mnist):
@@ -178,12 +180,12 @@ def test_stats_files_round_trip(model, mnist, tmp_path):
 
 def test_samples_in_memory_give_the_statistics_of_their_pngs(model, mnist, tmp_path, monkeypatch):
     # fid_from_samples on float [-1, 1] samples sees exactly what the folder path sees in their PNGs.
-    a, b = write_pngs(tmp_path / 'a', mnist[1][:8]), write_pngs(tmp_path / 'b', mnist[0][:8])
+    a, b = write_pngs(tmp_path / 'a', mnist[1][:6]), write_pngs(tmp_path / 'b', mnist[0][:8])
     samples = torch.from_numpy(mnist[1][:8])[:, None].float() / 127.5 - 1
     calls = []
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: calls.append(stats) or 1.5)
     assert fid.fid_from_samples(samples, b, n=6, model=model) == 1.5
-    expected = [*fid.statistics(fid.folder_activations(a, model, n=6)),
+    expected = [*fid.statistics(fid.folder_activations(a, model)),
                 *fid.statistics(fid.folder_activations(b, model, n=6))]
     assert all(np.array_equal(got, want) for got, want in zip(calls[0], expected))
 
@@ -222,6 +224,59 @@ def test_the_statistics_cache_sees_a_changed_file_and_survives_damage(mnist, tmp
     monkeypatch.setenv('XDG_CACHE_HOME', str(image))  # a file where the cache folder would be: used without it
     assert len(fid.reference_stats(folder, None)) == 2 and len(calls) == 5
     assert 'not cached' in capsys.readouterr().err
+
+
+def test_n_images_of_class_folders_are_a_seeded_random_draw_not_the_first_class(tmp_path, monkeypatch, capsys):
+    # MNIST exported by digit: the first 20 sorted names are all zeros, and scored 228 where a random 20 scored 149.
+    for digit in range(10):
+        write_pngs(tmp_path / 'digits' / str(digit), np.full((10, 4, 4), digit * 25, np.uint8))
+    files, skipped = fid.readable_files(tmp_path / 'digits', n=20)
+    assert len(files) == 20 and files == sorted(files) and not skipped
+    assert len({f.parent.name for f in files}) >= 6  # 20 of 100 at random: most classes, not one
+    assert fid.readable_files(tmp_path / 'digits', n=20) == (files, [])  # the same draw on every run
+    assert fid.readable_files(tmp_path / 'digits')[0] == fid.image_files(tmp_path / 'digits')  # no n: all, sorted
+    assert fid.subset_note(tmp_path / 'digits', 20) == 'a uniform random 20 of its 100 images (seed 0)'
+    assert fid.subset_note(tmp_path / 'digits', None) == 'all 100 images'
+    seen = []  # the statistics of a reference folder are those of the drawn files
+    monkeypatch.setattr(fid, 'run_model', lambda model, make_batch, n, *a: seen.append(make_batch(0, n)) or
+                        np.random.default_rng(0).normal(size=(n, 2048)))
+    fid.reference_stats(tmp_path / 'digits', None, n=20)
+    assert sorted(seen[0][:, 0, 0, 0].tolist()) == sorted(int(f.parent.name) * 25 for f in files)
+
+
+def test_size_reads_a_reference_folder_as_training_reads_its_data(tmp_path, monkeypatch):
+    # 64x48 pictures scored against 16x16 samples must be read at 16x16 (shorter side, centre crop), not stretched.
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / '3.jpg', quality=90)
+    seen = []
+    monkeypatch.setattr(fid, 'run_model', lambda model, make_batch, n, *a: seen.append(make_batch(0, n)) or
+                        np.random.default_rng(0).normal(size=(n, 2048)))
+    fid.folder_activations(tmp_path, None, size=(16, 16))
+    expected = [sample.read_image(str(p), (16, 16)) for p in sorted(tmp_path.iterdir())]
+    assert np.array_equal(seen[0].numpy(), np.stack(expected))
+    fid.reference_stats(tmp_path, None, size=(16, 16))
+    fid.reference_stats(tmp_path, None)  # a different size: not the cached statistics
+    fid.reference_stats(tmp_path, None, size=(16, 16))  # the same again: cached
+    assert len(seen) == 3 and seen[2].shape == (4, 48, 64, 3)
+
+
+def test_the_statistics_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
+    # Statistics cached with the real weights were used with --fid-weights other.pth: 40.89 where 36.50 was right.
+    folder, calls = write_pngs(tmp_path / 'ref', random_images()[:3]), []
+    monkeypatch.setattr(fid, 'folder_activations', lambda *a, **k: calls.append(1) or
+                        np.random.default_rng(len(calls)).normal(size=(3, 2048)))
+    real, other = (type('Net', (), {'weights_id': name})() for name in ('real 95628359 1', 'other.pth 1000 2'))
+    a = fid.reference_stats(folder, real)[0]
+    assert np.array_equal(fid.reference_stats(folder, real)[0], a) and len(calls) == 1
+    assert not np.array_equal(fid.reference_stats(folder, other)[0], a) and len(calls) == 2
+    assert np.array_equal(fid.reference_stats(folder, real)[0], a) and len(calls) == 2  # both kept
+
+
+def test_loaded_weights_name_their_file_for_the_cache(model):
+    path, stat = fid_weights(), os.stat(fid_weights())
+    assert model.weights_id == f'{path.resolve()} {stat.st_size} {stat.st_mtime_ns}'
 
 
 def test_statistics_files_by_their_name_folders_by_theirs(mnist, tmp_path, monkeypatch, capsys):
@@ -381,7 +436,7 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['fifo', 'imgs'], 'fifo: 1 image file'),                 # the FIFO x.png is skipped, not read
     (['fifo.npz', 'good.npz'], 'fifo.npz: not a regular file'),
     (['imgs', '--save-stats', 'out.npz', '--n', '5'], 'n = 5'),
-    ([*STATS, '--n', '5'], '--n 5 counts the images of a folder'),
+    ([*STATS, '--n', '5'], '--n reads the images of a folder'),
     (['imgs', 'imgs'], 'the same'),
     (['good.npz', './good.npz'], 'the same'),
     (['nokeys.npz', 'good.npz'], 'nokeys.npz: no mu or sigma'),
@@ -393,8 +448,10 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     (['good.npz', 'negn.npz'], 'negn.npz: not a readable .npz of statistics (n = -3'),
     (['good.npz', 'floatn.npz'], 'floatn.npz: not a readable .npz of statistics (n = 2.5'),
     (['good.npz', 'arrayn.npz'], 'arrayn.npz: not a readable .npz of statistics (n = array([5])'),
-    (['imgs', 'truncated'], 'truncated/00002.png: cannot read'),  # refused before the first folder's passes
-    (['imgs', 'garbled'], 'garbled/00002.png: cannot read'),
+    (['imgs', 'truncated', '--n', '3'], 'truncated: 2 readable image files, fewer than 3 ('),  # before any pass
+    (['imgs', 'garbled', '--n', '3'], 'garbled/00002.png: cannot read'),
+    ([*STATS, '--size', '32'], '--size reads the images of a folder'),
+    *[([*STATS, '--size', value], 'argument --size') for value in ('0', '32x', 'x32', '8x8x8', '-8', 'big')],
     (['mu2d.npz', 'good.npz'], 'mu2d.npz: mu and sigma are not [D] and [D, D]'),
     (['sigma43.npz', 'good.npz'], 'sigma43.npz: mu and sigma are not'),
     (['sigma5.npz', 'good.npz'], 'sigma5.npz: mu and sigma are not'),
@@ -447,8 +504,9 @@ def test_library_refuses_bad_input(bad):
     not_psd = [[1, 2], [2, 1]]  # eigenvalues 3 and -1: symmetric, a positive diagonal, and no covariance
     cases = [(lambda: fid.reference_stats(bad / 'good.npz', model=None), 'not 2048-d'),  # train.py's --fid-ref check
              (lambda: fid.load_stats(bad / 'fifo.npz'), 'not a regular file'),
-             (lambda: fid.reference_stats(bad / 'truncated', model=None), '00002.png: cannot read'),  # before the passes
-             (lambda: fid.image_files(bad / 'imgs', n=-1), 'n = -1'),
+             (lambda: fid.reference_stats(bad / 'truncated', None, n=3), '00002.png: cannot read'),  # before the passes
+             (lambda: fid.readable_files(bad / 'imgs', n=-1), 'n = -1'),
+             (lambda: fid.readable_files(bad / 'imgs', n=4), 'fewer than n = 4'),
              (lambda: fid.image_files(bad / 'note.txt'), 'note.txt: not a folder'),
              (lambda: fid.to_uint8(torch.full((2, 3, 8, 8), float('nan'))), 'NaN'),  # not black pixels, a finite FID
              (lambda: fid.fid_from_samples(torch.zeros(4, 3, 8, 8), bad / 'good.npz', 0, model=object()), 'n = 0'),
@@ -464,11 +522,19 @@ def test_library_refuses_bad_input(bad):
             call()
 
 
-def test_cli_unreadable_file_among_images(mnist, tmp_path):
+def test_cli_skips_and_names_every_unreadable_image_in_one_run(mnist, tmp_path):
+    # train.py's rule: skip, count and name them all, not one refusal a run. One fails PIL's check, one its decoding.
     folder = write_pngs(tmp_path / 'a', mnist[1][:3])
     (folder / 'broken.png').write_bytes(b'this is not a PNG')
+    jpeg = io.BytesIO()
+    Image.new('RGB', (64, 64), 'red').save(jpeg, 'JPEG')
+    (folder / 'cut.jpg').write_bytes(jpeg.getvalue()[:300])  # a header that passes, and no picture
     other = write_pngs(tmp_path / 'b', mnist[1][3:5])
-    assert_user_error(run_cli(folder, other, '--weights', fid_weights(), tmp_path=tmp_path), 'broken.png')
+    result = run_cli(folder, other, '--weights', fid_weights(), tmp_path=tmp_path)
+    assert fid_value(result) > 0 and 'n = 3 from' in result.stdout
+    assert 'skipped 2 unreadable image file(s)' in result.stderr and 'broken.png: cannot read' in result.stderr
+    assert 'cut.jpg: cannot read' in result.stderr
+    assert 'FID of 2 images is biased upward' in result.stderr  # few images: said, not only computed
 
 
 def test_cli_garbage_weights(mnist, tmp_path):
