@@ -299,7 +299,7 @@ def read_image(path, verify=False, size=None):
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
-            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below 2x
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # (Pillow: under 2x)
                 raise ValueError(f'{image.width}x{image.height} pixels, over Pillow\'s decompression-bomb limit')
             if verify:
                 return image.verify()
@@ -574,7 +574,8 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     check_counts(n=n)
     files, started = image_files(ref), time.time()
     weights = getattr(model, 'weights_id', None)  # statistics of other weights are other numbers
-    source = hashlib.sha256(f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n{size}\n{weights}\n'.encode()).hexdigest()[:12]
+    key = f'{STATS_VERSION}\n{Path(ref).resolve()}\n{n}\n{size}\n{weights}\n'
+    source = hashlib.sha256(key.encode()).hexdigest()[:12]
     state = hashlib.sha256(''.join(f'{f.relative_to(ref)}\t{st.st_size}\t{st.st_mtime_ns}\n'
                                    for f, st in ((f, f.stat()) for f in files)).encode()).hexdigest()[:12]
     cached = cache_dir() / 'fid-stats' / f'{source}-{state}.npz'  # the folder, n, size and weights, then its state
@@ -684,8 +685,8 @@ def main(argv=None):
     parser.add_argument('--n', type=count_flag('n'), help='use N images of each folder, a uniform random draw that is '
                         'the same on every run (the first N sorted names of class folders would be one class)')
     parser.add_argument('--size', type=size_flag, help="read each folder's images as train.py --size reads its data "
-                        '(shorter side resized, centre crop) before the resize to 299: compare samples of a 32x32 model '
-                        'with the data at 32x32, not at full size, whose detail no sample can have')
+                        '(shorter side resized, centre crop) before the resize to 299: compare samples of a 32x32 '
+                        'model with the data at 32x32, not at full size, whose detail no sample can have')
     parser.add_argument('--batch-size', type=count_flag('batch_size'), default=50, help='images per batch (default 50)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
     parser.add_argument('--weights', metavar='PATH', help=f'{WEIGHTS_NAME} (default: $FID_WEIGHTS, cache, download)')
