@@ -210,11 +210,23 @@ class Diffusion:
             x = torch.where(known.bool(), x_known, x_unknown)
             yield t, x, x0
 
-    def mix(self, model, a, b, t, weight=0.5, generator=None):
-        """Blend two images noised to step t with one noise, which is q_sample of their pixel blend, a proper x_t, and
-        denoise it from t (ancestral). Small t keeps the blend; large t lets the model redraw it."""
-        noise = randn(a.shape, generator, a.device)
-        x = self.q_sample((1 - weight) * a + weight * b, torch.full((len(a),), t, device=a.device), noise)
+    def noised_blend(self, a, b, t, weight=0.5, noise="shared", generator=None):
+        """Images a and b [N, ...] blended, (1 - weight) a + weight b, and noised to step t. 'shared': one noise,
+        q_sample of the pixel blend, a proper x_t ~ q(x_t | blend). 'separate' (seed 000's way): a and b noised
+        each with its own noise, then blended; the blend's noise has std sqrt((1 - w)^2 + w^2) sqrt(1 - alpha-bar_t),
+        less than the sqrt(1 - alpha-bar_t) of x_t (0.71 of it at w = 0.5): the network, told t, gets less noise."""
+        if noise not in ("shared", "separate"):
+            raise ValueError(f"noise must be 'shared' or 'separate', got {noise!r}")
+        t = torch.full((len(a),), t, device=a.device)
+        if noise == "shared":
+            return self.q_sample((1 - weight) * a + weight * b, t, randn(a.shape, generator, a.device))
+        noised_a = self.q_sample(a, t, randn(a.shape, generator, a.device))
+        return (1 - weight) * noised_a + weight * self.q_sample(b, t, randn(b.shape, generator, b.device))
+
+    def mix(self, model, a, b, t, weight=0.5, generator=None, noise="shared"):
+        """The blend of two images noised to step t (noised_blend, with `noise` shared or separate) denoised from t
+        (ancestral). Small t keeps the blend; large t lets the model redraw it."""
+        x = self.noised_blend(a, b, t, weight, noise, generator)
         for _, x, _ in self.ddpm_loop(model, x, generator=generator, t_start=t):
             pass
         return x.clamp(-1, 1)

@@ -4,6 +4,7 @@
     python sample.py runs/shapes/ckpt.pt --n 1000 --out-dir gen/  # single PNGs, e.g. for fid.py
     python sample.py runs/shapes/ckpt.pt --sampler ddpm           # the paper's 1000-step ancestral sampler
     python sample.py runs/mnist/ckpt.pt --class 4 --guidance 3    # conditional runs: a class, guided
+    python sample.py --forward photo.png --schedule cosine        # q(x_t | x_0) needs no checkpoint: forward.png
 
 The checkpoint carries the network and diffusion configuration; the EMA weights are used unless --no-ema.
 """
@@ -136,7 +137,7 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
                     im.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-            return np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))
+            return np.array(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))  # writable: asarray's is not
     except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -246,7 +247,8 @@ def build(ckpt, ema=True, device="cpu"):
 
 def class_labels(ckpt, cls, guidance, n, nrow=8):
     """Each sample's label, or None for an unconditional checkpoint. `cls`: a class name or index (a string or
-    number); without it each grid row of `nrow` images is one class (n defaults to a row per class)."""
+    number); without it each grid row of `nrow` images is one class (n defaults to a row per class), or, where n
+    is too few for a row of each, the classes in order spread over the n images (every class where n >= classes)."""
     cls = None if cls is None else str(cls)
     classes = list(ckpt["classes"]) if ckpt["model_config"].get("num_classes") else []
     if not classes:
@@ -254,13 +256,36 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
             raise ValueError("--class/--guidance: this checkpoint is unconditional (train with --cond for classes)")
         return None
     if cls is None:
-        return (torch.arange(n or nrow * len(classes)) // nrow) % len(classes)
+        rows = nrow * len(classes)  # a row of nrow images per class
+        n = n or rows
+        return torch.arange(n) // nrow % len(classes) if n >= rows else torch.arange(n) * len(classes) // n
     numbered = any(c.isdecimal() for c in classes)  # folders 0, 1, 2, 3, 5: "4" must not quietly mean folder 5
     index = int(cls) if re.fullmatch("0|[1-9][0-9]{0,8}", cls) and not numbered else None  # "3", not "03" or "٣"
     if cls not in classes and not (index is not None and index < len(classes)):
         which = "one" if numbered else f"a name or index 0-{len(classes) - 1}"
         raise ValueError(f"--class {cls}: not a class of this checkpoint; choose {which} of {', '.join(classes)}")
     return torch.full((n or 64,), classes.index(cls) if cls in classes else index)
+
+
+def shown_classes(classes, labels, nrow):
+    """The `wrote` line's words for labels drawn without --class: which classes, and whether a grid row is one."""
+    names = [classes[i] for i in labels.unique().tolist()]
+    listed = ", ".join(names if len(names) <= 6 else [*names[:3], "...", *names[-2:]])
+    by_row = torch.equal(labels, labels[torch.arange(len(labels)) // nrow * nrow])  # each label is its row's first
+    return f"classes {listed} ({len(names)} of {len(classes)}) {'by row' if by_row else 'in order over the images'}"
+
+
+def check_null_label(ckpt, guidance, picture):
+    """Refuse guidance, --inpaint and --mix (class-less: y is None) where they would use a null label that training
+    never trained: only label dropout (train.py --p-uncond, 0.1 where a config lacks it) trains the class embedding's
+    null row, which otherwise keeps its random start."""
+    if not ckpt["model_config"].get("num_classes") or ckpt["config"].get("p_uncond", 0.1) != 0:
+        return
+    if guidance or picture in ("inpaint", "mix"):
+        what = "--guidance" if guidance else f"--{picture} (class-less)"
+        advice = "give --class without --guidance, or " if guidance else ""
+        raise ValueError(f"{what} uses the null label, which this conditional checkpoint never trained (--p-uncond 0): "
+                         f"{advice}train with --p-uncond above 0 (e.g. 0.1)")
 
 
 def to_uint8(x):
@@ -321,10 +346,11 @@ def load_mask(path, size, image=None):
 
 
 def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None, images=(), hole=None, ts=None,
-                 weight=0.5, resample=1, jump=10, frames=5):
+                 weight=0.5, resample=1, jump=10, frames=5, mix_noise="shared"):
     """The process, forward, mix, inpaint or interp picture of n samples of `shape` (C, H, W) drawn with `loop`
-    (Diffusion.loop's settings): a captioned strip; for process (strip, GIF frames). images: the [1, C, H, W] inputs."""
-    device = next(model.parameters()).device
+    (Diffusion.loop's settings): a captioned strip; for process (strip, GIF frames). images: the [1, C, H, W] inputs;
+    mix_noise: Diffusion.mix's noise, shared or separate."""
+    device = diffusion.betas.device  # (--forward may have no network)
     g, y = torch.Generator(device).manual_seed(seed), None if labels is None else labels.to(device)
     default = (0, 50, 100, 250, 500, 750, 999) if picture == "forward" else (100, 250, 400, 550, 700, 850)
     ts = ts or sorted({min(round(t * diffusion.T / 1000), diffusion.T - 1) for t in default})  # at T = 1000, scaled
@@ -349,9 +375,10 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         noise = torch.randn(images[0].shape, generator=g, device=device)
         x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
         columns = [f"t={t}" for t in ts]
-    elif picture == "mix":  # a, b, their pixel blend, then the blend denoised from each t (Diffusion.mix)
+    elif picture == "mix":  # a, b, their pixel blend, then the blend noised to each t and denoised (Diffusion.mix)
         a, b = images
-        x = torch.cat([a, b, (1 - weight) * a + weight * b, *[diffusion.mix(model, a, b, t, weight, g) for t in ts]])
+        mixes = [diffusion.mix(model, a, b, t, weight, g, mix_noise) for t in ts]
+        x = torch.cat([a, b, (1 - weight) * a + weight * b, *mixes])
         columns = ["a", "b", "blend", *[f"t={t}" for t in ts]]
     elif picture == "inpaint":  # the image, the image with its hole greyed out, then n RePaint completions
         image, known = images[0], 1 - hole
@@ -382,9 +409,10 @@ def save_picture(picture, path):
 def build_parser():
     p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
-    p.add_argument("ckpt", type=path, help="a checkpoint written by train.py")
+    p.add_argument("ckpt", type=path, nargs="?", help="a checkpoint written by train.py (--forward can do without)")
     p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"),
-                   help="images (default 64, or 8 per class); torchrun takes --n itself: write --num-samples there")
+                   help="images (default 64, or a row of --nrow per class; fewer: the classes spread over them in "
+                   "order); torchrun takes --n itself: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
@@ -392,11 +420,12 @@ def build_parser():
     p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
     p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
-                   "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w)")
+                   "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w); "
+                   "the null label is trained only by train.py --p-uncond above 0")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
     p.add_argument("--grid", type=path, help=f"the grid (of the first {GRID_MAX} samples) or picture, .png (default: "
-                   "beside the checkpoint)")
+                   "beside the checkpoint, or in the current folder without one)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
@@ -406,15 +435,26 @@ def build_parser():
     one = v.add_mutually_exclusive_group()
     one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples, "
                      "x_t over predicted x_0: OUT.gif (each step, ~100 at most) or OUT.png (10 steps)")
-    one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t")
+    one.add_argument("--forward", type=path, metavar="IMAGE", help="IMAGE noised by q(x_t | x_0) at each --t (needs no "
+                     "checkpoint: see --T, --schedule, --size)")
     one.add_argument("--mix", type=path, nargs=2, metavar=("A", "B"), help="A and B blended, noised to each --t and "
                      "denoised (ancestral)")
     one.add_argument("--inpaint", type=path, metavar="IMAGE", help="--n (default 4) RePaint completions of IMAGE")
     one.add_argument("--interp", type=number(int, "[2, 1000]"), metavar="FRAMES", help="--n (default 4) rows of "
                      "FRAMES samples, x_T slerped between two noise draws (dpm++, or ddim eta 0)")
     v.add_argument("--weight", type=number(float, "[0, 1]"), help="--mix: the weight of B in the blend (default 0.5)")
+    v.add_argument("--mix-noise", choices=("shared", "separate"), help="--mix: shared (default): A and B noised with "
+                   "one noise, which is the pixel blend noised, a proper x_t ~ q(x_t | blend); separate (seed 000's "
+                   "way): each with its own noise, then blended, which holds less noise than x_t should (std "
+                   "sqrt((1-w)^2 + w^2) sqrt(1 - alpha-bar_t): 0.71x at w 0.5)")
     v.add_argument("--t", type=number(int, "[0, inf)"), nargs="+", help="--forward/--mix: the steps (default "
-                   "0 50 100 250 500 750 999 / 100 250 400 550 700 850, scaled to the checkpoint's T)")
+                   "0 50 100 250 500 750 999 / 100 250 400 550 700 850, scaled to T)")
+    v.add_argument("--T", type=number(int, "[2, 100000]"), help="--forward without a checkpoint: diffusion steps "
+                   "(default 1000, the paper's)")
+    v.add_argument("--schedule", choices=("linear", "cosine"), help="--forward without a checkpoint: the beta "
+                   "schedule (default linear, the paper's)")
+    v.add_argument("--size", type=number(int, "[1, 1024]"), help="--forward without a checkpoint: the image's "
+                   "shorter side resized to SIZE and centre-cropped to SIZExSIZE, as train.py --size (default 32)")
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
     v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r (published: 10)")
     v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10)")
@@ -429,11 +469,16 @@ def check_args(args, world=1):
     """Flag combinations, output paths and the device, before the checkpoint is even read; ValueError if wrong."""
     picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f)), None)
     fixed = picture in ("forward", "mix", "inpaint")  # these take no sampler settings or classes
+    if not args.ckpt and picture != "forward":  # noising alone needs no network
+        raise ValueError("give a checkpoint (train.py writes RUN_DIR/ckpt.pt); only --forward IMAGE works without one")
     needs = [  # (the flag was given, it is used only when this holds, what to say)
         (args.steps, args.sampler != "ddpm", "--steps: the ddpm sampler always takes all T steps"),
         (args.eta, args.sampler == "ddim", "--eta is ddim's: add --sampler ddim"),
         (args.variance, args.sampler == "ddpm", "--variance is ddpm's: add --sampler ddpm"),
         (args.weight, picture == "mix", "--weight is only used with --mix"),
+        (args.mix_noise, picture == "mix", "--mix-noise is only used with --mix"),
+        (args.T or args.schedule or args.size, not args.ckpt,
+         "--T, --schedule and --size are for --forward without a checkpoint: a checkpoint has its own"),
         (args.t, picture in ("forward", "mix"), "--t is only used with --forward or --mix"),
         (args.mask, picture == "inpaint", "--mask is only used with --inpaint"),
         (args.resample != 1, picture == "inpaint", "--resample is only used with --inpaint"),
@@ -459,10 +504,11 @@ def check_args(args, world=1):
     for given, allowed, message in needs:
         if given and not allowed:
             raise ValueError(message)
-    grid = args.grid or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{picture or 'samples'}.png")
+    beside = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # no checkpoint: the current folder
+    grid = args.grid or os.path.join(beside, f"{picture or 'samples'}.png")
     if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
         raise ValueError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
-    if not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
+    if args.ckpt and not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
         load_checkpoint(args.ckpt)
     out, flag = (args.process, "--process") if args.process else (grid, "--grid")
     folder = os.path.dirname(os.path.abspath(out))
@@ -529,42 +575,63 @@ def generate(args, world=1, rank=0):
     args.n = args.n or (4 if picture else None)  # None: set with the labels below (a row per class, or 64)
     args.jump = args.jump or 10  # RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = load_checkpoint(args.ckpt)
-    model, diffusion = build(ckpt, not args.no_ema, args.device)
+    ckpt, model, diffusion, shape = network(args, picture)
     T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(DEFAULT_STEPS, diffusion.T))
     for flag, value, most in (("--steps", steps or 0, T), ("--t", max(args.t or [0]), T - 1),
                               ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
         if value > most:
-            raise ValueError(f"{flag} {value}: this checkpoint's diffusion has T = {T} steps; give at most {most}")
+            where = "this checkpoint's diffusion has" if ckpt else "the diffusion (--T) has"
+            raise ValueError(f"{flag} {value}: {where} T = {T} steps; give at most {most}")
     loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=args.variance or "beta",
                 guidance=args.guidance)
-    labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow)  # pictures: 1 per row
-    shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+    labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow) if ckpt else None
     images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
-    fid_of = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid") if args.fid else None
+    if args.fid:
+        fid_of, reference, warning = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid",
+                                               size=shape[1:])
     args.precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if picture:
         with autocast:
             made = draw_picture(picture, model, diffusion, shape, args.n, loop, args.seed, labels, images, hole, args.t,
-                                0.5 if args.weight is None else args.weight, args.resample, args.jump, args.interp)
+                                0.5 if args.weight is None else args.weight, args.resample, args.jump, args.interp,
+                                args.mix_noise or "shared")
         save_picture(made, args.process or grid)
-        print(f"wrote {args.process or grid}")
+        said = "" if ckpt else f" ({shape[1]}x{shape[2]}, {diffusion.schedule} schedule, T = {T})"  # no checkpoint's
+        print(f"wrote {args.process or grid}{said}")
         return
     samples = write_samples(diffusion, model, labels, shape, args, loop, autocast, rank, world)
     if rank:
         return
     what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {steps} steps'}, seed {args.seed}, {args.precision}"
     if labels is not None:
-        what += f", {'class ' + args.cls if args.cls is not None else 'classes by row'}, guidance {args.guidance:g}"
+        chosen = f"class {args.cls}" if args.cls is not None else shown_classes(ckpt["classes"], labels, args.nrow)
+        what += f", {chosen}, guidance {args.guidance:g}"
     save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
     print(f"wrote {grid} ({min(len(samples), GRID_MAX)} of {args.n} images, {what})")
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
     if args.fid:
-        print(f"FID {fid_of(samples):.4f} against {args.fid} (n = {args.n}, {what})")
+        print(f"FID {fid_of(samples):.4f} against {args.fid}, {reference} (n = {args.n}, {what})")
+        if warning:
+            print(f"sample.py: warning: {warning}", file=sys.stderr)
+
+
+def network(args, picture):
+    """The checkpoint, its network (EMA or raw weights) and Diffusion, and the images' shape (C, H, W). --forward
+    without a checkpoint noises with no network: the Diffusion of --schedule and --T (the paper's by default), images
+    of --size (train.py's default, 32), one channel where IMAGE is grey (as train.py decides)."""
+    if not args.ckpt:
+        size = args.size or 32
+        image = load_image(args.forward, 3, (size, size))
+        diffusion = ddpm.Diffusion(args.schedule or "linear", args.T or 1000).to(args.device)
+        return None, None, diffusion, (1 if (image[:, :1] == image[:, 1:]).all() else 3, size, size)
+    ckpt = load_checkpoint(args.ckpt)
+    check_null_label(ckpt, args.guidance, picture)
+    model, diffusion = build(ckpt, not args.no_ema, args.device)
+    return ckpt, model, diffusion, (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):
@@ -613,9 +680,12 @@ def sample_seed(seed, i):
     return (seed * 0x9E3779B9 + i) % 2 ** 32
 
 
-def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
-    """The FID of n samples against ref, as a function of the samples; Inception and ref's statistics load now, so a
-    bad one fails before sampling. ValueErrors start with `flag` and say --fid-weights and n_flag for fid.py's flags."""
+def fid_meter(ref, n, weights, device, flag, n_flag="--n", size=None):
+    """(fid_of, reference, warning): the FID of n samples against ref as a function of the samples, the words that
+    say which reference images it compares with, and fid.py's warning for a small n (or None). A folder is read at
+    `size` (H, W), the samples', as training reads its data (fid.py --size), and n of its images are a seeded random
+    draw. Inception and ref's statistics load now, so a bad one fails before sampling. ValueErrors start with `flag`
+    and say --fid-weights and n_flag for fid.py's flags."""
     try:
         import fid  # optional: only FIDs need fid.py
     except ImportError as e:  # sample.py copied without fid.py, or without scipy
@@ -629,11 +699,13 @@ def fid_meter(ref, n, weights, device, flag, n_flag="--n"):
             said = re.sub(r"^--weights\b|--weights(?= PATH$)|--n$", lambda m: names[m[0]], str(e))
             raise ValueError(f"{flag}: {said}") from None
     inception = refusing(fid.load_inception, weights, device)
-    refusing(fid.reference_stats, ref, inception, n=n, device=device)
+    refusing(fid.reference_stats, ref, inception, n=n, device=device, size=size)
+    reference = refusing(fid.subset_note, ref, n)
+    reference += f", read at {size[0]}x{size[1]}" if size and os.path.isdir(ref) else ""
 
     def fid_of(samples):
-        return refusing(fid.fid_from_samples, samples, ref, n, model=inception, device=device)
-    return fid_of
+        return refusing(fid.fid_from_samples, samples, ref, n, model=inception, device=device, size=size)
+    return fid_of, reference, fid.bias_warning(n)
 
 
 if __name__ == "__main__":
