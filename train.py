@@ -4,6 +4,7 @@
     python train.py --data ./images --size 128 --out runs/mine                           # paper network
     python train.py --out runs/mine --resume --steps 200000                              # continue a run
     python train.py --data ./images --size 32 --model small --time 2h --out runs/2h       # a wall-clock budget
+    python train.py --data ./images --size 64 --ch 64 --ch-mult 1,2,4,8 --out runs/net   # the network's size
     torchrun --nproc_per_node=4 train.py --data ./images --size 128 --batch 128          # data parallel
     python train.py --data ./images --size 32 --fid-every 5000 --fid-ref real.npz        # FID in metrics.jsonl
 
@@ -46,7 +47,10 @@ import sample
 import unet
 from sample import number, path
 
-FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss")  # --resume cannot change these
+# --resume cannot change these: the network and the diffusion
+FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss", *unet.NETWORK_KEYS)
+ONLY_WITH = {"fid_ref": "fid_every", "fid_every": "fid_ref", "lr_min": "cosine"}  # a setting: the one it serves
+NAMED = 20  # unreadable image files named one a line; the rest are counted
 AUTO = ("channels", "precision", "accum")  # chosen by the data or the machine unless given; a --config chooses again
 UNSET = object()  # marks a flag the command line did not give
 CHUNK = 256  # images per network call when sampling grids and FIDs
@@ -97,6 +101,54 @@ def parse_size(text):
     return int(h), int(w or h)
 
 
+def width(text):
+    """--ch: a multiple of 32, as GroupNorm's 32 groups need."""
+    value = number(int, "[32, inf)")(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"{text} is not a multiple of 32 (GroupNorm's 32 groups)")
+    return value
+
+
+def whole_numbers(text, most, example):
+    """Comma-separated whole numbers in [1, most] as a tuple (--ch-mult, --attn-res)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(1 <= v <= most for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers from 1 to {most} like {example}")
+    return values
+
+
+def ch_mult(text):
+    """--ch-mult: each level's channel multiplier, like 1,2,2,2, in that canonical spelling."""
+    return ",".join(map(str, whole_numbers(text, 64, "1,2,2,2")))
+
+
+def attn_res(text):
+    """--attn-res: the (shorter) sides of the levels with attention, like 16 or 16,8 (largest first), or none."""
+    if text.strip().lower() == "none":
+        return "none"
+    return ",".join(map(str, sorted(set(whole_numbers(text, 2048, "16,8")), reverse=True)))
+
+
+def network(args):
+    """The network flags that are set, as unet.model_config's keyword arguments (the preset gives the rest)."""
+    kw = {k: getattr(args, k) for k in unet.NETWORK_KEYS if getattr(args, k) is not None}
+    for k in ("ch_mult", "attn_res"):  # "1,2,2" -> (1, 2, 2), "none" -> ()
+        if k in kw:
+            kw[k] = tuple(int(v) for v in kw[k].split(",") if v != "none")
+    return kw
+
+
+def network_flags(net):
+    """A unet.model_config as the network flags' values; attn_res: the sides of its attention levels, or none."""
+    side, levels = min(net["image_size"]), unet.attention_levels(net["image_size"], net["ch_mult"],
+                                                                 net.get("attn_res", unet.ATTN_RES))
+    return dict(ch=net["ch"], ch_mult=",".join(map(str, net["ch_mult"])), num_res_blocks=net["num_res_blocks"],
+                dropout=net["dropout"], attn_res=",".join(str(side // 2 ** level) for level in levels) or "none")
+
+
 def build_parser(prog="train.py"):
     """The parser and its actions by destination (for reading config files through the same checks)."""
     p, actions = sample.Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
@@ -122,6 +174,11 @@ def build_parser(prog="train.py"):
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
     a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
+    a("--ch", type=width, help="channel width of the first level, a multiple of 32 (default: the --model preset's)")
+    a("--ch-mult", type=ch_mult, help="width multiplier per level (halving the image between them), like 1,2,2,2")
+    a("--num-res-blocks", type=positive, help="ResNet blocks per level (default: the --model preset's)")
+    a("--dropout", type=number(float, "[0, 1)"), help="dropout in the ResNet blocks (default: the --model preset's)")
+    a("--attn-res", type=attn_res, help="attention at levels by shorter side: 16, 16,8 or none (default: nearest 16)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
     a("--time", type=duration, help="a wall-clock budget like 15m, 2h, 90s instead of --steps (data decoding counts)")
@@ -143,10 +200,12 @@ def build_parser(prog="train.py"):
     a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
-    a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: per class, up to 8)")
+    a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: a row of up to 8 "
+      "per class, for the first classes that fit)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
     a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network in metrics.jsonl (0: never)")
-    a("--fid-ref", type=path, help="FID reference: an image folder (its first --fid-n images) or fid.py statistics .npz")
+    a("--fid-ref", help="FID reference: an image folder (a seeded random --fid-n of its images, read at --size) or a "
+      "fid.py statistics .npz; '': none")
     a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
     a("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     a("--device", help="cuda, cuda:1, cpu, mps, ... (default: cuda if available)")
@@ -208,18 +267,8 @@ def parse_args(argv=None):
     except ValueError as e:
         parser.error(f"{source}: {e}")
     from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # checks all; errors name the file
-    if ckpt:  # a config edited by hand would resume one network and diffusion as another
-        net = ckpt["model_config"]
-        own = dict(ckpt["diffusion"], size=image_size("x".join(map(str, net["image_size"]))),
-                   channels=net.get("in_ch"), cond=bool(net.get("num_classes")))
-        wrong = [f"{k} {getattr(from_config, k)}, its network's {own.get(k)}" for k in FIXED[1:]
-                 if getattr(from_config, k) != own.get(k)]
-        if wrong:
-            parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
-        changed = [f"--{k} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
-                   if getattr(given, k) not in (UNSET, getattr(from_config, k))]
-        if changed:
-            parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
+    if ckpt:
+        check_resume(parser, given, from_config, ckpt, source)
     else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + argv)
@@ -227,25 +276,83 @@ def parse_args(argv=None):
         parser.error("--time plans a new run's --steps: give --time or --steps, not both (a resumed run: --steps)")
     if given.steps is not UNSET:
         args.time = None  # the command line's --steps over a config's --time
-    for k, v in unet.preset(args.model, parse_size(args.size)).items():  # the preset's recipe under the flags
-        if k not in unet.NETWORK_KEYS and getattr(args, k) is None:
-            setattr(args, k, v)
+    complete(parser, args, given, ckpt, source)
     # what the data or the machine decides (setup_run, fit_memory), listed so that a --config decides it again
     inherited = [k for k in (ckpt["config"].get("auto", []) if ckpt else []) if getattr(given, k) is UNSET]
     args.auto = [k for k in AUTO if getattr(args, k) in (None, "auto") or k in inherited]
     if args.data != "shapes":  # paths stored absolute, so --resume from elsewhere reads the same files
         args.data = os.path.abspath(args.data)
-    args.fid_ref, args.fid_weights = (p and os.path.abspath(p) for p in (args.fid_ref, args.fid_weights))
-    check_args(parser, args, ckpt)
+    args.fid_ref, args.fid_weights = (os.path.abspath(p) if p else None for p in (args.fid_ref, args.fid_weights))
+    check_args(parser, args, ckpt, given, source)
     return args, ckpt
 
 
-def check_args(parser, args, ckpt):
-    """The checks that involve more than one flag, the file system or the machine; each a one-line error."""
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def check_resume(parser, given, config, ckpt, source):
+    """Refuse a checkpoint whose config disagrees with its network or diffusion (edited by hand: it would resume one
+    as another), and flags that would change them."""
+    net = ckpt["model_config"]
+    try:
+        own = dict(ckpt["diffusion"], model=config.model, size=image_size("x".join(map(str, net["image_size"]))),
+                   channels=net.get("in_ch"), cond=bool(net.get("num_classes")), **network_flags(net))
+    except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        parser.error(f"--resume: {source}: its network configuration is not one train.py writes ({e!r})")
+    wrong = [f"{k} {getattr(config, k)}, its network's {own.get(k)}" for k in FIXED[1:] if getattr(config, k) !=
+             own.get(k) and not (k in unet.NETWORK_KEYS and getattr(config, k) is None)]  # None: an older config
+    if wrong:
+        parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
+    changed = [f"{flag(k)} {getattr(given, k)} (the checkpoint's: {own.get(k)})" for k in FIXED
+               if getattr(given, k) not in (UNSET, own.get(k))]
+    if changed:
+        parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
+
+
+def complete(parser, args, given, ckpt, source):
+    """Fill in what no flag or config gave: the preset's recipe (its keys listed in args.from_preset, for the log) and
+    the network (on --resume the checkpoint's, else the preset's under the network flags). First drop an inherited
+    setting that only serves one the command line turned off (--fid-every 0): a check would blame it on the user."""
+    for k, needs in ONLY_WITH.items():
+        if getattr(given, k) is UNSET and getattr(given, needs) in (0, "") and getattr(args, k):
+            if os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
+                log(f"{source}: {flag(k)} {getattr(args, k)} is dropped: it is only used with {flag(needs)}, which "
+                    "the command line turned off")
+            setattr(args, k, parser.get_default(k))
+    size = parse_size(args.size)
+    preset = unet.preset(args.model, size)
+    args.from_preset = [k for k, v in preset.items() if k not in unet.NETWORK_KEYS and getattr(args, k) is None]
+    for k in args.from_preset:
+        setattr(args, k, preset[k])
+    net = ckpt["model_config"] if ckpt else unet.model_config(args.model, size, 3, **network(args))
+    for k, v in network_flags(net).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def blame(message, args, given, source):
+    """message, saying where the flags before its first ': ' that the command line did not give came from (the
+    preset, a --config, the checkpoint): an error blames no one for a setting they never typed."""
+    origins = collections.defaultdict(list)
+    for name in dict.fromkeys(re.findall(r"(?<!\S)--[A-Za-z][A-Za-z-]*", message.split(": ")[0])):
+        key = name[2:].replace("-", "_")
+        if getattr(given, key, None) is UNSET:
+            origins[f"the {args.model} preset" if key in args.from_preset else source].append(name)
+    return message + "".join(f" ({', '.join(names)} from {where})" for where, names in origins.items() if where)
+
+
+def check_args(parser, args, ckpt, given, source):
+    """The checks that involve more than one flag, the file system or the machine; each a one-line error, saying
+    where a flag it names came from if the command line did not give it."""
     size, world, folder = parse_size(args.size), int(os.environ.get("WORLD_SIZE", "1")), args.data != "shapes"
     betas = ddpm.beta_schedule(args.schedule, args.T)
     inside = os.path.join(os.path.realpath(args.out), "").startswith(os.path.join(os.path.realpath(args.data), ""))
     done = ckpt["step"] if ckpt else 0
+    net = unet.model_config(args.model, size, 3, **network(args))
+    levels = [min(size) // 2 ** level for level in range(len(net["ch_mult"]))]
+    halvings = min((side & -side).bit_length() - 1 for side in size)  # how often --size can be halved
+    fits = len(levels) <= halvings + 1  # (else unet.check_size below names sizes that work)
     problems = [  # realpath: --out inside --data through links too, as the data search follows them
         (args.batch % (world * args.accum), f"--batch {args.batch} is not divisible by {world} process(es) x --accum"),
         (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
@@ -265,20 +372,28 @@ def check_args(parser, args, ckpt):
         (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
         (ckpt and not {"optimizer", "scaler"} <= ckpt.keys(), f"--resume: {args.out}/ckpt.pt holds no optimizer state "
          "(cut down for sampling?): sample.py can use it, but training cannot continue from it; start a new run"),
+        (given.ch_mult is not UNSET and not fits, f"--ch-mult {args.ch_mult} halves the image {len(levels) - 1} "
+         f"times, --size {args.size} only {halvings}: give at most {halvings + 1} multipliers"),
+        (fits and not set(net["attn_res"]) <= set(levels), f"--attn-res {args.attn_res}: not a level of the network at --size "
+         f"{args.size} (its levels: {', '.join(map(str, levels))}; or none)"),
     ]
     for bad, message in problems:
         if bad:
-            parser.error(message)
+            parser.error(blame(message, args, given, source))
     if ckpt and args.cond:  # a renamed class folder, or other data, would silently remap the labels
         classes = class_labels(args.data, find_images(args.data), True)[1] if folder else list(SHAPES)
         if classes != list(ckpt["classes"]):
             parser.error(f"--resume: the classes of --data {args.data} ({', '.join(classes)}) are not the "
                          f"checkpoint's ({', '.join(ckpt['classes'])}); restore them, or start a new run")
     try:
-        unet.check_size(size, unet.model_config(args.model, size, 3)["ch_mult"])
+        unet.check_size(size, net["ch_mult"])
         sample.check_device(args.device)
     except ValueError as e:
-        parser.error(str(e if "--" in str(e) else f"--size {args.size}: {e}"))
+        parser.error(blame(str(e if "--" in str(e) else f"--size {args.size}: {e}"), args, given, source))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as setup_device's
+    if args.precision == "fp16" and device.type == "cpu":
+        parser.error(blame("--precision fp16 on a CPU runs about 80x slower than fp32 (it has no fp16 kernels): give "
+                           "--precision bf16, fp32 or auto", args, given, source))
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -347,7 +462,8 @@ def class_labels(root, paths, cond):
 
 def decode_into(f, root, paths, size):
     """Decode paths in threads (Pillow releases the GIL), a few images ahead per thread, into the open file f as a .npy
-    of uint8 [N, 3, H, W]. Returns the indices of the readable paths and whether all of them are grey."""
+    of uint8 [N, 3, H, W]. Returns the indices of the readable paths, whether all of them are grey, and the errors of
+    the others."""
     fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
     n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
     header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
@@ -373,12 +489,20 @@ def decode_into(f, root, paths, size):
                 log(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
                     end="" if lead and i < n - 1 else "\n")
     if bad:
-        log(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}")
+        log_unreadable(bad, len(bad), n)
     if not keep:
         fail(f"--data {root}: none of the {n} image files could be read")
     f.seek(0)
     np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(keep), 3, *size)})
-    return keep, grey
+    return keep, grey, bad
+
+
+def log_unreadable(errors, count, n):
+    """Name the count skipped files of n, NAMED of them (read_image's errors start with the path), and count the rest:
+    one file named per run would take a run per broken file to find them all."""
+    shown = errors[:NAMED]
+    more = [f"  ... and {count - len(shown)} more"] if count > len(shown) else []
+    log("\n".join([f"skipped {count} unreadable image file(s) of {n}:", *(f"  {e}" for e in shown), *more]))
 
 
 def cache_stem(root, paths, size):
@@ -420,7 +544,8 @@ def read_cache(stem, size, n):
         with open(stem + ".json") as f:
             meta = json.load(f)
         images, keep = np.load(stem + ".npy", mmap_mode="c"), meta["keep"]
-        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool:
+        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool or \
+                type(meta.get("unreadable", [])) is not list:
             raise ValueError("its metadata is not what a decode writes")
         if images.shape != (len(keep), 3, *size) or images.dtype != np.uint8:
             raise ValueError(f"{images.dtype} {list(images.shape)} for {len(keep)} images")
@@ -436,8 +561,8 @@ def decode(root, paths, size, stem):
         try:
             started = time.time()
             os.makedirs(os.path.dirname(stem), exist_ok=True)
-            keep, grey = sample.write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = {"keep": keep, "grey": grey, "source": [root, list(size)]}
+            keep, grey, bad = sample.write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
+            meta = {"keep": keep, "grey": grey, "unreadable": bad[:NAMED], "source": [root, list(size)]}
             sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
             remove_stale_caches(stem, meta["source"], started)
             return np.load(stem + ".npy", mmap_mode="c"), meta  # copy-on-write: never written, one shared page cache
@@ -445,7 +570,7 @@ def decode(root, paths, size, stem):
             log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
     try:
         with tempfile.TemporaryFile() as f:  # unnamed: nothing is left behind, however the process ends
-            keep, grey = decode_into(f, root, paths, size)
+            keep, grey, _ = decode_into(f, root, paths, size)
             f.seek(0)
             np.lib.format.read_magic(f)
             np.lib.format.read_array_header_1_0(f)  # leaves f at the first image
@@ -470,7 +595,10 @@ def load_dataset(args, size):
         stem = None if args.no_cache else cache_stem(root, paths, size)
         if stem:
             remove_orphans(stem)  # also when the cache is found
-        images, meta = (stem and read_cache(stem, size, len(paths))) or decode(root, paths, size, stem)
+        cached = stem and read_cache(stem, size, len(paths))
+        images, meta = cached or decode(root, paths, size, stem)
+        if cached and len(meta["keep"]) < len(paths):  # a decode names them as it finds them
+            log_unreadable(meta.get("unreadable", []), len(paths) - len(meta["keep"]), len(paths))  # (older: none)
         labels, grey = labels[meta["keep"]], meta["grey"]
         unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
         if unread:
@@ -532,14 +660,19 @@ def draw_loss_curve(metrics, path):
     sample.save_png(im, path)
 
 
-def claim_run_folder(out, resume):
+def claim_run_folder(out, resume, made):
     """Create and lock --out for this process: flock's lock, which the kernel drops when its process dies however it
-    dies. A new run needs a folder with nothing of an earlier run in it. Returns the open lock file."""
+    dies. A new run needs a folder with nothing of an earlier run in it. Returns the open lock file; adds the folders
+    and the file it creates to `made`, oldest first (unclaim removes them if the start is refused)."""
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder: choose another --out")
+    new, folder, lock_path = [], os.path.abspath(out), os.path.join(out, ".lock")
+    while not os.path.exists(folder):  # --out, and the parents it needs
+        new, folder = [folder, *new], os.path.dirname(folder)
+    made += new + ([] if os.path.exists(lock_path) else [lock_path])
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "a+")
+        lock = open(lock_path, "a+")
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror}); choose another --out")
     try:
@@ -556,8 +689,15 @@ def claim_run_folder(out, resume):
     lock.truncate(0)
     lock.write(f"train.py process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     return lock
+
+
+def unclaim(made):
+    """Remove what a start that ended before its first step created in --out, newest first: the lock file, then the
+    folders (each only if empty), so that a refused start leaves --out as it was."""
+    for p in reversed(made):
+        with contextlib.suppress(OSError):
+            (os.rmdir if os.path.isdir(p) else os.remove)(p)
 
 
 class Stop:
@@ -694,10 +834,10 @@ def setup_run(args, ckpt, device, rank, world, started):
                              ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[], started=started,
                              metrics_path=os.path.join(args.out, "metrics.jsonl"), fid_of=None,
                              sample_steps=min(sample.DEFAULT_STEPS, args.T))
-    if args.fid_every and run.master:  # loaded before training, so a bad reference fails now
-        try:
-            run.fid_of = sample.fid_meter(args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights",
-                                          "--fid-n")
+    if args.fid_every and run.master:  # loaded before training, so a bad reference fails now; a folder is read at
+        try:  # --size, as the data is, and --fid-n of it drawn at random (not the first names: one class of many)
+            run.fid_of, run.fid_ref, run.fid_warning = sample.fid_meter(
+                args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights", "--fid-n", run.size)
         except ValueError as e:
             fail(str(e))
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
@@ -709,7 +849,7 @@ def setup_run(args, ckpt, device, rank, world, started):
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
     run.model_config = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
-                                                                           len(run.classes))
+                                                                           len(run.classes), **network(args))
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
         run.model = unet.UNet(**run.model_config).to(device)
@@ -748,7 +888,7 @@ def resume(run, ckpt):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"--resume: the checkpoint's {name} state does not fit its network ({sample.one_line(e, last=True)})")
     args, start, old = run.args, ckpt["step"], ckpt["config"]
-    changed = [f"--{k.replace('_', '-')} {old[k]} -> {v}" for k, v in vars(args).items()
+    changed = [f"{flag(k)} {old[k]} -> {v}" for k, v in vars(args).items()
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
     log(f"resumed {run.ckpt_path} at step {start}" + (f", with changed settings: {', '.join(changed)}" if changed else ""))
     if ckpt.get("images", len(run.images)) != len(run.images):  # older checkpoints have no count
@@ -772,7 +912,7 @@ def open_metrics(run, start):
 
 
 def config_of(args):
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "config", "from_preset")}
 
 
 def write_config(args):
@@ -842,17 +982,26 @@ def ema_samples(run, n, y):
     return torch.cat(out)
 
 
+def grid_classes(run):
+    """How many classes a conditional run's grids show: as many rows of min(8, --sample-n) as fit in --sample-n
+    (one at least), so that 200 classes do not make a grid of 1,600 samples."""
+    return max(1, min(len(run.classes), run.args.sample_n // min(8, run.args.sample_n)))
+
+
 def grid_labels(run):
-    """A sample grid's labels and size: a row of up to 8 per class for a conditional run, else no labels."""
+    """A sample grid's labels and size: for a conditional run, a row of up to 8 for each of its first grid_classes,
+    else no labels and --sample-n."""
     if not run.args.cond:
         return None, run.args.sample_n
-    y = torch.arange(len(run.classes), device=run.device).repeat_interleave(min(8, run.args.sample_n))
+    y = torch.arange(grid_classes(run), device=run.device).repeat_interleave(min(8, run.args.sample_n))
     return y, len(y)
 
 
 def write_grid(run, step):
     y, n = grid_labels(run)
-    sample.save_grid(ema_samples(run, n, y), os.path.join(run.args.out, "samples", f"step_{step:07d}.png"),
+    folder = os.path.join(run.args.out, "samples")
+    os.makedirs(folder, exist_ok=True)  # with the first grid: a start refused before it leaves no folder
+    sample.save_grid(ema_samples(run, n, y), os.path.join(folder, f"step_{step:07d}.png"),
                      nrow=8 if y is None else min(8, run.args.sample_n))
 
 
@@ -865,7 +1014,8 @@ def log_fid(run, step):
         value = run.fid_of(ema_samples(run, args.fid_n, y))
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
         return log(f"step {step} | no FID: {e}")
-    m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
+    m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_ref": f"{args.fid_ref}: {run.fid_ref}",
+         "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
@@ -904,22 +1054,24 @@ def plan_steps(run, done, ran, meter, stop):
     args.steps = int(planned.item())
     log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step, {grid:.3g} s a grid, {save:.3g} s a checkpoint: "
         f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
+    warn_if_warmup_outlasts(args)
     if run.master:
         write_config(args)
 
 
 def report(run, meter, done, loss, lr):
     """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss over
-    the whole batch: every process calls this, and their losses are averaged."""
+    the whole batch: every process calls this, and their losses are averaged. img/s and the ETA count the time of the
+    steps alone (meter["steps_s"]), not of grids, FIDs, checkpoints or pauses between them."""
     args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
     meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
     planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
-    rate = (done - meter["first"]) * args.batch / (now - meter["t0"])
+    rate = (done - meter["first"]) * args.batch / meter["steps_s"]
     eta = "?" if math.isinf(args.steps) else format_time((args.steps - done) * args.batch / max(rate, 1e-9))
     if tty:
         log(f"\rstep {done}/{planned} | loss {loss:.4f} | {rate:.1f} img/s | ETA {eta}  ", end="")
     if done % args.log_every == 0 or done == args.steps:
-        rate, mean = meter["n"] * args.batch / (now - meter["t_log"]), meter["loss"] / meter["n"]
+        rate, mean = meter["n"] * args.batch / (meter["steps_s"] - meter["logged_s"]), meter["loss"] / meter["n"]
         if run.world > 1:  # each process has its own share of the batch
             total = torch.tensor([mean], dtype=torch.float64, device=run.device)
             dist.all_reduce(total)
@@ -927,7 +1079,7 @@ def report(run, meter, done, loss, lr):
         if run.master:
             record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
         log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
-        meter.update(loss=0.0, n=0, t_log=time.perf_counter())
+        meter.update(loss=0.0, n=0, logged_s=meter["steps_s"])
 
 
 def between_steps(run, done, stop):
@@ -985,35 +1137,78 @@ def main(argv=None, started=None):
     args, ckpt = parse_args(argv)
     with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
         sys.stdout.reconfigure(errors="backslashreplace")
+    made = []  # what the start creates in --out: train empties it once a step worked
     with Stop() as stop:
         try:
-            train(args, ckpt, stop, started or time.time())
+            train(args, ckpt, stop, started or time.time(), made)
         except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable), a full disk
             fail(f"{e.filename or '--out ' + args.out}: {e.strerror or e}")
+        finally:
+            unclaim(made)  # a start refused (or stopped) before its first step leaves --out as it was
 
 
-def train(args, ckpt, stop, started):
+def log_start(run, memory):
+    """The first lines: the data, the network, the batch and the machine; then what the run trains with, the classes
+    its grids show (when not all) and a warm-up that outlasts the run."""
+    args, model, micro = run.args, run.model, run.args.batch // run.world // run.args.accum
+    attention = " and ".join(filter(None, [", ".join(f"{h}x{w}" for h, w in model.attn_sizes), "the middle"]))
+    log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
+        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
+        f"{attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
+        f"{args.precision} on {run.device}, memory {memory}")
+    log(recipe_line(args))
+    shown = grid_classes(run)
+    if args.cond and shown < len(run.classes):
+        log(f"sample grids show classes {', '.join(run.classes[:min(shown, 8)])}{', ...' if shown > 8 else ''} "
+            f"({shown} of {len(run.classes)}; --sample-n {args.sample_n}, a row of {min(8, args.sample_n)} a class)")
+    if run.fid_of:
+        log(f"FID every {args.fid_every} steps: {args.fid_n} EMA samples against {args.fid_ref}, {run.fid_ref}")
+        if run.fid_warning:
+            log(f"warning: {run.fid_warning}")
+    warn_if_warmup_outlasts(args)
+
+
+def recipe_line(args):
+    """Target, schedule, loss, T, the learning-rate plan, EMA and batch; each value the --model preset chose (no flag,
+    --config or checkpoint gave it) marked so, as a user of another preset's defaults would not expect it."""
+    def marked(key, text):
+        return f"{text} ({args.model} preset)" if key in args.from_preset else text
+    plan = f"cosine to {args.lr_min:g}" if args.cosine else "constant"
+    return (f"{marked('target', f'{args.target} target')}, {marked('schedule', f'{args.schedule} schedule')}, "
+            f"{args.loss} loss, T {args.T} | lr {marked('lr', f'{args.lr:g}')} after "
+            f"{marked('warmup', f'{args.warmup} warm-up steps')}, then {marked('cosine', plan)} | "
+            f"{marked('ema', f'EMA {args.ema:g}')} | {marked('batch', f'batch {args.batch}')}")
+
+
+def warn_if_warmup_outlasts(args):
+    """Say so when the linear warm-up does not end before the run does (--time: once its steps are planned): the
+    learning rate never reaches --lr (Ho et al.'s 5000 steps in a 40-step run: 0.8% of it)."""
+    if args.warmup >= args.steps:
+        peak = learning_rate(args, args.steps - 1)
+        preset = f" (the {args.model} preset's)" if "warmup" in args.from_preset else ""
+        log(f"warning: --warmup {args.warmup}{preset} outlasts the run's {args.steps} steps: the learning rate reaches "
+            f"{peak:.3g}, not --lr {args.lr:g}; give --warmup {args.steps // 10}, say (a tenth of the run)")
+
+
+def train(args, ckpt, stop, started, made):
     """Algorithm 1 of Ho et al.: repeat { x_0 ~ q(x_0), t ~ Uniform({1, ..., T}), eps ~ N(0, I); take a gradient
-    step on ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2 } for --steps (or --time)."""
+    step on ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2 } for --steps (or --time).
+    `made` lists what the start creates in --out until a step worked (main removes it if the start ends before)."""
     device, rank, world = setup_device(args)
     if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
-    lock = claim_run_folder(args.out, ckpt is not None) if rank == 0 else None
+    lock = claim_run_folder(args.out, ckpt is not None, made) if rank == 0 else None
     run = setup_run(args, ckpt, device, rank, world, started)
     start = ckpt["step"] if ckpt else 0
     memory = fit_memory(run)
     if args.time and not ckpt:
         args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
-    model, micro = run.model, args.batch // world // args.accum
-    log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
-        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
-        f"{', '.join(f'{h}x{w}' for h, w in model.attn_sizes)} and the middle | batch {args.batch} = {world} "
-        f"process(es) x {args.accum} accumulation x {micro} | {args.precision} on {device}, memory {memory}")
-    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), t_log=time.perf_counter())
+    log_start(run, memory)
+    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), steps_s=0.0, logged_s=0.0)
     stop.deferred = True  # from here a signal stops the loop after the step in flight
     done = start
     while done < args.steps:  # not range(): a --time run plans args.steps inside the loop
-        step = done
+        step, began = done, time.perf_counter()
         # the learning rate, data and randomness are functions of the step: resume is exact
         lr = learning_rate(args, step)
         for group in run.optimizer.param_groups:
@@ -1034,9 +1229,11 @@ def train(args, ckpt, stop, started):
             if args.compile and step == start:  # torch.compile compiles on the first call
                 fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
             raise
+        meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
         done = step + 1
         if done == start + 1:  # a failed start leaves no config.json or metrics.jsonl: they wait for a step that worked
             meter["t1"] = time.perf_counter()
+            made.clear()
             warn_if_slow(run, done, meter["t1"] - meter["t0"])
             if run.master:
                 open_metrics(run, start)

@@ -29,7 +29,8 @@ PAPER_SIZES = {
     128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
     256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, lr=2e-5, batch=64),
 }
-NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout")
+NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res")  # a preset sets all but attn_res
+ATTN_RES = (16,)  # the paper's: self-attention at 16x16
 PRESETS = {
     "paper": dict(ch=128, num_res_blocks=2, target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
     # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe, not
@@ -54,18 +55,24 @@ def paper_size(image_size):
     return min(PAPER_SIZES, key=lambda s: abs(math.log2(s / min(image_size))))
 
 
-def model_config(name, image_size, in_ch, num_classes=0):
-    """The UNet keyword arguments for a preset name at an image size (H, W), as plain Python types."""
-    cfg = {k: v for k, v in preset(name, image_size).items() if k in NETWORK_KEYS}
-    return dict(cfg, ch_mult=tuple(cfg["ch_mult"]), in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
+def model_config(name, image_size, in_ch, num_classes=0, **network):
+    """The UNet keyword arguments for a preset name at an image size (H, W), as plain Python types; `network` (any of
+    NETWORK_KEYS, e.g. ch=64, ch_mult=(1, 2, 4, 8), attn_res=()) over the preset's."""
+    unknown = set(network) - set(NETWORK_KEYS)
+    if unknown:
+        raise TypeError(f"model_config: unknown network setting(s) {', '.join(sorted(unknown))}; give any of "
+                        f"{', '.join(NETWORK_KEYS)}")
+    cfg = {**{k: v for k, v in preset(name, image_size).items() if k in NETWORK_KEYS}, **network}
+    cfg.update({k: tuple(cfg[k]) for k in ("ch_mult", "attn_res") if k in cfg})
+    return dict(cfg, in_ch=in_ch, image_size=tuple(image_size), num_classes=num_classes)
 
 
-def attention_levels(image_size, ch_mult, attn_res=(16,)):
+def attention_levels(image_size, ch_mult, attn_res=ATTN_RES):
     """The levels (0: full size, one per entry of ch_mult) with self-attention: for each side r in attn_res, the
     level whose shorter side is nearest to r by ratio. The paper attends at 16x16 in its 32x32 and 256x256 networks;
     sizes 24, 48, 96 and 192 have levels 24 and 12 (1.5x and 1.33x from 16), so 12. By ratio, as levels are a factor
     2 apart, so the token count H*W (attention's cost) is nearest the paper's too; a tie would need a side r*sqrt(2)."""
-    sides = [min(image_size) // 2 ** level for level in range(len(ch_mult))]
+    sides = [max(1, min(image_size) // 2 ** level) for level in range(len(ch_mult))]  # 1: too deep, see check_size
     return sorted({min(range(len(sides)), key=lambda i: abs(math.log2(sides[i] / r))) for r in attn_res})
 
 
@@ -149,11 +156,11 @@ class Resample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Ho et al.'s U-Net. Attention goes in the middle block and at the levels nearest each side in `attn_res`
-    (`attention_levels` of `image_size` (H, W); `attn_sizes` lists their (H, W)). `num_classes` > 0 adds a class
+    """Ho et al.'s U-Net. Attention goes in the middle block and at the levels nearest each side in `attn_res` (none
+    for `()`; `attention_levels` of `image_size` (H, W); `attn_sizes` lists their (H, W)). `num_classes` > 0 adds a class
     embedding with one extra null row, selected by label -1, for classifier-free guidance."""
 
-    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
+    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=ATTN_RES, dropout=0.1,
                  image_size=(32, 32), num_classes=0):
         super().__init__()
         try:  # numpy's and tensors' integers as Python's (a uint8 ch * mult would wrap); 2.0 is no width

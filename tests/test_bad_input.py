@@ -42,7 +42,8 @@ def made(tmp_path_factory):
     for name, config in {"steps_float": {"steps": 2.7}, "model": {"model": "huge"}, "bool": {"cosine": "false"},
                          "unknown": {"bogus": 1}, "list": {"lr": [1e-3]}, "array": [1, 2], "size_list": {"size": [16]},
                          "bool_int": {"steps": True}, "auto": {"auto": "channels"}, "auto_lr": {"auto": ["lr"]},
-                         "auto_bad": {"channels": "banana", "auto": ["channels"]}}.items():
+                         "auto_bad": {"channels": "banana", "auto": ["channels"]},
+                         "fid": {"fid_every": 5, "fid_ref": str(images)}}.items():
         (top / f"{name}.json").write_text(json.dumps(config))
     (top / "garbage.json").write_text("{not json")
     (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
@@ -97,7 +98,7 @@ def refused(main, argv, words, made, capsys):
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for w in words:
-        assert w in err, err
+        assert w.replace("{d}", str(made)) in err, err
     assert snapshot(made / "run") == before
 
 
@@ -186,6 +187,21 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--resume", "--steps", "4", "--loss", "l1", "--cond"], ["--loss l1", "--cond True"]),
     (["--resume", "--steps", "2"], ["--steps 2", "already at step 2"]),
     (["--resume", "--steps", "4", "--lr", "0"], ["--lr"]),
+    (["--ch", "48"], ["--ch", "48 is not a multiple of 32"]),
+    (["--ch", "0"], ["--ch", "[32, inf)"]),
+    (["--ch-mult", "1,x"], ["--ch-mult", "like 1,2,2,2"]),
+    (["--ch-mult", "0"], ["--ch-mult"]),
+    (["--num-res-blocks", "0"], ["--num-res-blocks"]),
+    (["--dropout", "1"], ["--dropout", "[0, 1)"]),
+    (["--attn-res", "16x16"], ["--attn-res", "like 16,8"]),
+    (["--model", "tiny", "--size", "16", "--ch-mult", "1,2,2,2,2,2"], ["--ch-mult 1,2,2,2,2,2", "--size 16", "at most 5"]),
+    (["--model", "tiny", "--size", "16", "--attn-res", "12"], ["--attn-res 12", "its levels: 16, 8, 4; or none"]),
+    (["--resume", "--steps", "4", "--ch", "64"], ["--resume", "--ch 64 (the checkpoint's: 32)"]),
+    (["--resume", "--steps", "4", "--attn-res", "none"], ["--attn-res none (the checkpoint's: 16)"]),
+    (["--precision", "fp16", "--device", "cpu"], ["--precision fp16", "CPU", "bf16, fp32 or auto"]),
+    (["--config", "{d}/fid.json", "--time", "5m"], ["--time cannot plan around --fid-every", "(--fid-every from "
+                                                    "--config {d}/fid.json)"]),
+    (["--model", "tiny", "--lr-min", "0.01"], ["--lr-min 0.01 is above --lr 0.002 (--lr from the tiny preset)"]),
     ([], ["--out", "holds an earlier run", "--resume"]),
 ]
 
@@ -541,6 +557,49 @@ def test_a_half_written_metrics_line_and_a_precision_change_do_not_stop_a_resume
     train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "2", *TINY])
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # what a kill during an append leaves
-    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--precision", "fp16"])
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--precision", "bf16"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert steps == [2, 4] and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_a_refused_start_leaves_out_as_it_was(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(b"\x89PNG garbage")  # refused after the run folder was claimed
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "run", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "1", *TINY])
+        assert e.value.code == 2 and "none of the 1 image files could be read" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "empty") == []  # no .lock, no samples/
+
+
+def test_fid_is_switched_off_on_resume_or_over_a_config_and_an_inherited_setting_is_never_blamed(made, tmp_path,
+                                                                                                 capsys):
+    shutil.copytree(made / "run", tmp_path / "r")
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    ckpt["config"].update(fid_every=2, fid_ref=str(made / "images"), fid_n=4)  # a run with FID during training
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    (tmp_path / "c.json").write_text(json.dumps(ckpt["config"]))
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3", "--fid-every", "0"])
+    assert f"--fid-ref {made / 'images'} is dropped: it is only used with --fid-every, which the command line " \
+           "turned off" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["fid_ref"] is None
+    train.main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "b"), "--steps", "1", "--fid-ref", ""])
+    assert f"--config {tmp_path / 'c.json'}: --fid-every 2 is dropped" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["fid_every"] == 0
+    ckpt["config"].update(precision="fp16")  # trained on a GPU
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--device", "cpu"])
+    assert f"(--precision from the checkpoint {tmp_path / 'r' / 'ckpt.pt'})" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_network_flags_resumes_its_own_network(made, tmp_path):
+    shutil.copytree(made / "run", tmp_path / "r")
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    for k in ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res"):
+        del ckpt["config"][k]
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert [cfg[k] for k in ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res")] == [32, "1,2,2", 1, 0.0, "16"]

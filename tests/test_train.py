@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +91,24 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
     assert line.startswith("FID ") and "(n = 4, dpm++ 2 steps" in line and float(line.split()[1]) > 0
 
 
-def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch):
+def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch, capsys):
     weights = fid_weights()  # $FID_WEIGHTS or the cache; without them the test is skipped here
     monkeypatch.chdir(folder.parent)  # a relative --fid-ref is stored absolute, as --data is: --resume finds it
+    import fid
+    read, sizes = fid.read_image, set()
+    monkeypatch.setattr(fid, "read_image", lambda path, verify=False, size=None: verify or sizes.add(size) or
+                        read(path, verify, size))
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "4", *TINY,
                 "--fid-every", "2", "--fid-ref", folder.name, "--fid-n", "4", "--fid-weights", str(weights)])
     assert json.loads((tmp_path / "r" / "config.json").read_text())["fid_ref"] == str(folder)
     metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     fids = [m for m in metrics if "fid" in m]
     assert [m["step"] for m in fids] == [2, 4] and all(m["fid_n"] == 4 for m in fids)
+    # the reference: a random 4 of the 12 (not the first 4 names: one class), read at --size as the data is
+    which = "a uniform random 4 of its 12 images (seed 0), read at 16x16"
+    assert sizes == {(16, 16)} and all(m["fid_ref"] == f"{folder}: {which}" for m in fids)
+    out = capsys.readouterr().out
+    assert f"FID every 2 steps: 4 EMA samples against {folder}, {which}" in out and "biased upward" in out
     assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps"
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
     assert (tmp_path / "r" / "loss.png").exists()
@@ -505,7 +515,7 @@ def test_a_first_step_the_user_can_fix_is_one_line(folder, tmp_path, monkeypatch
         train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--compile"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
-    assert sorted(os.listdir(tmp_path / "r")) == [".lock", "samples"]  # nothing that would refuse a retry
+    assert not (tmp_path / "r").exists()  # a start that made no step leaves nothing: no .lock, no samples/
 
 
 def test_a_memory_probe_that_runs_out_of_memory_is_one_line(folder, tmp_path, monkeypatch, capsys):
@@ -592,3 +602,100 @@ def test_class_indices_are_plain_numbers():
     assert sample.class_labels(numbered, "5", 0.0, 1).tolist() == [4]  # a name, never the index
     with pytest.raises(ValueError, match="--class 4: not a class of this checkpoint; choose one of 0, 1, 2, 3, 5"):
         sample.class_labels(numbered, "4", 0.0, 1)  # not index 4, folder 5
+
+
+def test_the_network_flags_build_the_network_over_the_preset_and_are_recorded(folder, tmp_path, capsys):
+    flags = ["--ch", "64", "--ch-mult", "1,2", "--num-res-blocks", "2", "--dropout", "0.1", "--attn-res", "none"]
+    train.main(["--data", str(folder), "--out", str(tmp_path / "a"), "--steps", "1", *TINY, *flags])
+    expected = unet.model_config("tiny", (16, 16), 3, ch=64, ch_mult=(1, 2), num_res_blocks=2, dropout=0.1, attn_res=())
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model_config"] == expected
+    model = unet.UNet(**expected)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert f"tiny network, {millions:.2f}M parameters, attention at the middle |" in capsys.readouterr().out
+    assert model.attn_sizes == [] and millions > 2  # tiny's own network has 0.5M
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert [cfg[k] for k in unet.NETWORK_KEYS] == [64, "1,2", 2, 0.1, "none"]
+    train.main(["--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--steps", "1"])
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model_config"] == expected  # repeated
+    train.main(["--out", str(tmp_path / "a"), "--resume", "--steps", "2", "--ch-mult", "1, 2"])  # the same: no change
+
+
+def test_the_network_keywords_of_model_config_and_the_flags_defaults_are_the_presets():
+    assert unet.model_config("tiny", (32, 32), 3, ch=64) == dict(unet.model_config("tiny", (32, 32), 3), ch=64)
+    assert unet.model_config("paper", (32, 32), 3) == dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1,
+                                                          in_ch=3, image_size=(32, 32), num_classes=0)  # the paper's
+    assert unet.UNet(**unet.model_config("paper", (32, 32), 3, ch=32, attn_res=(16, 8))).attn_sizes == [(16, 16), (8, 8)]
+    with pytest.raises(TypeError, match="unknown network setting.*dim"):
+        unet.model_config("tiny", (32, 32), 3, dim=64)  # lucidrains' name
+    for argv, network in [(["--size", "32"], [128, "1,2,2,2", 2, 0.1, "16"]),
+                          (["--size", "24", "--model", "tiny"], [32, "1,2,2", 1, 0.0, "12"]),
+                          (["--size", "32", "--attn-res", "8,16", "--ch", "32"], [32, "1,2,2,2", 2, 0.1, "16,8"])]:
+        args, _ = train.parse_args(argv)
+        assert [getattr(args, k) for k in unet.NETWORK_KEYS] == network, argv
+
+
+def test_the_second_line_names_the_recipe_and_marks_what_the_preset_chose(folder, tmp_path, capsys):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, "--loss", "l1",
+                "--warmup", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[out.index(next(line for line in out if "M parameters" in line)) + 1] == (
+        "v target (tiny preset), cosine schedule (tiny preset), l1 loss, T 1000 | lr 0.002 (tiny preset) after 1 "
+        "warm-up steps, then cosine to 0 (tiny preset) | EMA 0.995 (tiny preset) | batch 4")
+    assert not any(line.startswith("warning") for line in out)
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])  # the checkpoint gives them all
+    assert "v target, cosine schedule, l1 loss, T 1000 | lr 0.002 after 1 warm-up steps, then cosine to 0 | EMA " \
+           "0.995 | batch 4" in capsys.readouterr().out.splitlines()
+    args, _ = train.parse_args(["--model", "paper", "--steps", "40", "--out", str(tmp_path / "p")])
+    assert train.recipe_line(args) == (
+        "eps target (paper preset), linear schedule (paper preset), mse loss, T 1000 | lr 0.0002 (paper preset) after "
+        "5000 warm-up steps (paper preset), then constant (paper preset) | EMA 0.9999 (paper preset) | batch 128 "
+        "(paper preset)")
+    train.warn_if_warmup_outlasts(args)
+    assert capsys.readouterr().out == ("warning: --warmup 5000 (the paper preset's) outlasts the run's 40 steps: the "
+                                       "learning rate reaches 1.6e-06, not --lr 0.0002; give --warmup 4, say (a tenth "
+                                       "of the run)\n")
+
+
+def test_a_time_budget_warns_of_a_warm_up_longer_than_the_steps_it_plans(folder, tmp_path, capsys):
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--time", "2s", *TINY, "--warmup", "100000"])
+    out = capsys.readouterr().out.splitlines()
+    planned = next(i for i, line in enumerate(out) if line.startswith("--time 0m02s: "))
+    assert not any("warning" in line for line in out[:planned])  # no steps to compare with before
+    assert out[planned + 1].startswith("warning: --warmup 100000 outlasts the run's "), out
+
+
+def test_every_unreadable_image_is_named_and_a_run_from_the_cache_names_them_again(folder, tmp_path, capsys):
+    broken = [folder / f"broken{i:02d}.png" for i in range(22)]
+    for p in broken:
+        p.write_bytes(b"\x89PNG garbage")
+    for out in ("a", "b"):  # b: the cache a's decode wrote
+        train.main(["--data", str(folder), "--out", str(tmp_path / out), "--steps", "1", *TINY])
+        lines = capsys.readouterr().out.splitlines()
+        first = lines.index("skipped 22 unreadable image file(s) of 34:")
+        named = lines[first + 1:first + 21]
+        assert [line.split(": ")[0] for line in named] == [f"  {p}" for p in broken[:20]], named
+        assert all("not a readable image" in line for line in named) and lines[first + 21] == "  ... and 2 more"
+    assert not any(line.startswith("decoded") for line in lines)  # b read the cache
+
+
+def test_a_conditional_grid_holds_at_most_sample_n_images_of_the_first_classes(folder, tmp_path, capsys):
+    def grid(classes, n):
+        args = argparse.Namespace(cond=True, sample_n=n)
+        y, size = train.grid_labels(argparse.Namespace(args=args, classes=list(range(classes)), device="cpu"))
+        return y.tolist(), size
+    assert grid(200, 64) == ([c for c in range(8) for _ in range(8)], 64)  # not 1,600
+    assert grid(200, 2) == ([0, 0], 2) and grid(200, 20)[1] == 16 and grid(3, 64)[1] == 24  # (all 3 classes)
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY, "--cond"])
+    assert "sample grids show classes blue (1 of 2; --sample-n 8, a row of 8 a class)" in capsys.readouterr().out
+    assert Image.open(tmp_path / "r" / "samples" / "step_0000001.png").size == (8 * 18 + 2, 18 + 2)  # 8 of class 0
+
+
+def test_img_per_s_counts_the_time_of_the_steps_alone(folder, tmp_path, monkeypatch):
+    hours = []  # each call of between_steps: an hour of grids, FIDs and checkpoints, or a pause, on train.py's clock
+    clock = types.SimpleNamespace(time=time.time, strftime=time.strftime,
+                                  perf_counter=lambda: time.perf_counter() + 3600 * len(hours))
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "between_steps", lambda run, done, stop: hours.append(done))
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2", *TINY])
+    [m] = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert hours == [1, 2] and m["step"] == 2 and m["img_per_s"] > 0.1  # with the hour: 8 images in 3600 s
