@@ -982,27 +982,23 @@ def ema_samples(run, n, y):
     return torch.cat(out)
 
 
-def grid_classes(run):
-    """How many classes a conditional run's grids show: as many rows of min(8, --sample-n) as fit in --sample-n
-    (one at least), so that 200 classes do not make a grid of 1,600 samples."""
-    return max(1, min(len(run.classes), run.args.sample_n // min(8, run.args.sample_n)))
-
-
 def grid_labels(run):
-    """A sample grid's labels and size: for a conditional run, a row of up to 8 for each of its first grid_classes,
-    else no labels and --sample-n."""
+    """A sample grid's labels, size and row length, at most --sample-n images: conditional, a row of min(8,
+    --sample-n // classes) per class (10 digits, 64: rows of 6), or, with fewer images than classes, one each of
+    classes spread in order over them (200 classes made grids of 1,600); unconditional, no labels, 8 a row."""
+    n, classes = run.args.sample_n, len(run.classes)
     if not run.args.cond:
-        return None, run.args.sample_n
-    y = torch.arange(grid_classes(run), device=run.device).repeat_interleave(min(8, run.args.sample_n))
-    return y, len(y)
+        return None, n, 8
+    per_class = min(8, n // classes)
+    y = torch.arange(classes).repeat_interleave(per_class) if per_class else torch.arange(n) * classes // n
+    return y.to(run.device), len(y), per_class or 8
 
 
 def write_grid(run, step):
-    y, n = grid_labels(run)
+    y, n, nrow = grid_labels(run)
     folder = os.path.join(run.args.out, "samples")
     os.makedirs(folder, exist_ok=True)  # with the first grid: a start refused before it leaves no folder
-    sample.save_grid(ema_samples(run, n, y), os.path.join(folder, f"step_{step:07d}.png"),
-                     nrow=8 if y is None else min(8, run.args.sample_n))
+    sample.save_grid(ema_samples(run, n, y), os.path.join(folder, f"step_{step:07d}.png"), nrow=nrow)
 
 
 def log_fid(run, step):
@@ -1032,7 +1028,7 @@ def plan_steps(run, done, ran, meter, stop):
     if not ready.item():
         return
     step_seconds = seconds / (ran - 1) if ran > 1 else meter["t1"] - meter["t0"]  # a signal before step 2
-    y, n = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
+    y, n, _ = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
     x = torch.randn(min(n, CHUNK), args.channels, *run.size, device=run.device)
     t = torch.full((len(x),), args.T // 2, device=run.device)
     start = time.perf_counter()
@@ -1157,10 +1153,11 @@ def log_start(run, memory):
         f"{attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
         f"{args.precision} on {run.device}, memory {memory}")
     log(recipe_line(args))
-    shown = grid_classes(run)
-    if args.cond and shown < len(run.classes):
-        log(f"sample grids show classes {', '.join(run.classes[:min(shown, 8)])}{', ...' if shown > 8 else ''} "
-            f"({shown} of {len(run.classes)}; --sample-n {args.sample_n}, a row of {min(8, args.sample_n)} a class)")
+    y = grid_labels(run)[0]
+    if args.cond and len(y) < len(run.classes):
+        shown = [run.classes[i] for i in y.tolist()]
+        log(f"sample grids show {len(y)} of the {len(run.classes)} classes, one image each, spread in order: "
+            f"{', '.join(shown[:3])}, ..., {shown[-1]} (--sample-n {args.sample_n}; give {len(run.classes)} for all)")
     if run.fid_of:
         log(f"FID every {args.fid_every} steps: {args.fid_n} EMA samples against {args.fid_ref}, {run.fid_ref}")
         if run.fid_warning:

@@ -678,16 +678,20 @@ def test_every_unreadable_image_is_named_and_a_run_from_the_cache_names_them_aga
     assert not any(line.startswith("decoded") for line in lines)  # b read the cache
 
 
-def test_a_conditional_grid_holds_at_most_sample_n_images_of_the_first_classes(folder, tmp_path, capsys):
+def test_a_conditional_grid_holds_at_most_sample_n_images_and_every_class_that_fits(folder, tmp_path, capsys):
     def grid(classes, n):
         args = argparse.Namespace(cond=True, sample_n=n)
-        y, size = train.grid_labels(argparse.Namespace(args=args, classes=list(range(classes)), device="cpu"))
-        return y.tolist(), size
-    assert grid(200, 64) == ([c for c in range(8) for _ in range(8)], 64)  # not 1,600
-    assert grid(200, 2) == ([0, 0], 2) and grid(200, 20)[1] == 16 and grid(3, 64)[1] == 24  # (all 3 classes)
+        y, size, nrow = train.grid_labels(argparse.Namespace(args=args, classes=list(range(classes)), device="cpu"))
+        return y.tolist(), size, nrow
+    assert grid(200, 64) == ([i * 200 // 64 for i in range(64)], 64, 8)  # not 1,600: 64 classes spread, one each
+    assert grid(10, 64) == ([c for c in range(10) for _ in range(6)], 60, 6)  # all ten digits, a row of 6 each
+    assert grid(200, 2)[:2] == ([0, 100], 2) and grid(3, 64)[1:] == (24, 8)
     train.main(["--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "1", *TINY, "--cond"])
-    assert "sample grids show classes blue (1 of 2; --sample-n 8, a row of 8 a class)" in capsys.readouterr().out
-    assert Image.open(tmp_path / "r" / "samples" / "step_0000001.png").size == (8 * 18 + 2, 18 + 2)  # 8 of class 0
+    assert "sample grids show" not in capsys.readouterr().out  # --sample-n 8 holds both classes, a row of 4 each
+    assert Image.open(tmp_path / "r" / "samples" / "step_0000001.png").size == (4 * 18 + 2, 2 * 18 + 2)
+    train.main(["--data", str(folder), "--out", str(tmp_path / "r1"), "--steps", "1", *TINY, "--cond", "--sample-n", "1"])
+    assert "sample grids show 1 of the 2 classes, one image each, spread in order: blue, ..., blue (--sample-n 1; " \
+           "give 2 for all)" in capsys.readouterr().out
 
 
 def test_img_per_s_counts_the_time_of_the_steps_alone(folder, tmp_path, monkeypatch):
