@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 
+# The default sampler and its steps (sample.py's, and training's sample grids and FIDs): the best quality for the time
+# we measured (docs/benchmarks.md, "Samplers").
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
+
+
 def beta_schedule(name, T):
     """Betas [T] in float64: 'linear' (Ho et al.: 1e-4 to 0.02 at T = 1000, scaled by 1000/T otherwise, as
     Nichol & Dhariwal do) or 'cosine' (Nichol & Dhariwal 2021, eq. 17, s = 0.008, clipped at 0.999)."""

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -45,7 +46,7 @@ SUBSET_SEED = 0  # which n images of a folder --n takes (readable_files)
 COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
 
-class FIDError(Exception):
+class FIDError(ValueError):
     """A problem the user can fix (a path, a file, a flag): the CLI prints it as one line and exits with 2."""
 
 
@@ -611,6 +612,29 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, siz
     mu1, sigma1 = statistics(activations(samples[:n], model, device=device))
     mu2, sigma2 = reference_stats(ref, model, n=n, device=device, size=size)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def meter(ref, n, weights=None, device=None, size=None, flag='--fid', names=None):
+    """(fid_of, reference, warning) for a program that scores its samples (train.py --fid-every, sample.py --fid):
+    fid_of(samples) is the FID of the first n against ref (fid_from_samples); `reference` says which images of a
+    folder that compares with (subset_note, and the size they are read at); `warning` is bias_warning(n). The network
+    and ref's statistics load now, so a bad one fails before any sampling. FIDErrors start with `flag`, and `names`
+    renames fid.py's own flags in them (e.g. {'--weights': '--fid-weights', '--n': '--fid-n'})."""
+    names = {'--weights': '--fid-weights', '--n': '--n', **(names or {})}
+
+    def said(work, *args, **kwargs):
+        try:
+            return work(*args, **kwargs)
+        except FIDError as e:  # fid.py names its flags first or last in a message, never where a path may stand
+            message = re.sub(r'^--weights\b|--weights(?= PATH$)|--n$', lambda m: names[m[0]], str(e))
+            raise FIDError(f'{flag}: {message}') from None
+    model = said(load_inception, weights, device)
+    said(reference_stats, ref, model, n=n, device=device, size=size)
+    reference = said(subset_note, ref, n) + (f', read at {size[0]}x{size[1]}' if size and Path(ref).is_dir() else '')
+
+    def fid_of(samples):
+        return said(fid_from_samples, samples, ref, n, model=model, device=device, size=size)
+    return fid_of, reference, bias_warning(n)
 
 
 # --- Command line

@@ -10,16 +10,13 @@ The checkpoint carries the network and diffusion configuration; the EMA weights 
 """
 import argparse
 import contextlib
-import errno
 import math
 import os
 import re
 import signal
 import sys
 import tempfile
-import time
 import warnings
-import zipfile
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
     signal.signal(signal.SIGINT, lambda *_: (print("\nsample.py: interrupted while starting; nothing was written",
@@ -30,219 +27,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageOps
 
+import data
 import ddpm
-import unet
+from data import number, path
 
-# The default sampler and step count: the best quality for the time we measured (docs/benchmarks.md, "Samplers").
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
 GRID_MAX = 256  # the sample grid shows at most the first 256 samples
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors ("sample.py: error: argument --eta: ..."), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n".replace("\n", "\\n", message.count("\n")))
-
-
-def number(kind, interval):
-    """An argparse type: a finite `kind` (int or float) within `interval`, written like "[0, 1)" or "(0, inf)"."""
-    low, high = (float(v) for v in interval[1:-1].split(","))
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and (value > low if interval[0] == "(" else value >= low)
-                and (value < high if interval[-1] == ")" else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
-        return value
-    return parse
-
-
-def one_line(error, last=False):
-    """The first (or last: where torch puts the cause) line of an exception's message, for a one-line error."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return (lines[-1] if last else lines[0]).strip()[:200]
-
-
-def out_of_memory(error):
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
-
-
-def path(text):
-    """An argparse type for paths: an empty one would quietly mean the current folder, or nothing."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path")
-    return text
-
-
-def check_device(name):
-    """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
-    try:
-        device = torch.device("cpu" if name is None else name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    api = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
-    if device.type != "cpu" and not (api and api.is_available() and (device.index or 0) < api.device_count()):
-        raise ValueError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
-
-
-def fastest_precision(device):
-    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32': on CUDA any GPU with bf16; on a
-    CPU it depends (AVX512-BF16/AMX: bf16 wins; AVX2: ~50x slower), so one convolution is timed both ways."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(8, 64, 16, 16)
-    seconds, threads = {"fp32": math.inf, "bf16": math.inf}, torch.get_num_threads()
-    torch.set_num_threads(1)  # threads that wait for each other time the scheduler on a busy machine, not the ISA
-    try:
-        for turn in range(10):  # taking turns, best of ten: a busy machine slows some tries, not a whole side
-            for name in seconds:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                    conv(x)  # warm-up
-                    start = time.perf_counter()
-                    conv(x)
-                    seconds[name] = min(seconds[name], time.perf_counter() - start)
-            if turn >= 2 and seconds["bf16"] > 4 * seconds["fp32"]:  # AVX2: decided, and each bf16 try is slow
-                break
-    finally:
-        torch.set_num_threads(threads)
-    return "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
-
-
-# --- files: images, atomic writes and the checkpoint (train.py writes through these too) ------------------
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what counts as an image file
-
-
-def read_image(path, size, resample=Image.Resampling.LANCZOS):
-    """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
-    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (never a FIFO)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
-    try:
-        with Image.open(path) as im:  # Pillow refuses over twice its pixel limit and only warns below: refused here
-            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
-            im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
-            kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
-            if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PGM, a PNG in Pillow 10.0
-                raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
-            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8; a transparent grey value becomes alpha
-                grey, transparent = np.asarray(im, np.float64), im.info.get("transparency")
-                im = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
-                if transparent is not None:
-                    im.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-            return np.array(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))  # writable: asarray's is not
-    except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def write_atomically(path, write, tmp=None):
-    """write(f) to a temporary file beside path (`tmp`, or PATH.<random>.tmp: a link at path is written through),
-    flushed, then renamed to path: no reader sees part of a file. A device or FIFO at path is refused, not replaced."""
-    if os.path.exists(path) and not os.path.isfile(path):  # (as root, a grid saved to /dev/null would replace it)
-        raise OSError(errno.EEXIST, "exists and is not a regular file", path)
-    if tmp is None:  # not mkstemp's file, which is private (0600): a written file gets the umask's mode
-        path = os.path.realpath(path)
-        tmp = f"{path}.{os.getpid()}{os.urandom(4).hex()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            result = write(f)
-            f.flush()
-            try:
-                os.fsync(f.fileno())
-            except OSError as e:  # a file system without fsync: the rename still keeps readers from a partial file
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-                    raise
-        os.replace(tmp, path)
-        return result
-    except OSError as e:  # a full disk, say: named by the file it was for, not the temporary one
-        raise OSError(e.errno, e.strerror or str(e), path) from None
-    finally:  # an error removes the temporary file; a kill leaves it, under a name nothing reads
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-
-
-# The checkpoint, one dict of plain types and tensors (torch.load weights_only). format 2: attention's dense
-# layers stored 2-D. Training adds the optimizer and scaler states, which sampling does not need.
-FORMAT = 2
-CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": dict, "diffusion": dict,  # and types
-                   "classes": (list, tuple), "model": dict, "ema": dict}
-
-
-def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
-    """CHECKPOINT_KEYS, the training state and the number of training images (--resume says if --data changed)."""
-    return dict(format=FORMAT, step=step, config=config, model_config=model_config, diffusion=diffusion.config(),
-                classes=classes, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), images=images)
-
-
-def load_checkpoint(path):
-    """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
-    if not os.path.isfile(path):
-        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "not a regular file" if \
-            os.path.exists(path) else "a link to a missing file" if os.path.islink(path) else "no such checkpoint file"
-        raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
-    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:
-        damaged = archive.testzip()  # torch.save writes a zip, and torch.load checks no checksum: a flipped bit loads
-        if damaged:
-            raise ValueError(f"{path}: damaged ({damaged} fails its checksum); use another copy or checkpoint")
-    try:
-        with open(path, "rb") as f:  # torch.save writes a zip: header first, directory last (a cut one has none)
-            if f.read(4) in (b"", b"PK\x03\x04") and not zipfile.is_zipfile(f):  # torch's error varies with the cut
-                raise EOFError
-        with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
-        first = one_line(e).split(". ")[0]  # (torch's next sentences advise weights_only=False: never here)
-        if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # (torch < 2.4 says class)
-            first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
-        elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
-            first = "damaged, or not a file torch.save wrote"
-        elif isinstance(e, EOFError) or "central directory" in first:  # a zip's directory is at its end
-            first = "empty or cut short: a partial copy or download?"
-        raise ValueError(f"{path}: not a loadable checkpoint ({first})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
-    wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
-    if wrong:
-        raise ValueError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
-    if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
-        raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
-    config, classes = ckpt["model_config"], ckpt["classes"]
-    size, n = config.get("image_size"), config.get("num_classes", 0)
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
-        raise ValueError(f"{path}: not a train.py checkpoint (its image_size {size!r} is not (H, W))")
-    if type(n) is not int or n < 0 or ckpt["step"] < 0:
-        raise ValueError(f"{path}: not a train.py checkpoint (its num_classes {n!r}, step {ckpt['step']})")
-    if n and not (all(type(c) is str for c in classes) and len(set(classes)) == len(classes) == n):
-        raise ValueError(f"{path}: its classes are not {n} different names, one per class of its network")
-    broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
-              if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
-    if broken:
-        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
-                         "use an earlier checkpoint")
-    return ckpt
-
-
-def build(ckpt, ema=True, device="cpu"):
-    """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; ValueError if they do not build or fit."""
-    try:
-        model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint: its configuration does not build a network here ({e})") from None
-    try:
-        model.load_state_dict(ckpt["ema" if ema else "model"])
-    except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
-        raise ValueError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
-    return model.to(device).eval(), diffusion.to(device)
 
 
 def class_labels(ckpt, cls, guidance, n, nrow=8):
@@ -288,45 +77,11 @@ def check_null_label(ckpt, guidance, picture):
                          f"{advice}train with --p-uncond above 0 (e.g. 0.1)")
 
 
-def to_uint8(x):
-    """[N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
-    """Images [N, C, H, W] in [-1, 1] as one Pillow image on white, nrow a row (fewer images: one row of them), each
-    enlarged `scale` times (nearest neighbour: pixels stay pixels); `labels` captions the columns."""
-    images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
-    n, h, w, c = images.shape
-    if not n or nrow < 1:
-        raise ValueError(f"a grid of {n} images, {nrow} a row: give at least one of each")
-    nrow = min(nrow, n)
-    top = 12 if labels else 0
-    grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for i, im in enumerate(images):
-        row, left = top + pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
-        grid[row:row + h, left:left + w] = im
-    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    draw = ImageDraw.Draw(picture)
-    for k, text in enumerate(labels or []):
-        draw.text((pad + k * (w + pad), 1), text, fill=0)
-    return picture
-
-
-def save_grid(x, path, nrow=8):
-    save_png(grid_image(x, nrow), path)
-
-
-def save_png(image, path):
-    """A Pillow image as a PNG file, written atomically: a full disk or a kill leaves no broken file."""
-    write_atomically(path, lambda f: image.save(f, format="PNG"))
-
-
 def load_image(path, channels, size, resample=Image.Resampling.LANCZOS):
-    """An image file (read_image) as [1, C, H, W] in [-1, 1]; grey (C = 1) is ITU-R 601-2 luma, as Pillow's "L"."""
-    with warnings.catch_warnings():  # read_image refuses a decompression bomb; Pillow's warning would be a 2nd line
+    """An image file (data.read_image) as [1, C, H, W] in [-1, 1]; grey (C = 1) is ITU-R 601-2 luma, as Pillow's "L"."""
+    with warnings.catch_warnings():  # data.read_image refuses a decompression bomb; Pillow's warning would be a 2nd line
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.fromarray(read_image(path, size, resample)).convert("L" if channels == 1 else "RGB")
+        image = Image.fromarray(data.read_image(path, size, resample)).convert("L" if channels == 1 else "RGB")
     return torch.from_numpy(np.array(image)).view(*size, channels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
@@ -367,10 +122,10 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         chosen = [steps[round(i * (len(steps) - 1) / max(width - 1, 1))] for i in range(width)]
         rows = [torch.stack([s[k][i] for s in chosen]) for i in range(n) for k in (1, 2)]
         zoom = scale([f"t={t}" for t, _, _ in steps])  # one for the strip and every frame
-        strip = grid_image(torch.cat(rows), nrow=width, scale=zoom, labels=[f"t={t}" for t, _, _ in chosen])
+        strip = data.grid_image(torch.cat(rows), nrow=width, scale=zoom, labels=[f"t={t}" for t, _, _ in chosen])
         every = max(1, len(steps) // 100)  # at most ~100 frames, always ending on the last step
         shown = [steps[i] for i in sorted({*range(0, len(steps), every), len(steps) - 1})]
-        return strip, [grid_image(torch.cat([xt, x0]), nrow=n, scale=zoom, labels=[f"t={t}"]) for t, xt, x0 in shown]
+        return strip, [data.grid_image(torch.cat([xt, x0]), nrow=n, scale=zoom, labels=[f"t={t}"]) for t, xt, x0 in shown]
     if picture == "forward":  # q(x_t | x_0 = image) at each t, one noise draw
         noise = torch.randn(images[0].shape, generator=g, device=device)
         x = torch.cat([diffusion.q_sample(images[0], torch.tensor([t], device=device), noise) for t in ts])
@@ -393,21 +148,21 @@ def draw_picture(picture, model, diffusion, shape, n, loop, seed=0, labels=None,
         for _, x, _ in diffusion.loop(model, x, y=None if y is None else y.repeat_interleave(frames), **loop):
             pass
         columns = [f"{a:.2f}" for a in alphas.tolist()]
-    return grid_image(x, nrow=len(columns), scale=scale(columns), labels=columns)
+    return data.grid_image(x, nrow=len(columns), scale=scale(columns), labels=columns)
 
 
 def save_picture(picture, path):
     """A strip as PNG, or (strip, frames) as the strip's PNG or a GIF holding the last frame for two seconds."""
     strip, frames = picture if isinstance(picture, tuple) else (picture, None)
     if path.lower().endswith(".gif"):
-        write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+        data.write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                         loop=0, duration=[60] * (len(frames) - 1) + [2000]))
     else:
-        save_png(strip, path)
+        data.save_png(strip, path)
 
 
 def build_parser():
-    p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
     p.add_argument("ckpt", type=path, nargs="?", help="a checkpoint written by train.py (--forward can do without)")
     p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"),
@@ -415,9 +170,9 @@ def build_parser():
                    "order); torchrun takes --n itself: write --num-samples there")
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
+    p.add_argument("--sampler", default=ddpm.DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
                    help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
-    p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {DEFAULT_STEPS}, or T if fewer)")
+    p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {ddpm.DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
     p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
                    "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w); "
@@ -496,7 +251,7 @@ def check_args(args, world=1):
          "--process: give a .gif or .png path"),
         (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
         (args.cls is not None or args.guidance, not fixed, f"--class and --guidance are not used by --{picture}"),
-        (args.steps or args.sampler != DEFAULT_SAMPLER, not fixed,
+        (args.steps or args.sampler != ddpm.DEFAULT_SAMPLER, not fixed,
          f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
         (args.fid_weights, args.fid, "--fid-weights is only used with --fid"),
@@ -509,7 +264,7 @@ def check_args(args, world=1):
     if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
         raise ValueError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
     if args.ckpt and not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
-        load_checkpoint(args.ckpt)
+        data.load_checkpoint(args.ckpt)
     out, flag = (args.process, "--process") if args.process else (grid, "--grid")
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.lexists(out) and not os.path.isfile(out):
@@ -519,7 +274,7 @@ def check_args(args, world=1):
     check_folder(folder, f"{flag} {out}")
     if args.out_dir:
         check_out_dir(args.out_dir, args.replace)
-    check_device(args.device)
+    data.check_device(args.device)
     return picture, grid
 
 
@@ -542,7 +297,7 @@ def check_out_dir(folder, replace):
         raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
     found = sorted(f for f in os.listdir(folder) if not f.startswith(".")) if existing == given else []  # as FID
     images = [f for f in found if os.path.isfile(os.path.join(folder, f))  # or a killed write's NAME.png.<random>.tmp
-              and os.path.splitext(re.sub(r"\.\w+\.tmp$", "", f))[1].lower() in IMAGE_EXTS]
+              and os.path.splitext(re.sub(r"\.\w+\.tmp$", "", f))[1].lower() in data.IMAGE_EXTS]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
         raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
@@ -560,7 +315,7 @@ def main(argv=None):
     except ValueError as e:  # every refusal: before sampling, or an FID that cannot be computed after it
         p.error(str(e))
     except RuntimeError as e:
-        if not out_of_memory(e):
+        if not data.out_of_memory(e):
             raise
         p.error(f"out of memory on {args.device}: give a smaller --batch-size (a picture: a smaller --n or FRAMES)")
 
@@ -576,7 +331,7 @@ def generate(args, world=1, rank=0):
     args.jump = args.jump or 10  # RePaint's published jump
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, model, diffusion, shape = network(args, picture)
-    T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(DEFAULT_STEPS, diffusion.T))
+    T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(ddpm.DEFAULT_STEPS, diffusion.T))
     for flag, value, most in (("--steps", steps or 0, T), ("--t", max(args.t or [0]), T - 1),
                               ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
         if value > most:
@@ -589,9 +344,12 @@ def generate(args, world=1, rank=0):
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
     if args.fid:
-        fid_of, reference, warning = fid_meter(args.fid, args.n, args.fid_weights, args.device, "--fid",
-                                               size=shape[1:])
-    args.precision = fastest_precision(args.device) if args.precision == "auto" else args.precision
+        try:
+            import fid  # optional: only --fid needs fid.py (and scipy.linalg)
+        except ImportError as e:  # sample.py copied without fid.py
+            raise ValueError(f"--fid: cannot import fid.py ({e}); it must be beside sample.py") from None
+        fid_of, reference, warning = fid.meter(args.fid, args.n, args.fid_weights, args.device, shape[1:], "--fid")
+    args.precision = data.fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if picture:
         with autocast:
@@ -609,7 +367,7 @@ def generate(args, world=1, rank=0):
     if labels is not None:
         chosen = f"class {args.cls}" if args.cls is not None else shown_classes(ckpt["classes"], labels, args.nrow)
         what += f", {chosen}, guidance {args.guidance:g}"
-    save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
+    data.save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
     print(f"wrote {grid} ({min(len(samples), GRID_MAX)} of {args.n} images, {what})")
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
@@ -628,9 +386,9 @@ def network(args, picture):
         image = load_image(args.forward, 3, (size, size))
         diffusion = ddpm.Diffusion(args.schedule or "linear", args.T or 1000).to(args.device)
         return None, None, diffusion, (1 if (image[:, :1] == image[:, 1:]).all() else 3, size, size)
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = data.load_checkpoint(args.ckpt)
     check_null_label(ckpt, args.guidance, picture)
-    model, diffusion = build(ckpt, not args.no_ema, args.device)
+    model, diffusion = data.build(ckpt, not args.no_ema, args.device)
     return ckpt, model, diffusion, (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
 
 
@@ -659,9 +417,9 @@ def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0,
                   f"out non-finite (NaN or inf); try {advice}another checkpoint", file=sys.stderr)
             raise SystemExit(1)
         if args.out_dir:
-            for i, im in zip(idx, to_uint8(x)):
+            for i, im in zip(idx, data.to_uint8(x)):
                 png = Image.fromarray(im[..., 0] if shape[0] == 1 else im)
-                save_png(png, os.path.join(args.out_dir, f"{i:06d}.png"))
+                data.save_png(png, os.path.join(args.out_dir, f"{i:06d}.png"))
         kept.update({i: image for i, image in zip(idx, x) if i < GRID_MAX or args.fid})
         if rank == 0:
             print(f"\r{min(idx[-1] + world, args.n)}/{args.n} images", end="", file=sys.stderr, flush=True)  # all ranks
@@ -678,34 +436,6 @@ def sample_seed(seed, i):
     """Sample i's generator seed under --seed. 32 bits: a CPU generator keeps no more, so seed * 2**32 + i would
     drop --seed. Distinct for each i of a run; golden-ratio strides keep seeds 0-999 apart up to --n 1.9 million."""
     return (seed * 0x9E3779B9 + i) % 2 ** 32
-
-
-def fid_meter(ref, n, weights, device, flag, n_flag="--n", size=None):
-    """(fid_of, reference, warning): the FID of n samples against ref as a function of the samples, the words that
-    say which reference images it compares with, and fid.py's warning for a small n (or None). A folder is read at
-    `size` (H, W), the samples', as training reads its data (fid.py --size), and n of its images are a seeded random
-    draw. Inception and ref's statistics load now, so a bad one fails before sampling. ValueErrors start with `flag`
-    and say --fid-weights and n_flag for fid.py's flags."""
-    try:
-        import fid  # optional: only FIDs need fid.py
-    except ImportError as e:  # sample.py copied without fid.py, or without scipy
-        raise ValueError(f"{flag}: cannot import fid.py ({e}); it must be beside sample.py") from None
-    names = {"--weights": "--fid-weights", "--n": n_flag}
-
-    def refusing(work, *args, **kwargs):
-        try:
-            return work(*args, **kwargs)
-        except fid.FIDError as e:  # fid.py names its flags first or last in a message, never where a path may stand
-            said = re.sub(r"^--weights\b|--weights(?= PATH$)|--n$", lambda m: names[m[0]], str(e))
-            raise ValueError(f"{flag}: {said}") from None
-    inception = refusing(fid.load_inception, weights, device)
-    refusing(fid.reference_stats, ref, inception, n=n, device=device, size=size)
-    reference = refusing(fid.subset_note, ref, n)
-    reference += f", read at {size[0]}x{size[1]}" if size and os.path.isdir(ref) else ""
-
-    def fid_of(samples):
-        return refusing(fid.fid_from_samples, samples, ref, n, model=inception, device=device, size=size)
-    return fid_of, reference, fid.bias_warning(n)
 
 
 if __name__ == "__main__":

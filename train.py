@@ -13,14 +13,10 @@ samples/ (EMA sample grids over time), metrics.jsonl and loss.png. Ctrl-C saves 
 """
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import copy
 import fcntl
 import functools
-import glob
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -28,50 +24,29 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
-import warnings
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
     signal.signal(signal.SIGINT, lambda *_: (print("\ntrain.py: interrupted while starting; nothing was written",
                                                     file=sys.stderr), os._exit(130)))
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import ddpm
-import sample
+import data
+import fid
 import unet
-from sample import number, path
+from data import UserError, format_time, log, number, path
 
 # --resume cannot change these: the network and the diffusion
 FIXED = ("model", "size", "channels", "cond", "schedule", "T", "target", "loss", *unet.NETWORK_KEYS)
 ONLY_WITH = {"fid_ref": "fid_every", "fid_every": "fid_ref", "lr_min": "cosine"}  # a setting: the one it serves
-NAMED = 20  # unreadable image files named one a line; the rest are counted
 AUTO = ("channels", "precision", "accum")  # chosen by the data or the machine unless given; a --config chooses again
 UNSET = object()  # marks a flag the command line did not give
 CHUNK = 256  # images per network call when sampling grids and FIDs
-
-
-def fail(msg):
-    """A user error found after parsing: one line on stderr, exit status 2."""
-    sample.Parser(prog="train.py").error(msg)
-
-
-def format_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-def log(*parts, end="\n"):
-    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: metrics.jsonl remains."""
-    try:
-        print(*parts, end=end, flush=True)
-    except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def duration(text):
@@ -151,7 +126,7 @@ def network_flags(net):
 
 def build_parser(prog="train.py"):
     """The parser and its actions by destination (for reading config files through the same checks)."""
-    p, actions = sample.Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
+    p, actions = data.Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), {}
 
     def a(*names, **kw):
         action = p.add_argument(*names, **kw)
@@ -258,7 +233,7 @@ def parse_args(argv=None):
     if given.resume is True:
         ckpt_path = os.path.join("runs/run" if given.out is UNSET else given.out, "ckpt.pt")
         try:
-            ckpt = sample.load_checkpoint(ckpt_path)
+            ckpt = data.load_checkpoint(ckpt_path)
         except ValueError as e:
             parser.error(f"--resume: {e}")
         base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
@@ -371,7 +346,7 @@ def check_args(parser, args, ckpt, given, source):
         (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or file"),
         (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
         (ckpt and not {"optimizer", "scaler"} <= ckpt.keys(), f"--resume: {args.out}/ckpt.pt holds no optimizer state "
-         "(cut down for sampling?): sample.py can use it, but training cannot continue from it; start a new run"),
+         "(cut down for sampling?): data.py can use it, but training cannot continue from it; start a new run"),
         (given.ch_mult is not UNSET and not fits, f"--ch-mult {args.ch_mult} halves the image {len(levels) - 1} "
          f"times, --size {args.size} only {halvings}: give at most {halvings + 1} multipliers"),
         (fits and not set(net["attn_res"]) <= set(levels), f"--attn-res {args.attn_res}: not a level of the network at --size "
@@ -381,260 +356,19 @@ def check_args(parser, args, ckpt, given, source):
         if bad:
             parser.error(blame(message, args, given, source))
     if ckpt and args.cond:  # a renamed class folder, or other data, would silently remap the labels
-        classes = class_labels(args.data, find_images(args.data), True)[1] if folder else list(SHAPES)
+        classes = data.class_labels(args.data, data.find_images(args.data), True)[1] if folder else list(data.SHAPES)
         if classes != list(ckpt["classes"]):
             parser.error(f"--resume: the classes of --data {args.data} ({', '.join(classes)}) are not the "
                          f"checkpoint's ({', '.join(ckpt['classes'])}); restore them, or start a new run")
     try:
         unet.check_size(size, net["ch_mult"])
-        sample.check_device(args.device)
+        data.check_device(args.device)
     except ValueError as e:
         parser.error(blame(str(e if "--" in str(e) else f"--size {args.size}: {e}"), args, given, source))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as setup_device's
     if args.precision == "fp16" and device.type == "cpu":
         parser.error(blame("--precision fp16 on a CPU runs about 80x slower than fp32 (it has no fp16 kernels): give "
                            "--precision bf16, fp32 or auto", args, given, source))
-
-
-# --- data ------------------------------------------------------------------------------------------------
-SHAPES = ("circle", "square", "triangle", "cross")
-PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40), (220, 60, 220), (40, 210, 220)])
-
-
-def make_shapes(n, size):
-    """The built-in dataset, learned in minutes: uint8 [n, H, W, 3], a bright shape on dark, and its index."""
-    h, w = size
-    rng = np.random.default_rng(0)  # the same dataset in every run and process
-    images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
-    for i in range(n):
-        bg = tuple(int(c) for c in rng.integers(0, 70, 3))
-        colour = tuple(int(c) for c in np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.integers(-25, 26, 3), 0, 255))
-        im = Image.new("RGB", (4 * w, 4 * h), bg)
-        r = rng.uniform(0.22, 0.4) * 4 * min(h, w)
-        x, y = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
-        draw, s, t = ImageDraw.Draw(im), r * 0.85, r * 0.3
-        if labels[i] == 0:
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-        elif labels[i] == 1:
-            draw.rectangle([x - s, y - s, x + s, y + s], fill=colour)
-        elif labels[i] == 2:
-            draw.polygon([(x, y - r), (x - r * 0.95, y + r * 0.75), (x + r * 0.95, y + r * 0.75)], fill=colour)
-        else:
-            draw.rectangle([x - r, y - t, x + r, y + t], fill=colour)
-            draw.rectangle([x - t, y - r, x + t, y + r], fill=colour)
-        images[i] = np.asarray(im.resize((w, h), Image.Resampling.LANCZOS))
-    return images, labels
-
-
-def find_images(root):
-    """Image files under root, sorted, following links to folders outside root once (one inside is read under its own
-    name). Regular files only (a FIFO would block); hidden names (.ipynb_checkpoints/, ._x.png) are skipped, as by ls."""
-    found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or a folder linked twice
-            dirnames.clear()
-            continue
-        seen.add(real)
-        folders = [os.path.join(dirpath, d) for d in dirnames]
-        dirnames[:] = sorted(d for d, f in zip(dirnames, folders) if not d.startswith(".") and
-                             not (os.path.islink(f) and os.path.join(os.path.realpath(f), "").startswith(top)))
-        paths = (os.path.join(dirpath, f) for f in filenames
-                 if not f.startswith(".") and os.path.splitext(f)[1].lower() in sample.IMAGE_EXTS)
-        found += filter(os.path.isfile, paths)
-    return sorted(found)
-
-
-def class_labels(root, paths, cond):
-    """Each path's label (the index of its first-level subfolder, sorted) and the class names; all 0 without cond."""
-    if not cond:
-        return np.zeros(len(paths), np.int64), []
-    tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
-    classes = sorted({t[0] for t in tops if len(t) > 1})
-    if len(classes) < 2:
-        fail(f"--cond: --data {root} needs at least two class subfolders, found {len(classes)}")
-    loose = [p for p, t in zip(paths, tops) if len(t) == 1]
-    if loose:
-        fail(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
-    index = {c: i for i, c in enumerate(classes)}  # a dict: a list's index() would be slow with many classes
-    return np.array([index[t[0]] for t in tops], np.int64), classes
-
-
-def decode_into(f, root, paths, size):
-    """Decode paths in threads (Pillow releases the GIL), a few images ahead per thread, into the open file f as a .npy
-    of uint8 [N, 3, H, W]. Returns the indices of the readable paths, whether all of them are grey, and the errors of
-    the others."""
-    fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
-    n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
-    header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
-    np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
-    keep, bad, grey, t0 = [], [], True, time.perf_counter()
-    shown = t0
-    with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses bombs, in one line
-        futures = (pool.submit(sample.read_image, p, size) for p in paths)
-        ahead = collections.deque(itertools.islice(futures, 4 * workers))
-        for i in range(n):
-            ahead.extend(itertools.islice(futures, 1))
-            try:
-                image = ahead.popleft().result()
-                f.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
-                keep.append(i)
-                grey = grey and bool((image[..., :1] == image[..., 1:]).all())
-            except ValueError as e:  # an unreadable file is skipped, never a crash
-                bad.append(str(e))
-            now = time.perf_counter()
-            if now - shown > (0.5 if lead else 30) or i == n - 1:  # a line redrawn on a terminal, else every 30 s
-                shown, rate = now, (i + 1) / max(now - t0, 1e-9)
-                log(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
-                    end="" if lead and i < n - 1 else "\n")
-    if bad:
-        log_unreadable(bad, len(bad), n)
-    if not keep:
-        fail(f"--data {root}: none of the {n} image files could be read")
-    f.seek(0)
-    np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(keep), 3, *size)})
-    return keep, grey, bad
-
-
-def log_unreadable(errors, count, n):
-    """Name the count skipped files of n, NAMED of them (read_image's errors start with the path), and count the rest:
-    one file named per run would take a run per broken file to find them all."""
-    shown = errors[:NAMED]
-    more = [f"  ... and {count - len(shown)} more"] if count > len(shown) else []
-    log("\n".join([f"skipped {count} unreadable image file(s) of {n}:", *(f"  {e}" for e in shown), *more]))
-
-
-def cache_stem(root, paths, size):
-    """The cache's path less its extension, keyed by every file's name, size and mtime (rsync's quick check; not ctime,
-    which a copy renews), under $XDG_CACHE_HOME (if absolute, as the XDG spec says) or ~/.cache."""
-    stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
-    key = hashlib.sha256(json.dumps([root, size, stats]).encode()).hexdigest()[:20]
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    cache = cache if os.path.isabs(cache) else os.path.expanduser("~/.cache")
-    return os.path.join(cache, "ddpm-toolkit", f"data-{key}")
-
-
-def remove_orphans(stem):
-    """Delete what killed decodes left beside stem: files a minute old that no live decoder holds locked."""
-    for old in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.tmp")):  # not a FIFO
-        with contextlib.suppress(OSError), open(old, "rb") as f:
-            if time.time() - os.fstat(f.fileno()).st_mtime > 60:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
-                os.remove(old)
-
-
-def remove_stale_caches(stem, source, started):
-    """Delete the caches of earlier states of this source (folder and size): those written before this decode started
-    (a later one may be of a newer state)."""
-    for other in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.json")):  # not a FIFO
-        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError), open(other) as f:
-            earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
-            if earlier and (json.load(f).get("source") or [])[:2] == source:  # [:2]: older caches add --cond
-                os.remove(other)  # first: a cache without its .json is never trusted
-                os.remove(other[:-len(".json")] + ".npy")
-                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
-
-
-def read_cache(stem, size, n):
-    """The mapped images and metadata of a complete cache of n files, or None; a damaged one is said and ignored."""
-    if not os.path.exists(stem + ".json"):  # written last: an interrupted decode has none
-        return None
-    try:
-        with open(stem + ".json") as f:
-            meta = json.load(f)
-        images, keep = np.load(stem + ".npy", mmap_mode="c"), meta["keep"]
-        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool or \
-                type(meta.get("unreadable", [])) is not list:
-            raise ValueError("its metadata is not what a decode writes")
-        if images.shape != (len(keep), 3, *size) or images.dtype != np.uint8:
-            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(keep)} images")
-        return images, meta
-    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
-
-
-def decode(root, paths, size, stem):
-    """Decode into the cache stem.npy, then stem.json (written last: it makes the cache trusted); with no cache or an
-    unwritable one, into an unnamed temporary file. Returns the mapped images and the metadata."""
-    if stem:
-        try:
-            started = time.time()
-            os.makedirs(os.path.dirname(stem), exist_ok=True)
-            keep, grey, bad = sample.write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
-            meta = {"keep": keep, "grey": grey, "unreadable": bad[:NAMED], "source": [root, list(size)]}
-            sample.write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
-            remove_stale_caches(stem, meta["source"], started)
-            return np.load(stem + ".npy", mmap_mode="c"), meta  # copy-on-write: never written, one shared page cache
-        except OSError as e:
-            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
-    try:
-        with tempfile.TemporaryFile() as f:  # unnamed: nothing is left behind, however the process ends
-            keep, grey, _ = decode_into(f, root, paths, size)
-            f.seek(0)
-            np.lib.format.read_magic(f)
-            np.lib.format.read_array_header_1_0(f)  # leaves f at the first image
-            return np.memmap(f, np.uint8, "c", f.tell(), (len(keep), 3, *size)), {"keep": keep, "grey": grey}
-    except OSError as e:
-        fail(f"cannot write the decoded images to {tempfile.gettempdir()} ({e}); free space there or set TMPDIR")
-
-
-def load_dataset(args, size):
-    """The training images as uint8 [N, C, H, W], labels [N] and class names (none without --cond). A folder is
-    decoded once into a cache file that every process maps: a machine's processes share one copy in the page cache,
-    and a batch reads only its own images."""
-    if args.data == "shapes":
-        images, labels = make_shapes(8192, size)
-        images, classes, grey = images.transpose(0, 3, 1, 2).copy(), list(SHAPES) if args.cond else [], False
-    else:
-        root = os.path.abspath(args.data)
-        paths = find_images(root)  # check_args made sure it is a folder
-        if not paths:
-            fail(f"--data {root}: no images found (looked for {', '.join(sorted(sample.IMAGE_EXTS))}, recursively)")
-        labels, classes = class_labels(root, paths, args.cond)  # before decoding: a bad layout fails at once
-        stem = None if args.no_cache else cache_stem(root, paths, size)
-        if stem:
-            remove_orphans(stem)  # also when the cache is found
-        cached = stem and read_cache(stem, size, len(paths))
-        images, meta = cached or decode(root, paths, size, stem)
-        if cached and len(meta["keep"]) < len(paths):  # a decode names them as it finds them
-            log_unreadable(meta.get("unreadable", []), len(paths) - len(meta["keep"]), len(paths))  # (older: none)
-        labels, grey = labels[meta["keep"]], meta["grey"]
-        unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
-        if unread:
-            fail(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; replace "
-                 "them or remove the folder(s)")
-        others = sorted({d for d in next(os.walk(root))[1] if d[0] != "."} - set(classes)) if args.cond else []
-        if others:
-            log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")
-    # a grey image is one of its three equal planes (a view); colour stays three planes (--channels 1: batch_images)
-    images = torch.from_numpy(images)[:, :1 if grey and args.channels != 3 else 3]
-    return images, torch.as_tensor(labels, dtype=torch.int64), classes
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(step, batch, n, seed):
-    """A step's global batch: positions [step*batch, (step+1)*batch) of per-epoch permutations (resume is exact)."""
-    positions = torch.arange(step * batch, (step + 1) * batch)
-    epochs = positions // n
-    return torch.cat([epoch_order(n, seed, int(e))[positions[epochs == e] % n] for e in epochs.unique()])
-
-
-def batch_images(images, idx, device, flip, channels=None):
-    """uint8 images[idx] -> [-1, 1] on device, mirrored with probability 1/2 if flip; for channels=1, colour as luma."""
-    x0 = images[idx]  # reads only these images from the memory map
-    x0 = (x0.pin_memory() if device.type == "cuda" else x0).to(device, non_blocking=True)  # pinned: an async copy
-    if flip:  # on uint8: a quarter of the bytes to move, the same result
-        mirror = torch.rand(len(idx), device=device) < 0.5
-        x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-    if channels == 1 and x0.shape[1] == 3:  # ITU-R 601-2 luma in Pillow's fixed point: exactly its convert("L")
-        luma = torch.tensor([19595, 38470, 7471], device=device).view(1, 3, 1, 1)
-        x0 = ((x0.int() * luma).sum(1, keepdim=True) + 0x8000) >> 16
-    return x0.float().div_(127.5).sub_(1)
 
 
 # --- the loss curve, the run folder and signals --------------------------------------------------------------
@@ -657,7 +391,7 @@ def draw_loss_curve(metrics, path):
     d.text((L, H - B + 6), str(first), fill="black")
     d.text((W - 70, H - B + 6), str(last), fill="black")
     d.text((W // 2 - 60, H - 18), "step (loss on a log scale)", fill="black")
-    sample.save_png(im, path)
+    data.save_png(im, path)
 
 
 def claim_run_folder(out, resume, made):
@@ -665,7 +399,7 @@ def claim_run_folder(out, resume, made):
     dies. A new run needs a folder with nothing of an earlier run in it. Returns the open lock file; adds the folders
     and the file it creates to `made`, oldest first (unclaim removes them if the start is refused)."""
     if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--out {out} is a file, not a folder: choose another --out")
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
     new, folder, lock_path = [], os.path.abspath(out), os.path.join(out, ".lock")
     while not os.path.exists(folder):  # --out, and the parents it needs
         new, folder = [folder, *new], os.path.dirname(folder)
@@ -674,18 +408,18 @@ def claim_run_folder(out, resume, made):
         os.makedirs(out, exist_ok=True)
         lock = open(lock_path, "a+")
     except OSError as e:
-        fail(f"--out {out}: cannot write there ({e.strerror}); choose another --out")
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose another --out")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        fail(f"--out {out} is in use by {lock.read().strip() or 'another process'}: wait for it, or choose another --out")
+        raise UserError(f"--out {out} is in use by {lock.read().strip() or 'another process'}: wait for it, or choose another --out")
     # left by an earlier run: anything but the lock file and the empty samples/ of a start that failed
     earlier = [] if resume else sorted(f for f in os.listdir(out) if f != ".lock" and not (
         os.path.isdir(os.path.join(out, f)) and not os.listdir(os.path.join(out, f))))
     if earlier:
         hint = "add --resume to continue it" if "ckpt.pt" in earlier else "it holds no checkpoint to resume"
-        fail(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
+        raise UserError(f"--out {out} holds an earlier run ({', '.join(earlier[:4])}): {hint}, or choose another --out")
     lock.truncate(0)
     lock.write(f"train.py process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
@@ -807,14 +541,14 @@ def fit_memory(run):
     try:
         fixed, per_image = step_memory(run)
     except RuntimeError as e:
-        if not sample.out_of_memory(e):
+        if not data.out_of_memory(e):
             raise
-        fail(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
+        raise UserError(f"--batch {args.batch}: even a probe of one image runs out of memory on {run.device}; choose a smaller "
              f"--model (tiny, small) or --size")
     need = {a: fixed + micro // a * per_image for a in range(args.accum, micro + 1) if micro % a == 0}
     fits = [a for a, bytes_ in need.items() if bytes_ < 0.9 * free]
     if not fits:
-        fail(f"--batch {args.batch}: one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB of the "
+        raise UserError(f"--batch {args.batch}: one image per micro-batch needs about {(fixed + per_image) / 2**30:.3g} GB of the "
              f"{free / 2**30:.3g} GB free on {run.device}; choose a smaller --model (tiny, small) or --size")
     accum = torch.tensor([fits[0]], device=run.device)
     if run.world > 1:  # every process must accumulate alike
@@ -833,17 +567,18 @@ def setup_run(args, ckpt, device, rank, world, started):
     run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0,
                              ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[], started=started,
                              metrics_path=os.path.join(args.out, "metrics.jsonl"), fid_of=None,
-                             sample_steps=min(sample.DEFAULT_STEPS, args.T))
+                             sample_steps=min(ddpm.DEFAULT_STEPS, args.T))
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now; a folder is read at
         try:  # --size, as the data is, and --fid-n of it drawn at random (not the first names: one class of many)
-            run.fid_of, run.fid_ref, run.fid_warning = sample.fid_meter(
-                args.fid_ref, args.fid_n, args.fid_weights, device, "--fid-ref/--fid-weights", "--fid-n", run.size)
-        except ValueError as e:
-            fail(str(e))
+            run.fid_of, run.fid_ref, run.fid_warning = fid.meter(args.fid_ref, args.fid_n, args.fid_weights, device,
+                                                                 run.size, "--fid-ref/--fid-weights", {"--n": "--fid-n"})
+        except fid.FIDError as e:
+            raise UserError(str(e))
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
     if world > 1 and not decoder:
-        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
-    run.images, run.labels, run.classes = load_dataset(args, run.size)
+        dist.barrier()  # the decoders data.decode and cache first; the others then map their machine's cache
+    run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
+                                                              not args.no_cache)
     if world > 1 and decoder:
         dist.barrier()
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
@@ -854,12 +589,12 @@ def setup_run(args, ckpt, device, rank, world, started):
     try:
         run.model = unet.UNet(**run.model_config).to(device)
     except (TypeError, ValueError) as e:
-        fail(f"--resume: the checkpoint's network configuration does not build here ({e})")
+        raise UserError(f"--resume: the checkpoint's network configuration does not build here ({e})")
     run.ema = copy.deepcopy(run.model).requires_grad_(False).eval()
     run.diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if args.precision == "auto":  # decided once and recorded, so a resumed run computes as it did
-        args.precision = sample.fastest_precision(device)
+        args.precision = data.fastest_precision(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     run.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -874,7 +609,7 @@ def setup_run(args, ckpt, device, rank, world, started):
     need = 4 * sum(p.numel() * p.element_size() for p in run.model.parameters())  # weights, EMA, Adam's 2 moments
     free = shutil.disk_usage(args.out).free if run.master else math.inf  # rank 0 alone writes (and has --out)
     if free < 1.05 * need:  # checked before training, not after it
-        fail(f"--out {args.out}: {free / 2**20:.1f} MB free, a checkpoint needs about {need / 2**20:.1f} MB; free disk "
+        raise UserError(f"--out {args.out}: {free / 2**20:.1f} MB free, a checkpoint needs about {need / 2**20:.1f} MB; free disk "
              "space or choose another --out")
     return run
 
@@ -886,7 +621,7 @@ def resume(run, ckpt):
             if name != "scaler" or ckpt[name]:  # an fp32 run's scaler holds nothing: it may resume in fp16
                 getattr(run, name).load_state_dict(ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(f"--resume: the checkpoint's {name} state does not fit its network ({sample.one_line(e, last=True)})")
+        raise UserError(f"--resume: the checkpoint's {name} state does not fit its network ({data.one_line(e, last=True)})")
     args, start, old = run.args, ckpt["step"], ckpt["config"]
     changed = [f"{flag(k)} {old[k]} -> {v}" for k, v in vars(args).items()
                if k in old and v != old[k] and k not in ("out", "auto", "time")]  # a resumed run never re-plans --time
@@ -959,14 +694,14 @@ def train_step(run, x0, y, step):
 
 def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
-    state = sample.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
+    state = data.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
                                     run.model, run.ema, run.optimizer, run.scaler, len(run.images))
     try:
-        sample.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
+        data.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
         kept = f"{run.ckpt_path}, the previous checkpoint, is untouched: free disk space, then --resume" if \
             os.path.exists(run.ckpt_path) else "no checkpoint was written: free disk space, then start a new --out"
-        fail(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or sample.one_line(e, True)}); {kept}")
+        raise UserError(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or data.one_line(e, True)}); {kept}")
     stop.saved = (run.ckpt_path, step)
     draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 
@@ -977,7 +712,7 @@ def ema_samples(run, n, y):
     for i in range(0, n, CHUNK):
         with run.autocast:
             out.append(run.diffusion.sample(run.ema, (min(CHUNK, n - i), run.args.channels, *run.size), device=run.device,
-                                            generator=g, sampler=sample.DEFAULT_SAMPLER, steps=run.sample_steps,
+                                            generator=g, sampler=ddpm.DEFAULT_SAMPLER, steps=run.sample_steps,
                                             y=None if y is None else y[i:i + CHUNK]).float())
     return torch.cat(out)
 
@@ -998,7 +733,7 @@ def write_grid(run, step):
     y, n, nrow = grid_labels(run)
     folder = os.path.join(run.args.out, "samples")
     os.makedirs(folder, exist_ok=True)  # with the first grid: a start refused before it leaves no folder
-    sample.save_grid(ema_samples(run, n, y), os.path.join(folder, f"step_{step:07d}.png"), nrow=nrow)
+    data.save_grid(ema_samples(run, n, y), os.path.join(folder, f"step_{step:07d}.png"), nrow=nrow)
 
 
 def log_fid(run, step):
@@ -1011,7 +746,7 @@ def log_fid(run, step):
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
         return log(f"step {step} | no FID: {e}")
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_ref": f"{args.fid_ref}: {run.fid_ref}",
-         "fid_sampler": f"{sample.DEFAULT_SAMPLER} {run.sample_steps} steps"}
+         "fid_sampler": f"{ddpm.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
@@ -1137,8 +872,9 @@ def main(argv=None, started=None):
     with Stop() as stop:
         try:
             train(args, ckpt, stop, started or time.time(), made)
-        except OSError as e:  # a file of the run that is not what it should be (a folder, unreadable), a full disk
-            fail(f"{e.filename or '--out ' + args.out}: {e.strerror or e}")
+        except (UserError, OSError) as e:  # OSError: a file of the run that is a folder, unreadable, a full disk
+            said = str(e) if isinstance(e, UserError) else f"{e.filename or '--out ' + args.out}: {e.strerror or e}"
+            data.Parser(prog="train.py").error(said)  # one line, exit status 2
         finally:
             unclaim(made)  # a start refused (or stopped) before its first step leaves --out as it was
 
@@ -1211,8 +947,8 @@ def train(args, ckpt, stop, started, made):
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)  # t, eps, flips, dropout: per step and rank
-        idx = batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
-        x0 = batch_images(run.images, idx, device, flip=not args.no_flip, channels=args.channels)
+        idx = data.batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
+        x0 = data.batch_images(run.images, idx, device, flip=not args.no_flip, channels=args.channels)
         y = None
         if args.cond:  # label dropout: the null label -1 trains the unconditional model of guidance
             y = run.labels[idx].to(device, non_blocking=True)
@@ -1220,11 +956,11 @@ def train(args, ckpt, stop, started, made):
         try:
             loss = train_step(run, x0, y, step)
         except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
-            if sample.out_of_memory(e):
-                fail(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays), "
+            if data.out_of_memory(e):
+                raise UserError(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays), "
                      "then --resume if a checkpoint exists")
             if args.compile and step == start:  # torch.compile compiles on the first call
-                fail(f"--compile: torch.compile failed ({sample.one_line(e)}); train without --compile")
+                raise UserError(f"--compile: torch.compile failed ({data.one_line(e)}); train without --compile")
             raise
         meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
         done = step + 1

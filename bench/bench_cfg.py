@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import ddpm  # noqa: E402
 import fid  # noqa: E402
-import sample  # noqa: E402
 
 MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist.npz")
 WEIGHTS = os.path.join(ROOT, "..", "shared", "fid", "pt_inception-2015-12-05.pth")
@@ -86,11 +87,11 @@ def main():
     torch.manual_seed(0)
     net, test_acc = train_classifier(args.classifier)
     print(f"digit classifier: {100 * test_acc:.2f}% on the 10000 MNIST test digits", flush=True)
-    ckpt = sample.load_checkpoint(args.ckpt)
-    model, diffusion = sample.build(ckpt)
+    ckpt = data.load_checkpoint(args.ckpt)
+    model, diffusion = data.build(ckpt)
     classes = [int(c) for c in ckpt["classes"]]
     inception = fid.load_inception(WEIGHTS)
-    precision = sample.fastest_precision("cpu")
+    precision = data.fastest_precision("cpu")
     rows = []
     for w in args.w:
         g = torch.Generator().manual_seed(0)
@@ -99,7 +100,7 @@ def main():
         for i in range(0, args.n, 100):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out.append(diffusion.sample(model, (len(index[i:i + 100]), 1, 32, 32), generator=g,
-                                            sampler=sample.DEFAULT_SAMPLER, steps=sample.DEFAULT_STEPS,
+                                            sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS,
                                             y=index[i:i + 100], guidance=w))
         x = torch.cat(out)
         seconds = time.time() - start
@@ -108,20 +109,20 @@ def main():
         value = fid.fid_from_samples(x, args.test, args.n, model=inception)
         rows.append({"w": w, "class_match": acc, "fid": value, "n": args.n, "sample_s": round(seconds, 1)})
         print(f"w = {w:g}: {100 * acc:.1f}% show the requested digit, FID {value:.2f} (n = {args.n}, "
-              f"{sample.DEFAULT_SAMPLER} {sample.DEFAULT_STEPS} steps, sampled in {seconds:.0f} s)", flush=True)
+              f"{ddpm.DEFAULT_SAMPLER} {ddpm.DEFAULT_STEPS} steps, sampled in {seconds:.0f} s)", flush=True)
         if args.grid and w == 3:
             per_row = 10
             y = torch.arange(len(classes)).repeat_interleave(per_row)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 grid = diffusion.sample(model, (len(y), 1, 32, 32), generator=torch.Generator().manual_seed(1),
-                                        sampler=sample.DEFAULT_SAMPLER, steps=sample.DEFAULT_STEPS, y=y, guidance=w)
-            sample.save_grid(grid, args.grid, nrow=per_row)
+                                        sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS, y=y, guidance=w)
+            data.save_grid(grid, args.grid, nrow=per_row)
             print(f"wrote {args.grid}")
     print("| w | requested digit | FID |\n|---|---|---|")
     for r in rows:
         print(f"| {r['w']:g} | {100 * r['class_match']:.1f}% | {r['fid']:.2f} |")
-    print(json.dumps({"ckpt": args.ckpt, "classifier_test_acc": test_acc, "sampler": sample.DEFAULT_SAMPLER,
-                      "steps": sample.DEFAULT_STEPS, "precision": precision, "rows": rows}))
+    print(json.dumps({"ckpt": args.ckpt, "classifier_test_acc": test_acc, "sampler": ddpm.DEFAULT_SAMPLER,
+                      "steps": ddpm.DEFAULT_STEPS, "precision": precision, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402
+import data  # noqa: E402
 
 
 def write_folder(root, n, width, height):
-    shapes, _ = train.make_shapes(n, (height // 8, width // 8))
+    shapes, _ = data.make_shapes(n, (height // 8, width // 8))
     ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0.5, 1, height)[:, None, None]
     for i, small in enumerate(shapes):
         big = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR), np.float64)
@@ -60,7 +60,7 @@ def main():
         rows = []
         for what in ("decode (first run, writes the cache)", "cache (later runs: map the file)"):
             start = time.perf_counter()
-            images, _, _ = train.load_dataset(targs, size)
+            images, _, _ = data.load_dataset(targs, size)
             rows.append((what, len(images) / (time.perf_counter() - start)))
 
             if what.startswith("decode"):  # drop the cache file from the page cache: the first epoch reads the disk
@@ -73,7 +73,7 @@ def main():
         for what, steps in (("first epoch, cold page cache", range(epoch)), ("later epochs", range(epoch, args.steps))):
             start = time.perf_counter()
             for step in steps:
-                train.batch_images(images, train.batch_indices(step, args.batch, len(images), 0), torch.device("cpu"), flip=True)
+                data.batch_images(images, data.batch_indices(step, args.batch, len(images), 0), torch.device("cpu"), flip=True)
             rows.append((f"delivered per step (batch {args.batch}), {what}", len(steps) * args.batch / (time.perf_counter() - start)))
     print(f"{args.n} JPEGs of {width}x{height} -> {args.size}x{args.size}, {images.numel() / 2**20:.0f} MiB decoded\n")
     print("| stage | images/s |\n|---|---|")

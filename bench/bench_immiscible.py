@@ -21,8 +21,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import ddpm  # noqa: E402
-import sample  # noqa: E402
 import unet  # noqa: E402
 from bench_mnist import WEIGHTS, export  # noqa: E402
 
@@ -36,7 +36,7 @@ def timed(fn, repeat):
 
 
 def cost():
-    precision = sample.fastest_precision("cpu")
+    precision = data.fastest_precision("cpu")
     rows = []
     for n, c, size in ((64, 1, 32), (128, 1, 32), (64, 3, 64), (128, 3, 64)):
         torch.manual_seed(0)
@@ -74,7 +74,7 @@ def fid(args):
         subprocess.run(cmd, check=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             curves[name] = {m["step"]: m["fid"] for m in map(json.loads, f) if "fid" in m}
-    print(f"\nFID (n = {args.fid_n}, EMA, {sample.DEFAULT_SAMPLER} {sample.DEFAULT_STEPS} steps)\n")
+    print(f"\nFID (n = {args.fid_n}, EMA, {ddpm.DEFAULT_SAMPLER} {ddpm.DEFAULT_STEPS} steps)\n")
     print("| step | plain | --immiscible |\n|---|---|---|")
     for step in sorted(curves["plain"]):
         print(f"| {step} | {curves['plain'][step]:.2f} | {curves['immiscible'].get(step, float('nan')):.2f} |")

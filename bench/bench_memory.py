@@ -4,10 +4,10 @@
 
 The folder (320x256 JPEGs: smooth colour fields with fine noise) is generated once and reused if present.
 Each measurement runs in a fresh child process and reports its peak resident set (VmHWM), the resident set
-just after train.load_dataset returned, and at its end how much is private (RssAnon) and how much is pages
+just after data.load_dataset returned, and at its end how much is private (RssAnon) and how much is pages
 of mapped files (RssFile: the libraries, and the pages of the image cache read so far, which are clean,
 shared by every process of the machine through the page cache, and reclaimable):
-  decode    train.load_dataset with an empty cache: decode every file and write the cache
+  decode    data.load_dataset with an empty cache: decode every file and write the cache
   train     train.main, tiny network, --steps 5 --batch 8 on the whole folder (cache warm)
   baseline  the same training run on 16 of the images: torch, the network and the optimizer themselves
   deliver   the training loop's data path (batch_indices, batch_images) for an epoch from a cold page cache,
@@ -36,15 +36,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = """
 import argparse, json, sys, time
 sys.path.insert(0, {root!r})
+import data
 import train
 def rss(key="VmRSS"):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key + ":")).split()[1]) / 1024
-extra, real_load = {{}}, train.load_dataset
+extra, real_load = {{}}, data.load_dataset
 def measured_load(*args):
     out = real_load(*args)
     extra["after_load_mb"] = rss()
     return out
-train.load_dataset = measured_load
+data.load_dataset = measured_load
 start = time.perf_counter()
 {body}
 print(json.dumps({{"seconds": time.perf_counter() - start, "peak_mb": rss("VmHWM"), "anon_mb": rss("RssAnon"),
@@ -56,12 +57,12 @@ for path in glob.glob(os.path.join(os.environ["XDG_CACHE_HOME"], "ddpm-toolkit",
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
-images, _, _ = train.load_dataset(argparse.Namespace(data={folder!r}, cond=False, no_cache=False, channels=None), (256, 256))
+images, _, _ = data.load_dataset(argparse.Namespace(data={folder!r}, cond=False, no_cache=False, channels=None), (256, 256))
 epoch = -(-len(images) // {batch})
 for what, steps in (("cold", range(epoch)), ("warm", range(epoch, 2 * epoch))):
     t = time.perf_counter()
     for step in steps:
-        train.batch_images(images, train.batch_indices(step, {batch}, len(images), 0), torch.device("cpu"), flip=True)
+        data.batch_images(images, data.batch_indices(step, {batch}, len(images), 0), torch.device("cpu"), flip=True)
     extra[what] = len(steps) * {batch} / (time.perf_counter() - t)
 """
 
@@ -115,7 +116,7 @@ def main():
         for f in sorted(glob.glob(os.path.join(args.folder, "part00", "*.jpg")))[:16]:
             os.symlink(f, os.path.join(small, os.path.basename(f)))
         cache = os.path.join(work, "cache")
-        load = "train.load_dataset(argparse.Namespace(data={folder!r}, cond=False, no_cache=False, channels=None), (256, 256))"
+        load = "data.load_dataset(argparse.Namespace(data={folder!r}, cond=False, no_cache=False, channels=None), (256, 256))"
         run = ("import shutil; shutil.rmtree({out!r}, ignore_errors=True)\n"
                "train.main(['--data', {folder!r}, '--size', '256', '--model', 'tiny', '--steps', '5', '--batch', '8',"
                " '--sample-n', '1', '--log-every', '5', '--out', {out!r}])")

@@ -17,6 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import fid  # noqa: E402
 import sample  # noqa: E402
 
@@ -31,12 +32,12 @@ def main():
     p.add_argument("--n", type=int, default=200, help="samples per sampler (and test digits for the FID)")
     p.add_argument("--test", default=os.path.join(ROOT, "runs", "mnist_png", "test"), help="the exported test digits")
     args = p.parse_args()
-    ckpt = sample.load_checkpoint(args.ckpt)
-    model, diffusion = sample.build(ckpt)
+    ckpt = data.load_checkpoint(args.ckpt)
+    model, diffusion = data.build(ckpt)
     shape = (ckpt["model_config"]["in_ch"], *ckpt["model_config"]["image_size"])
     labels = sample.class_labels(ckpt, None, 0, args.n, nrow=1)
     inception = fid.load_inception(WEIGHTS)
-    precision = sample.fastest_precision("cpu")
+    precision = data.fastest_precision("cpu")
     rows = []
     for run in args.runs:
         sampler, steps = run.split(":")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddpm
 import sample
 import train
@@ -460,7 +461,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
 def test_the_checkpoint_is_saved_before_the_final_grid(made, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("SIGINT")
-    monkeypatch.setattr(sample, "save_grid", interrupted)
+    monkeypatch.setattr(data, "save_grid", interrupted)
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(made / "images"), "--out", str(tmp_path / "r"), "--steps", "3", *TINY])
     err = capsys.readouterr().err.strip()
@@ -482,14 +483,14 @@ def test_extending_a_cosine_run_replans_the_annealing_and_says_so(made, tmp_path
 
 
 def test_an_error_without_a_message_is_named_by_its_kind():  # RuntimeError("") crashed the checkpoint error
-    assert [sample.one_line(e, last=True) for e in (OSError(), RuntimeError(""), RuntimeError("a\n b "))] == \
+    assert [data.one_line(e, last=True) for e in (OSError(), RuntimeError(""), RuntimeError("a\n b "))] == \
         ["OSError", "RuntimeError", "b"]
 
 
 def test_colour_images_for_a_one_channel_model_are_pillows_luma(made):
     colours = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)  # 0.299 R + ... rounded
     grey = np.asarray(Image.fromarray(colours[0]).convert("L"))  # differs from it for ~1 in 2000 colours
-    x = train.batch_images(torch.from_numpy(colours).permute(0, 3, 1, 2), [0], torch.device("cpu"), False, 1)
+    x = data.batch_images(torch.from_numpy(colours).permute(0, 3, 1, 2), [0], torch.device("cpu"), False, 1)
     assert x.shape == (1, 1, 256, 256) and np.array_equal(((x[0, 0] + 1) * 127.5).round().numpy(), grey)
 
 

@@ -7,15 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import fid
-import sample
 import train
 from test_train import TINY, folder  # noqa: F401  (folder is a fixture)
 
@@ -23,12 +22,12 @@ SIZE = (16, 16)
 
 
 def load(folder):
-    return train.load_dataset(types.SimpleNamespace(data=str(folder), cond=False, no_cache=False, channels=None), SIZE)
+    return data.load_dataset(str(folder), SIZE)
 
 
 def decoded(folder):
     """What read_image gives for every image file under folder, as uint8 [N, 3, H, W]."""
-    return torch.from_numpy(np.stack([sample.read_image(p, SIZE).transpose(2, 0, 1) for p in train.find_images(str(folder))]))
+    return torch.from_numpy(np.stack([data.read_image(p, SIZE).transpose(2, 0, 1) for p in data.find_images(str(folder))]))
 
 
 def mapped_file(tensor):
@@ -80,14 +79,14 @@ def test_a_damaged_cache_is_said_and_decoded_again(folder, tmp_path, capsys, dam
 
 
 def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
-    real = sample.read_image
+    real = data.read_image
 
     def ctrl_c_at_the_fifth(path, size):
         if path.endswith("5.png"):
             raise KeyboardInterrupt
         return real(path, size)
 
-    monkeypatch.setattr(sample, "read_image", ctrl_c_at_the_fifth)
+    monkeypatch.setattr(data, "read_image", ctrl_c_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         load(folder)
     assert cache_files(tmp_path) == []  # the temporary file is gone too
@@ -96,15 +95,15 @@ def test_an_interrupted_decode_leaves_no_cache(folder, tmp_path, monkeypatch):
 KILLED_WORKER = """
 import sys, time, types
 sys.path.insert(0, {root!r})
-import sample, train
-real = sample.read_image
+import data
+real = data.read_image
 def stuck_at_the_fifth(path, size):
     if path.endswith("5.png"):
         open({marker!r}, "w").close()
         time.sleep(60)
     return real(path, size)
-sample.read_image = stuck_at_the_fifth
-train.load_dataset(types.SimpleNamespace(data={data!r}, cond=False, no_cache=False, channels=None), (16, 16))
+data.read_image = stuck_at_the_fifth
+data.load_dataset({data!r}, (16, 16))
 """
 
 
@@ -142,26 +141,26 @@ def test_an_empty_or_relative_xdg_cache_home_means_the_home_cache(folder, tmp_pa
 
 
 def test_a_changed_folder_is_decoded_again_and_only_earlier_caches_removed(tmp_path, capsys, monkeypatch):
-    data, cache = tmp_path / "data", tmp_path / "cache" / "ddpm-toolkit"
-    data.mkdir()
+    root, cache = tmp_path / "data", tmp_path / "cache" / "ddpm-toolkit"
+    root.mkdir()
     for i, colour in enumerate(("red", "green")):
-        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
-    load(data)
-    Image.new("RGB", (16, 16), "blue").save(data / "0.png")
+        Image.new("RGB", (16, 16), colour).save(root / f"{i}.png")
+    load(root)
+    Image.new("RGB", (16, 16), "blue").save(root / "0.png")
     os.mkfifo(cache / "data-fifo.json")  # never opened: reading it would block
-    later, read = cache / "data-later", sample.read_image
+    later, read = cache / "data-later", data.read_image
 
     def another_run_caches_a_newer_state(path, size):  # while this decode runs: a cache to keep
         if not later.with_suffix(".json").exists():
             later.with_suffix(".npy").write_bytes(b"")
-            later.with_suffix(".json").write_text(json.dumps({"source": [str(data), [16, 16], False]}))
+            later.with_suffix(".json").write_text(json.dumps({"source": [str(root), [16, 16], False]}))
         return read(path, size)
-    monkeypatch.setattr(sample, "read_image", another_run_caches_a_newer_state)
+    monkeypatch.setattr(data, "read_image", another_run_caches_a_newer_state)
     capsys.readouterr()
-    images, _, _ = load(data)
+    images, _, _ = load(root)
     out = capsys.readouterr().out
     assert "decoded 2/2 images" in out and out.count("the image cache of an earlier state of") == 1
-    assert torch.equal(images, decoded(data))  # not the cache of the old file
+    assert torch.equal(images, decoded(root))  # not the cache of the old file
     assert len(cache_files(tmp_path)) == 5  # the new .npy and .json, the FIFO, the later cache's two files
 
 
@@ -205,28 +204,28 @@ def test_an_unwritable_cache_folder_warns_and_trains(folder, tmp_path, monkeypat
 
 
 def test_fid_finds_the_images_train_finds_through_links(tmp_path):
-    data, outside = tmp_path / "data", tmp_path / "outside"
-    (data / "a").mkdir(parents=True)
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
     outside.mkdir()
-    for image in (data / "a" / "1.png", data / "2.png", outside / "3.png"):
+    for image in (root / "a" / "1.png", root / "2.png", outside / "3.png"):
         Image.new("RGB", (4, 4)).save(image)
-    (data / "out").symlink_to(outside)  # followed
-    (data / "out2").symlink_to(outside)  # the same folder again: read once, as out/ (sorted first), by both
-    (data / "again").symlink_to(data / "a")  # skipped: that folder is read as a/
-    (data / "a" / "loop").symlink_to(data)  # a loop
-    expected = [str(data / "2.png"), str(data / "a" / "1.png"), str(data / "out" / "3.png")]
-    assert train.find_images(str(data)) == expected and [str(p) for p in fid.image_files(data)] == expected
+    (root / "out").symlink_to(outside)  # followed
+    (root / "out2").symlink_to(outside)  # the same folder again: read once, as out/ (sorted first), by both
+    (root / "again").symlink_to(root / "a")  # skipped: that folder is read as a/
+    (root / "a" / "loop").symlink_to(root)  # a loop
+    expected = [str(root / "2.png"), str(root / "a" / "1.png"), str(root / "out" / "3.png")]
+    assert data.find_images(str(root)) == expected and [str(p) for p in fid.image_files(root)] == expected
 
 
 def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
-    data = tmp_path / "data"
+    root = tmp_path / "data"
     for folder in ("cats", "dogs", ".ipynb_checkpoints", "dogs/.thumbs"):
-        (data / folder).mkdir(parents=True)
-        Image.new("RGB", (4, 4)).save(data / folder / "1.png")
-    (data / "cats" / "._1.png").write_bytes(b"\x00\x05\x16\x07 a Mac's resource fork, no image")
-    expected = [str(data / "cats" / "1.png"), str(data / "dogs" / "1.png")]
-    assert train.find_images(str(data)) == expected and [str(p) for p in fid.image_files(data)] == expected
-    assert train.class_labels(str(data), expected, True)[1] == ["cats", "dogs"]
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / folder / "1.png")
+    (root / "cats" / "._1.png").write_bytes(b"\x00\x05\x16\x07 a Mac's resource fork, no image")
+    expected = [str(root / "cats" / "1.png"), str(root / "dogs" / "1.png")]
+    assert data.find_images(str(root)) == expected and [str(p) for p in fid.image_files(root)] == expected
+    assert data.class_labels(str(root), expected, True)[1] == ["cats", "dogs"]
 
 
 def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_path):
@@ -240,7 +239,7 @@ def test_fid_decodes_rotated_16_bit_and_transparent_images_as_training_does(tmp_
     rotated.save(tmp_path / "rotated.jpg", exif=exif)
     for name in ("clear.png", "grey16.png", "rotated.jpg"):
         image = fid.read_image(tmp_path / name)
-        assert np.array_equal(image, sample.read_image(str(tmp_path / name), image.shape[:2])), name
+        assert np.array_equal(image, data.read_image(str(tmp_path / name), image.shape[:2])), name
     assert fid.read_image(tmp_path / "rotated.jpg").shape == (6, 4, 3)
     assert fid.read_image(tmp_path / "clear.png")[0, 1].tolist() == [255, 255, 255]
     assert fid.read_image(tmp_path / "grey16.png").max() == 23 * 2000 // 257  # not clipped to 255
@@ -265,13 +264,13 @@ def test_fid_at_a_size_decodes_exactly_as_training_does(tmp_path):
     for name in sorted(os.listdir(tmp_path)):
         for size in ((16, 16), (24, 40)):
             assert np.array_equal(fid.read_image(tmp_path / name, size=size),
-                                  sample.read_image(str(tmp_path / name), size)), (name, size)
+                                  data.read_image(str(tmp_path / name), size)), (name, size)
 
 
 def test_a_fifo_named_like_an_image_is_skipped(tmp_path):
     Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "real.png")
     os.mkfifo(tmp_path / "x.png")  # reading it would block forever
-    assert train.find_images(str(tmp_path)) == [str(tmp_path / "real.png")]
+    assert data.find_images(str(tmp_path)) == [str(tmp_path / "real.png")]
     assert len(load(tmp_path)[0]) == 1
 
 

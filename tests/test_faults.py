@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddpm
-import sample
 import train
 from test_train import TINY, folder, one_line_error, run  # noqa: F401  (folder is a fixture)
 
@@ -135,7 +135,7 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(folder,
 def test_a_first_checkpoint_that_cannot_be_written_says_what_can_be_done(folder, tmp_path, monkeypatch, capsys):
     def full(path, write, tmp=None):  # as a disk filled by another program during training
         raise OSError(28, "No space left on device", path)
-    monkeypatch.setattr(sample, "write_atomically", full)
+    monkeypatch.setattr(data, "write_atomically", full)
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "3", *TINY])
     err = capsys.readouterr().err
@@ -191,7 +191,7 @@ def test_unusual_images_load_as_rgb_at_the_size(tmp_path):
     Image.fromarray(rgb[:6, :5]).save(tmp_path / "small.png")  # smaller than --size: scaled up
     Image.fromarray(np.zeros((200, 90, 3), np.uint8)).save(tmp_path / "tall.png")  # a different size again
 
-    got = {p.name: sample.read_image(str(p), size) for p in tmp_path.iterdir()}
+    got = {p.name: data.read_image(str(p), size) for p in tmp_path.iterdir()}
     for name, arr in got.items():
         assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8, name
     assert abs(int(got["cmyk.jpg"][8, 8, 0]) - 200) < 8 and got["cmyk.jpg"][8, 8, 1:].max() < 10
@@ -205,10 +205,10 @@ def test_sixteen_bit_grey_keeps_its_range_and_transparency(tmp_path, monkeypatch
     grey[:4] = 0
     Image.fromarray(grey).save(tmp_path / "g.pgm")  # Pillow opens it as mode I, as a 16-bit PNG in older Pillow
     Image.fromarray(grey).save(tmp_path / "t.png", transparency=0)
-    assert (sample.read_image(str(tmp_path / "g.pgm"), (8, 8))[4:] == 40000 // 257).all()
-    assert (sample.read_image(str(tmp_path / "t.png"), (8, 8))[:4] == 255).all()  # transparent: on white
+    assert (data.read_image(str(tmp_path / "g.pgm"), (8, 8))[4:] == 40000 // 257).all()
+    assert (data.read_image(str(tmp_path / "t.png"), (8, 8))[:4] == 255).all()  # transparent: on white
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's way to turn its limit off
-    assert sample.read_image(str(tmp_path / "g.pgm"), (8, 8)).shape == (8, 8, 3)
+    assert data.read_image(str(tmp_path / "g.pgm"), (8, 8)).shape == (8, 8, 3)
 
 
 def test_broken_images_are_skipped_with_their_reason(tmp_path):
@@ -223,7 +223,7 @@ def test_broken_images_are_skipped_with_their_reason(tmp_path):
                       ("zero.png", "not a readable image"),
                       ("truncated.png", "not a readable image")):
         with pytest.raises(ValueError, match=why):
-            sample.read_image(str(tmp_path / name), (16, 16))
+            data.read_image(str(tmp_path / name), (16, 16))
     r = run("train.py", "--data", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--steps", "1", *TINY)
     assert r.returncode == 0, r.stderr
     assert "skipped 4 unreadable image file(s)" in r.stdout and "1 images 3x16x16" in r.stdout
@@ -234,7 +234,7 @@ def test_a_symlink_loop_in_the_data_folder_is_walked_once(tmp_path):
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     os.symlink(tmp_path, tmp_path / "a" / "loop")
-    assert train.find_images(str(tmp_path)) == [str(tmp_path / "a" / "x.png")]
+    assert data.find_images(str(tmp_path)) == [str(tmp_path / "a" / "x.png")]
 
 
 # --- bad flags and checkpoints -------------------------------------------------------------------------------

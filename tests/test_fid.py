@@ -23,8 +23,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+import data
 import fid
-import sample
 from conftest import FIXTURES, ROOT, fid_weights
 
 REFERENCE_FID = json.loads((FIXTURES / 'pytorch_fid_mnist.json').read_text())['fid']
@@ -254,7 +254,7 @@ def test_size_reads_a_reference_folder_as_training_reads_its_data(tmp_path, monk
     monkeypatch.setattr(fid, 'run_model', lambda model, make_batch, n, *a: seen.append(make_batch(0, n)) or
                         np.random.default_rng(0).normal(size=(n, 2048)))
     fid.folder_activations(tmp_path, None, size=(16, 16))
-    expected = [sample.read_image(str(p), (16, 16)) for p in sorted(tmp_path.iterdir())]
+    expected = [data.read_image(str(p), (16, 16)) for p in sorted(tmp_path.iterdir())]
     assert np.array_equal(seen[0].numpy(), np.stack(expected))
     fid.reference_stats(tmp_path, None, size=(16, 16))
     fid.reference_stats(tmp_path, None)  # a different size: not the cached statistics

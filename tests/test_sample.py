@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddpm
+import fid
 import sample
 import unet
 
@@ -30,7 +32,7 @@ def save_checkpoint(path, classes=(), config=None):
     torch.manual_seed(0)
     model_config = unet.model_config("tiny", (8, 8), 3, len(classes))
     model = unet.UNet(**model_config)
-    state = sample.checkpoint_state(0, config or {}, model_config, ddpm.Diffusion("cosine", 50, "v"), list(classes),
+    state = data.checkpoint_state(0, config or {}, model_config, ddpm.Diffusion("cosine", 50, "v"), list(classes),
                                     model, model, torch.optim.Adam(model.parameters()),
                                     torch.amp.GradScaler("cpu", enabled=False), 0)
     torch.save(state, path)
@@ -138,7 +140,7 @@ def test_mix_noise_separate_mixes_the_seeds_way(made, tmp_path, capsys):
 
 # Item 10: read_image's array was read-only, which torch warns about when it wraps it.
 def test_a_decoded_image_is_writable(made):
-    pixels = sample.read_image(str(made["top"] / "colour.png"), (8, 8))
+    pixels = data.read_image(str(made["top"] / "colour.png"), (8, 8))
     assert pixels.flags.writeable  # (torch warns once a process, so the flag is the check that always runs)
     torch.from_numpy(pixels)[0, 0, 0] = 7
     assert pixels[0, 0, 0] == 7
@@ -171,7 +173,6 @@ def test_classes_without_guidance_sample_and_an_unrecorded_p_uncond_is_the_defau
 # Issue 29, items 1 and 2: --fid FOLDER took its first n sorted names (one class of class folders) at full size.
 def test_fid_reads_a_random_n_of_a_reference_folder_at_the_checkpoints_size(made, tmp_path, capsys, monkeypatch):
     from conftest import fid_weights
-    import fid
     for c in "ab":
         for i in range(10):
             Image.new("RGB", (24, 16), (200 * (c == "a"), 30 * i, 90)).save(tmp_path / f"{c}{i}.png")

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+import fid
 import ddpm
 import sample
 import train
@@ -129,11 +131,11 @@ def test_fid_errors_name_the_scripts_own_flags(folder, tmp_path, capsys):
     for p in list(folder.rglob("*.png"))[:3]:
         (odd / p.name).write_bytes(p.read_bytes())
     with pytest.raises(ValueError, match=f"^--fid-ref: {odd}: 3 image files, .* lower --fid-n$"):  # train.py's --fid-n
-        sample.fid_meter(str(odd), 100, fid_weights(), "cpu", "--fid-ref", "--fid-n")
+        fid.meter(str(odd), 100, fid_weights(), "cpu", None, "--fid-ref", {"--n": "--fid-n"})
     with pytest.raises(ValueError, match="lower --n$"):  # and sample.py's --n
-        sample.fid_meter(str(folder), 100, fid_weights(), "cpu", "--fid")
+        fid.meter(str(folder), 100, fid_weights(), "cpu", None, "--fid")
     with pytest.raises(ValueError, match=f"^--fid: --fid-weights {tmp_path}/a --weights b: no such file"):
-        sample.fid_meter(str(folder), 4, str(tmp_path / "a --weights b"), "cpu", "--fid")
+        fid.meter(str(folder), 4, str(tmp_path / "a --weights b"), "cpu", None, "--fid")
 
 
 def test_an_fid_that_cannot_be_computed_ends_sampling_in_one_line_and_training_goes_on(folder, tmp_path, monkeypatch,
@@ -176,8 +178,8 @@ def test_the_process_shows_x_t_and_the_x0_predicted_from_it():
     final = d.sample(model, (1, 1, 16, 16), generator=torch.Generator().manual_seed(5), **loop)
     assert len(frames) == 3 and strip.size == (3 * 34 + 2, 12 + 2 * 34 + 2)
     cell = lambda frame, row: np.asarray(frame)[14 + 34 * row:46 + 34 * row:2, 2:34:2]  # scale 2, 2 px apart
-    assert (cell(frames[0], 0) == sample.to_uint8(x_T)[0, ..., 0]).all()  # t=999: x_T itself
-    assert (cell(frames[-1], 1) == sample.to_uint8(final)[0, ..., 0]).all()  # the last x_0 predicted: the sample
+    assert (cell(frames[0], 0) == data.to_uint8(x_T)[0, ..., 0]).all()  # t=999: x_T itself
+    assert (cell(frames[-1], 1) == data.to_uint8(final)[0, ..., 0]).all()  # the last x_0 predicted: the sample
 
 
 def test_config_file_repeats_a_run_and_flags_override_it(folder, tmp_path):
@@ -414,16 +416,16 @@ def test_the_memory_estimate_grows_with_the_pixels_and_covers_the_optimizer():
 
 
 def test_a_grid_of_fewer_images_than_a_row_is_one_row_of_them_and_of_none_an_error():
-    assert sample.grid_image(torch.zeros(3, 1, 4, 4), nrow=8).size == (3 * (4 + 2) + 2, 4 + 2 + 2)
+    assert data.grid_image(torch.zeros(3, 1, 4, 4), nrow=8).size == (3 * (4 + 2) + 2, 4 + 2 + 2)
     for n, nrow in ((0, 8), (3, 0)):
         with pytest.raises(ValueError, match=f"a grid of {n} images, {nrow} a row"):
-            sample.grid_image(torch.zeros(n, 1, 4, 4), nrow)
+            data.grid_image(torch.zeros(n, 1, 4, 4), nrow)
 
 
 def test_an_atomic_write_refuses_a_fifo_or_device_rather_than_replace_it(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")  # as root, a grid saved to /dev/null would have replaced it with a file
     with pytest.raises(OSError, match="exists and is not a regular file"):
-        sample.save_grid(torch.zeros(1, 1, 4, 4), tmp_path / "pipe.png")
+        data.save_grid(torch.zeros(1, 1, 4, 4), tmp_path / "pipe.png")
     assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.png").st_mode) and os.listdir(tmp_path) == ["pipe.png"]
 
 
@@ -447,7 +449,7 @@ def test_auto_precision_picks_the_faster_side_and_keeps_the_thread_count(monkeyp
             return super().forward(x)
     monkeypatch.setattr(torch.nn, "Conv2d", Conv)
     threads = torch.get_num_threads()
-    assert sample.fastest_precision("cpu") == ("fp32" if slow == "bf16" else "bf16")
+    assert data.fastest_precision("cpu") == ("fp32" if slow == "bf16" else "bf16")
     assert torch.get_num_threads() == threads
 
 
@@ -462,7 +464,7 @@ def test_a_path_the_terminal_cannot_encode_prints_escaped(folder, tmp_path):
 def test_a_32_bit_image_is_refused_not_read_as_black(tmp_path, pixels):
     Image.fromarray(pixels).save(tmp_path / "f.tif")
     with pytest.raises(ValueError, match="32-bit pixels"):
-        sample.read_image(str(tmp_path / "f.tif"), (8, 8))
+        data.read_image(str(tmp_path / "f.tif"), (8, 8))
 
 
 def test_a_config_chooses_again_what_the_run_chose_itself(folder, tmp_path):
@@ -571,7 +573,7 @@ def test_a_class_folder_with_no_readable_image_is_refused_and_one_without_images
     train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "a"), "--cond", "--steps", "1", *TINY])
     assert "--cond: a_link, empty, kittens in" in capsys.readouterr().out
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["classes"] == ["cats", "dogs"]
-    assert train.find_images(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "0.png") for c in ("cats", "dogs")]
+    assert data.find_images(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "0.png") for c in ("cats", "dogs")]
     (tmp_path / "data" / "dogs" / "0.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--cond", "--steps", "1", *TINY])

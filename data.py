@@ -1,0 +1,543 @@
+"""Files to tensors and back, for train.py and sample.py: image folders decoded once into a memory-mapped cache,
+the built-in `shapes`, batches, PNGs and grids written atomically, and the checkpoint file (written, loaded without
+running code, its network rebuilt). Also what the two command lines share: UserError and one-line errors, argparse
+types, the device's checks and precision.
+
+    images, labels, classes = load_dataset("./images", (32, 32))   # uint8 [N, C, 32, 32], cached in ~/.cache
+    x0 = batch_images(images, batch_indices(step, 64, len(images), seed=0), device, flip=True)  # [-1, 1]
+    model, diffusion = build(load_checkpoint("runs/run/ckpt.pt"))
+
+Depends on torch, numpy and Pillow; ddpm.py and unet.py for rebuilding a checkpoint's network.
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+import ddpm
+import unet
+
+
+class UserError(ValueError):
+    """A problem the user can fix (a flag, a file, a folder): each program prints it as one line and exits with 2."""
+
+
+# --- the two command lines' shared pieces: one-line errors, argparse types, the machine -------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("sample.py: error: argument --eta: ..."), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n".replace("\n", "\\n", message.count("\n")))
+
+
+def number(kind, interval):
+    """An argparse type: a finite `kind` (int or float) within `interval`, written like "[0, 1)" or "(0, inf)"."""
+    low, high = (float(v) for v in interval[1:-1].split(","))
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and (value > low if interval[0] == "(" else value >= low)
+                and (value < high if interval[-1] == ")" else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return value
+    return parse
+
+
+def one_line(error, last=False):
+    """The first (or last: where torch puts the cause) line of an exception's message, for a one-line error."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return (lines[-1] if last else lines[0]).strip()[:200]
+
+
+def out_of_memory(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, a CPU's
+
+
+def path(text):
+    """An argparse type for paths: an empty one would quietly mean the current folder, or nothing."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
+def check_device(name):
+    """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
+    try:
+        device = torch.device("cpu" if name is None else name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    api = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
+    if device.type != "cpu" and not (api and api.is_available() and (device.index or 0) < api.device_count()):
+        raise ValueError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
+
+
+def fastest_precision(device):
+    """'bf16' where autocast to bf16 is faster than fp32 on this device, else 'fp32': on CUDA any GPU with bf16; on a
+    CPU it depends (AVX512-BF16/AMX: bf16 wins; AVX2: ~50x slower), so one convolution is timed both ways."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(8, 64, 16, 16)
+    seconds, threads = {"fp32": math.inf, "bf16": math.inf}, torch.get_num_threads()
+    torch.set_num_threads(1)  # threads that wait for each other time the scheduler on a busy machine, not the ISA
+    try:
+        for turn in range(10):  # taking turns, best of ten: a busy machine slows some tries, not a whole side
+            for name in seconds:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                    conv(x)  # warm-up
+                    start = time.perf_counter()
+                    conv(x)
+                    seconds[name] = min(seconds[name], time.perf_counter() - start)
+            if turn >= 2 and seconds["bf16"] > 4 * seconds["fp32"]:  # AVX2: decided, and each bf16 try is slow
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
+
+
+def format_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def log(*parts, end="\n"):
+    """print, except that a closed stdout (`| head`, a lost terminal) never stops training: metrics.jsonl remains."""
+    try:
+        print(*parts, end=end, flush=True)
+    except OSError:  # BrokenPipeError, or EIO from a hung-up terminal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# --- image files and the built-in dataset -----------------------------------------------------------------------------
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what counts as an image file
+
+
+def read_image(path, size, resample=Image.Resampling.LANCZOS):
+    """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
+    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (never a FIFO)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
+    try:
+        with Image.open(path) as im:  # Pillow refuses over twice its pixel limit and only warns below: refused here
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
+            im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
+            kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
+            if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PGM, a PNG in Pillow 10.0
+                raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8; a transparent grey value becomes alpha
+                grey, transparent = np.asarray(im, np.float64), im.info.get("transparency")
+                im = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
+                if transparent is not None:
+                    im.putalpha(Image.fromarray(((grey != transparent) * 255).astype(np.uint8)))
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+            return np.array(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))  # writable: asarray's is not
+    except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def find_images(root):
+    """Image files under root, sorted, following links to folders outside root once (one inside is read under its own
+    name). Regular files only (a FIFO would block); hidden names (.ipynb_checkpoints/, ._x.png) are skipped, as by ls."""
+    found, seen, top = [], set(), os.path.join(os.path.realpath(root), "")
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirnames.clear()
+            continue
+        seen.add(real)
+        folders = [os.path.join(dirpath, d) for d in dirnames]
+        dirnames[:] = sorted(d for d, f in zip(dirnames, folders) if not d.startswith(".") and
+                             not (os.path.islink(f) and os.path.join(os.path.realpath(f), "").startswith(top)))
+        paths = (os.path.join(dirpath, f) for f in filenames
+                 if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+        found += filter(os.path.isfile, paths)
+    return sorted(found)
+
+
+def class_labels(root, paths, cond):
+    """Each path's label (the index of its first-level subfolder, sorted) and the class names; all 0 without cond."""
+    if not cond:
+        return np.zeros(len(paths), np.int64), []
+    tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    classes = sorted({t[0] for t in tops if len(t) > 1})
+    if len(classes) < 2:
+        raise UserError(f"--cond: --data {root} needs at least two class subfolders, found {len(classes)}")
+    loose = [p for p, t in zip(paths, tops) if len(t) == 1]
+    if loose:
+        raise UserError(f"--cond: {loose[0]} is not inside a class subfolder of {root}; move it into one")
+    index = {c: i for i, c in enumerate(classes)}  # a dict: a list's index() would be slow with many classes
+    return np.array([index[t[0]] for t in tops], np.int64), classes
+
+
+SHAPES = ("circle", "square", "triangle", "cross")
+PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 100, 240), (240, 210, 40), (220, 60, 220), (40, 210, 220)])
+
+
+def make_shapes(n, size):
+    """The built-in dataset, learned in minutes: uint8 [n, H, W, 3], a bright shape on dark, and its index."""
+    h, w = size
+    rng = np.random.default_rng(0)  # the same dataset in every run and process
+    images, labels = np.empty((n, h, w, 3), np.uint8), rng.integers(0, len(SHAPES), n)
+    for i in range(n):
+        bg = tuple(int(c) for c in rng.integers(0, 70, 3))
+        colour = tuple(int(c) for c in np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.integers(-25, 26, 3), 0, 255))
+        im = Image.new("RGB", (4 * w, 4 * h), bg)
+        r = rng.uniform(0.22, 0.4) * 4 * min(h, w)
+        x, y = rng.uniform(r, 4 * w - r), rng.uniform(r, 4 * h - r)
+        draw, s, t = ImageDraw.Draw(im), r * 0.85, r * 0.3
+        if labels[i] == 0:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        elif labels[i] == 1:
+            draw.rectangle([x - s, y - s, x + s, y + s], fill=colour)
+        elif labels[i] == 2:
+            draw.polygon([(x, y - r), (x - r * 0.95, y + r * 0.75), (x + r * 0.95, y + r * 0.75)], fill=colour)
+        else:
+            draw.rectangle([x - r, y - t, x + r, y + t], fill=colour)
+            draw.rectangle([x - t, y - r, x + t, y + r], fill=colour)
+        images[i] = np.asarray(im.resize((w, h), Image.Resampling.LANCZOS))
+    return images, labels
+
+
+# --- the decoded-image cache: each image decoded once, memory-mapped by every process ---------------------------------
+NAMED = 20  # unreadable image files named one a line; the rest are counted
+
+
+def decode_into(f, root, paths, size):
+    """Decode paths in threads (Pillow releases the GIL), a few images ahead per thread, into the open file f as a .npy
+    of uint8 [N, 3, H, W]. Returns the indices of the readable paths, whether all of them are grey, and the errors of
+    the others."""
+    fcntl.flock(f, fcntl.LOCK_EX)  # held until f closes, however the process ends: remove_orphans skips f
+    n, workers, lead = len(paths), os.cpu_count() or 1, "\r" if sys.stdout.isatty() else ""
+    header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, *size)}
+    np.lib.format.write_array_header_1_0(f, header)  # numpy pads it: any smaller count fits in place later
+    keep, bad, grey, t0 = [], [], True, time.perf_counter()
+    shown = t0
+    with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image refuses bombs, in one line
+        futures = (pool.submit(read_image, p, size) for p in paths)
+        ahead = collections.deque(itertools.islice(futures, 4 * workers))
+        for i in range(n):
+            ahead.extend(itertools.islice(futures, 1))
+            try:
+                image = ahead.popleft().result()
+                f.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                keep.append(i)
+                grey = grey and bool((image[..., :1] == image[..., 1:]).all())
+            except ValueError as e:  # an unreadable file is skipped, never a crash
+                bad.append(str(e))
+            now = time.perf_counter()
+            if now - shown > (0.5 if lead else 30) or i == n - 1:  # a line redrawn on a terminal, else every 30 s
+                shown, rate = now, (i + 1) / max(now - t0, 1e-9)
+                log(f"{lead}decoded {i + 1}/{n} images | {rate:.0f} images/s | ETA {format_time((n - i - 1) / rate)}  ",
+                    end="" if lead and i < n - 1 else "\n")
+    if bad:
+        log_unreadable(bad, len(bad), n)
+    if not keep:
+        raise UserError(f"--data {root}: none of the {n} image files could be read")
+    f.seek(0)
+    np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(keep), 3, *size)})
+    return keep, grey, bad
+
+
+def log_unreadable(errors, count, n):
+    """Name the count skipped files of n, NAMED of them (read_image's errors start with the path), and count the rest:
+    one file named per run would take a run per broken file to find them all."""
+    shown = errors[:NAMED]
+    more = [f"  ... and {count - len(shown)} more"] if count > len(shown) else []
+    log("\n".join([f"skipped {count} unreadable image file(s) of {n}:", *(f"  {e}" for e in shown), *more]))
+
+
+def cache_stem(root, paths, size):
+    """The cache's path less its extension, keyed by every file's name, size and mtime (rsync's quick check; not ctime,
+    which a copy renews), under $XDG_CACHE_HOME (if absolute, as the XDG spec says) or ~/.cache."""
+    stats = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in (os.stat(p),)]
+    key = hashlib.sha256(json.dumps([root, size, stats]).encode()).hexdigest()[:20]
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    cache = cache if os.path.isabs(cache) else os.path.expanduser("~/.cache")
+    return os.path.join(cache, "ddpm-toolkit", f"data-{key}")
+
+
+def remove_orphans(stem):
+    """Delete what killed decodes left beside stem: files a minute old that no live decoder holds locked."""
+    for old in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.tmp")):  # not a FIFO
+        with contextlib.suppress(OSError), open(old, "rb") as f:
+            if time.time() - os.fstat(f.fileno()).st_mtime > 60:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an OSError while its decoder lives
+                os.remove(old)
+
+
+def remove_stale_caches(stem, source, started):
+    """Delete the caches of earlier states of this source (folder and size): those written before this decode started
+    (a later one may be of a newer state)."""
+    for other in filter(os.path.isfile, glob.glob(glob.escape(os.path.dirname(stem)) + "/data-*.json")):  # not a FIFO
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError), open(other) as f:
+            earlier = other != stem + ".json" and os.fstat(f.fileno()).st_mtime < started
+            if earlier and (json.load(f).get("source") or [])[:2] == source:  # [:2]: older caches add --cond
+                os.remove(other)  # first: a cache without its .json is never trusted
+                os.remove(other[:-len(".json")] + ".npy")
+                log(f"removed {other[:-len('.json')]}.npy, the image cache of an earlier state of {source[0]}")
+
+
+def read_cache(stem, size, n):
+    """The mapped images and metadata of a complete cache of n files, or None; a damaged one is said and ignored."""
+    if not os.path.exists(stem + ".json"):  # written last: an interrupted decode has none
+        return None
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        images, keep = np.load(stem + ".npy", mmap_mode="c"), meta["keep"]
+        if keep != sorted({i for i in keep if type(i) is int and 0 <= i < n}) or type(meta["grey"]) is not bool or \
+                type(meta.get("unreadable", [])) is not list:
+            raise ValueError("its metadata is not what a decode writes")
+        if images.shape != (len(keep), 3, *size) or images.dtype != np.uint8:
+            raise ValueError(f"{images.dtype} {list(images.shape)} for {len(keep)} images")
+        return images, meta
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        log(f"cache {stem}.npy is unreadable ({type(e).__name__}: {e}); decoding again")
+
+
+def decode(root, paths, size, stem):
+    """Decode into the cache stem.npy, then stem.json (written last: it makes the cache trusted); with no cache or an
+    unwritable one, into an unnamed temporary file. Returns the mapped images and the metadata."""
+    if stem:
+        try:
+            started = time.time()
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            keep, grey, bad = write_atomically(stem + ".npy", lambda f: decode_into(f, root, paths, size))
+            meta = {"keep": keep, "grey": grey, "unreadable": bad[:NAMED], "source": [root, list(size)]}
+            write_atomically(stem + ".json", lambda f: f.write(json.dumps(meta).encode()))
+            remove_stale_caches(stem, meta["source"], started)
+            return np.load(stem + ".npy", mmap_mode="c"), meta  # copy-on-write: never written, one shared page cache
+        except OSError as e:
+            log(f"warning: cannot write the image cache {stem}.npy ({e}); decoding into a temporary file instead")
+    try:
+        with tempfile.TemporaryFile() as f:  # unnamed: nothing is left behind, however the process ends
+            keep, grey, _ = decode_into(f, root, paths, size)
+            f.seek(0)
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)  # leaves f at the first image
+            return np.memmap(f, np.uint8, "c", f.tell(), (len(keep), 3, *size)), {"keep": keep, "grey": grey}
+    except OSError as e:
+        raise UserError(f"cannot write the decoded images to {tempfile.gettempdir()} ({e}); free space there or set TMPDIR")
+
+
+def load_dataset(data, size, cond=False, channels=None, cache=True):
+    """The training images of folder `data` (or "shapes", the built-in set) at size (H, W) as uint8 [N, C, H, W], their
+    labels [N] and class names (the first-level subfolders with cond, else none). C: `channels`, or 1 where every image
+    is grey, else 3. A folder is decoded once into a cache file (cache=False: a temporary one) that every process
+    maps: a machine's processes share one copy in the page cache, and a batch reads only its own images."""
+    if data == "shapes":
+        images, labels = make_shapes(8192, size)
+        images, classes, grey = images.transpose(0, 3, 1, 2).copy(), list(SHAPES) if cond else [], False
+    else:
+        root = os.path.abspath(data)
+        paths = find_images(root)  # the caller made sure it is a folder
+        if not paths:
+            raise UserError(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, recursively)")
+        labels, classes = class_labels(root, paths, cond)  # before decoding: a bad layout fails at once
+        stem = cache_stem(root, paths, size) if cache else None
+        if stem:
+            remove_orphans(stem)  # also when the cache is found
+        cached = stem and read_cache(stem, size, len(paths))
+        images, meta = cached or decode(root, paths, size, stem)
+        if cached and len(meta["keep"]) < len(paths):  # a decode names them as it finds them
+            log_unreadable(meta.get("unreadable", []), len(paths) - len(meta["keep"]), len(paths))  # (older: none)
+        labels, grey = labels[meta["keep"]], meta["grey"]
+        unread = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+        if unread:
+            raise UserError(f"--cond: none of the images of class folder(s) {', '.join(unread)} in {root} could be read; replace "
+                 "them or remove the folder(s)")
+        others = sorted({d for d in next(os.walk(root))[1] if d[0] != "."} - set(classes)) if cond else []
+        if others:
+            log(f"--cond: {', '.join(others)} in {root} hold no images of their own (links into --data are skipped)")
+    # a grey image is one of its three equal planes (a view); colour stays three planes (--channels 1: batch_images)
+    images = torch.from_numpy(images)[:, :1 if grey and channels != 3 else 3]
+    return images, torch.as_tensor(labels, dtype=torch.int64), classes
+
+
+# --- batches ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step, batch, n, seed):
+    """A step's global batch: positions [step*batch, (step+1)*batch) of per-epoch permutations (resume is exact)."""
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    epochs = positions // n
+    return torch.cat([epoch_order(n, seed, int(e))[positions[epochs == e] % n] for e in epochs.unique()])
+
+
+def batch_images(images, idx, device, flip, channels=None):
+    """uint8 images[idx] -> [-1, 1] on device, mirrored with probability 1/2 if flip; for channels=1, colour as luma."""
+    x0 = images[idx]  # reads only these images from the memory map
+    x0 = (x0.pin_memory() if device.type == "cuda" else x0).to(device, non_blocking=True)  # pinned: an async copy
+    if flip:  # on uint8: a quarter of the bytes to move, the same result
+        mirror = torch.rand(len(idx), device=device) < 0.5
+        x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
+    if channels == 1 and x0.shape[1] == 3:  # ITU-R 601-2 luma in Pillow's fixed point: exactly its convert("L")
+        luma = torch.tensor([19595, 38470, 7471], device=device).view(1, 3, 1, 1)
+        x0 = ((x0.int() * luma).sum(1, keepdim=True) + 0x8000) >> 16
+    return x0.float().div_(127.5).sub_(1)
+
+
+# --- writing files: atomically, PNGs and grids ------------------------------------------------------------------------
+def write_atomically(path, write, tmp=None):
+    """write(f) to a temporary file beside path (`tmp`, or PATH.<random>.tmp: a link at path is written through),
+    flushed, then renamed to path: no reader sees part of a file. A device or FIFO at path is refused, not replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):  # (as root, a grid saved to /dev/null would replace it)
+        raise OSError(errno.EEXIST, "exists and is not a regular file", path)
+    if tmp is None:  # not mkstemp's file, which is private (0600): a written file gets the umask's mode
+        path = os.path.realpath(path)
+        tmp = f"{path}.{os.getpid()}{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+            f.flush()
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:  # a file system without fsync: the rename still keeps readers from a partial file
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+                    raise
+        os.replace(tmp, path)
+        return result
+    except OSError as e:  # a full disk, say: named by the file it was for, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+    finally:  # an error removes the temporary file; a kill leaves it, under a name nothing reads
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def to_uint8(x):
+    """[N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_image(x, nrow=8, pad=2, scale=1, labels=None):
+    """Images [N, C, H, W] in [-1, 1] as one Pillow image on white, nrow a row (fewer images: one row of them), each
+    enlarged `scale` times (nearest neighbour: pixels stay pixels); `labels` captions the columns."""
+    images = to_uint8(x).repeat(scale, 1).repeat(scale, 2)
+    n, h, w, c = images.shape
+    if not n or nrow < 1:
+        raise ValueError(f"a grid of {n} images, {nrow} a row: give at least one of each")
+    nrow = min(nrow, n)
+    top = 12 if labels else 0
+    grid = np.full((top + math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        row, left = top + pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
+        grid[row:row + h, left:left + w] = im
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    draw = ImageDraw.Draw(picture)
+    for k, text in enumerate(labels or []):
+        draw.text((pad + k * (w + pad), 1), text, fill=0)
+    return picture
+
+
+def save_grid(x, path, nrow=8):
+    save_png(grid_image(x, nrow), path)
+
+
+def save_png(image, path):
+    """A Pillow image as a PNG file, written atomically: a full disk or a kill leaves no broken file."""
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
+
+
+# --- the checkpoint ---------------------------------------------------------------------------------------------------
+# The checkpoint, one dict of plain types and tensors (torch.load weights_only). format 2: attention's dense
+# layers stored 2-D. Training adds the optimizer and scaler states, which sampling does not need.
+FORMAT = 2
+CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": dict, "diffusion": dict,  # and types
+                   "classes": (list, tuple), "model": dict, "ema": dict}
+
+
+def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
+    """CHECKPOINT_KEYS, the training state and the number of training images (--resume says if --data changed)."""
+    return dict(format=FORMAT, step=step, config=config, model_config=model_config, diffusion=diffusion.config(),
+                classes=classes, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), images=images)
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
+    if not os.path.isfile(path):
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "not a regular file" if \
+            os.path.exists(path) else "a link to a missing file" if os.path.islink(path) else "no such checkpoint file"
+        raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError), zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()  # torch.save writes a zip, and torch.load checks no checksum: a flipped bit loads
+        if damaged:
+            raise ValueError(f"{path}: damaged ({damaged} fails its checksum); use another copy or checkpoint")
+    try:
+        with open(path, "rb") as f:  # torch.save writes a zip: header first, directory last (a cut one has none)
+            if f.read(4) in (b"", b"PK\x03\x04") and not zipfile.is_zipfile(f):  # torch's error varies with the cut
+                raise EOFError
+        with warnings.catch_warnings():  # torch warns about unusual pickles, a second line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file at all, a pickle that wants code
+        first = one_line(e).split(". ")[0]  # (torch's next sentences advise weights_only=False: never here)
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # (torch < 2.4 says class)
+            first = "it holds Python objects, not only tensors and settings (a whole model, or code); none was run"
+        elif first.startswith("Weights only load failed") or isinstance(e, KeyError):  # bytes no pickle has
+            first = "damaged, or not a file torch.save wrote"
+        elif isinstance(e, EOFError) or "central directory" in first:  # a zip's directory is at its end
+            first = "empty or cut short: a partial copy or download?"
+        raise ValueError(f"{path}: not a loadable checkpoint ({first})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise ValueError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
+    if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
+        raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
+    config, classes = ckpt["model_config"], ckpt["classes"]
+    size, n = config.get("image_size"), config.get("num_classes", 0)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+        raise ValueError(f"{path}: not a train.py checkpoint (its image_size {size!r} is not (H, W))")
+    if type(n) is not int or n < 0 or ckpt["step"] < 0:
+        raise ValueError(f"{path}: not a train.py checkpoint (its num_classes {n!r}, step {ckpt['step']})")
+    if n and not (all(type(c) is str for c in classes) and len(set(classes)) == len(classes) == n):
+        raise ValueError(f"{path}: its classes are not {n} different names, one per class of its network")
+    broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
+              if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
+    if broken:
+        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
+                         "use an earlier checkpoint")
+    return ckpt
+
+
+def build(ckpt, ema=True, device="cpu"):
+    """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; ValueError if they do not build or fit."""
+    try:
+        model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint: its configuration does not build a network here ({e})") from None
+    try:
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+    except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
+        raise ValueError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
+    return model.to(device).eval(), diffusion.to(device)
