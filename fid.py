@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -25,9 +24,6 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-if __name__ == '__main__':  # Ctrl-C while torch loads: one line, not a traceback (the end of this file takes over)
-    signal.signal(signal.SIGINT, lambda *_: (print('\nfid.py: interrupted', file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import scipy.linalg
@@ -267,8 +263,6 @@ def to_uint8(images):
     are quantised as a PNG writer does, round(clamp((x + 1) / 2, 0, 1) * 255): samples give their PNGs' FID."""
     images = torch.as_tensor(images)
     if images.dtype == torch.uint8 and images.ndim == 3:
-        if images.shape[2] in (3, 4):  # far likelier one [H, W, C] image than images 3 or 4 pixels wide
-            raise FIDError(f'uint8 {list(images.shape)} is one [H, W, C] image? give a batch [N, H, W, C]')
         images = images[..., None]  # grey
     elif images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3):
         if not torch.isfinite(images).all():  # NaN would become black pixels, and a finite FID
@@ -532,8 +526,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def save_stats(path, mu, sigma, n=None):
     """Writes `path` exactly (np.savez would append .npz), keys mu, sigma (pytorch-fid's) and n, renamed into place
     from this process's own temporary file. OSErrors name `path`."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a rename would replace a device or a FIFO
-        raise FIDError(f'{path}: exists and is not a regular file; give a file path')
     part = f'{path}.{os.getpid()}.part'
     try:
         with open(part, 'wb') as f:
@@ -686,8 +678,6 @@ def check_args(args):
         if value and all(stats is not None for _, stats, _ in inputs):
             raise FIDError(f'{flag} reads the images of a folder; statistics files were computed already: leave '
                            f'{flag} out')
-    if len(inputs) == 2 and os.path.samefile(*args.paths):
-        raise FIDError(f'{args.paths[0]} and {args.paths[1]} are the same; a set against itself has FID 0')
     dims = [len(stats[0]) if stats else DIMS for _, stats, _ in inputs]  # a folder's are the network's
     if len(set(dims)) > 1:
         raise FIDError(f'{args.paths[0]} is {dims[0]}-d, {args.paths[1]} {dims[1]}-d; compute both with this network')
@@ -746,7 +736,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # --save-stats writes only at the end, atomically: no partial file is left

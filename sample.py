@@ -9,18 +9,12 @@
 The checkpoint carries the network and diffusion configuration; the EMA weights are used unless --no-ema.
 """
 import argparse
-import contextlib
 import math
 import os
 import re
-import signal
 import sys
 import tempfile
 import warnings
-
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
-    signal.signal(signal.SIGINT, lambda *_: (print("\nsample.py: interrupted while starting; nothing was written",
-                                                    file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -308,8 +302,6 @@ def check_out_dir(folder, replace):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
-        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         generate(args, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
     except ValueError as e:  # every refusal: before sampling, or an FID that cannot be computed after it
@@ -439,7 +431,6 @@ def sample_seed(seed, i):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     try:
         main()
     except OSError as e:  # a file that changed under us, a full disk: one line, not a traceback

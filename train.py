@@ -27,10 +27,6 @@ import sys
 import time
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not a traceback (main() takes over later)
-    signal.signal(signal.SIGINT, lambda *_: (print("\ntrain.py: interrupted while starting; nothing was written",
-                                                    file=sys.stderr), os._exit(130)))
-
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
@@ -236,14 +232,19 @@ def parse_args(argv=None):
             ckpt = data.load_checkpoint(ckpt_path)
         except ValueError as e:
             parser.error(f"--resume: {e}")
-        base, source = ckpt["config"], f"the checkpoint {ckpt_path}"
+        source = f"the checkpoint {ckpt_path}"
+        own = own_settings(parser, ckpt, source)
+        base = {**ckpt["config"], **own}  # the network and diffusion it built, whatever its config says
     try:
         words = config_words(base, actions)
     except ValueError as e:
         parser.error(f"{source}: {e}")
     from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # checks all; errors name the file
     if ckpt:
-        check_resume(parser, given, from_config, ckpt, source)
+        changed = [f"{flag(k)} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
+                   if getattr(given, k) not in (UNSET, getattr(from_config, k))]
+        if changed:
+            parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
     else:  # a --config's "auto" settings are chosen again
         words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
     args = parser.parse_args(words + argv)
@@ -266,23 +267,15 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def check_resume(parser, given, config, ckpt, source):
-    """Refuse a checkpoint whose config disagrees with its network or diffusion (edited by hand: it would resume one
-    as another), and flags that would change them."""
+def own_settings(parser, ckpt, source):
+    """The settings of the network and diffusion a checkpoint built (size, channels, classes, schedule, T, target,
+    loss, the network flags): what --resume keeps, read from them rather than from its config."""
     net = ckpt["model_config"]
     try:
-        own = dict(ckpt["diffusion"], model=config.model, size=image_size("x".join(map(str, net["image_size"]))),
-                   channels=net.get("in_ch"), cond=bool(net.get("num_classes")), **network_flags(net))
+        return dict(ckpt["diffusion"], size=image_size("x".join(map(str, net["image_size"]))), channels=net.get("in_ch"),
+                    cond=bool(net.get("num_classes")), **network_flags(net))
     except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as e:
         parser.error(f"--resume: {source}: its network configuration is not one train.py writes ({e!r})")
-    wrong = [f"{k} {getattr(config, k)}, its network's {own.get(k)}" for k in FIXED[1:] if getattr(config, k) !=
-             own.get(k) and not (k in unet.NETWORK_KEYS and getattr(config, k) is None)]  # None: an older config
-    if wrong:
-        parser.error(f"--resume: {source} disagrees with itself ({'; '.join(wrong)}): it was edited; use another")
-    changed = [f"{flag(k)} {getattr(given, k)} (the checkpoint's: {own.get(k)})" for k in FIXED
-               if getattr(given, k) not in (UNSET, own.get(k))]
-    if changed:
-        parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
 
 
 def complete(parser, args, given, ckpt, source):
@@ -334,8 +327,6 @@ def check_args(parser, args, ckpt, given, source):
         (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule: give 21 "
          f"or more, or --schedule cosine"),
         (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes go up to 256; give --data a folder"),
-        (not folder and not ckpt and os.path.isdir("shapes"), "--data shapes is the built-in dataset, but ./shapes is a "
-         "folder here too: give --data ./shapes for the folder, or start in another folder for the built-in one"),
         (folder and inside, f"--out {args.out} is inside --data {args.data}: its grids would be trained on; choose "
          "another --out"),
         (folder and not os.path.isdir(args.data), f"--data {args.data}: "
@@ -866,8 +857,6 @@ def finish(run, done, stop, lock):
 def main(argv=None, started=None):
     """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
     args, ckpt = parse_args(argv)
-    with contextlib.suppress(AttributeError):  # a file name that is not UTF-8 prints escaped, not as a crash
-        sys.stdout.reconfigure(errors="backslashreplace")
     made = []  # what the start creates in --out: train empties it once a step worked
     with Stop() as stop:
         try:

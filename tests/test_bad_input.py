@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,20 +55,13 @@ def made(tmp_path_factory):
     ckpt["format"] = 99
     torch.save(ckpt, top / "future.pt")
     torch.save({"model": Code(str(top / "ran"))}, top / "code.pt")
-    data = bytearray((top / "run" / "ckpt.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one bit-rotted byte in the weights: torch.load would take it
-    (top / "rotted.pt").write_bytes(bytes(data))
-    (top / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))  # a copy or download that stopped halfway
-    (top / "cut_early.pt").write_bytes(bytes(data[:5000]))  # torch's own error for this cut is "Invalid argument"
+    whole = (top / "run" / "ckpt.pt").read_bytes()
+    (top / "cut.pt").write_bytes(whole[:len(whole) // 2])  # a copy or download that stopped halfway
+    (top / "cut_early.pt").write_bytes(whole[:5000])  # torch's own error for this cut is "Invalid argument"
     (top / "empty.pt").write_bytes(b"")
     (top / "moved.pt").symlink_to(top / "nowhere" / "ckpt.pt")
     edits = {"ema_none": lambda c: c.update(ema=None), "format_true": lambda c: c.update(format=True),  # by hand
-             "classes_none": lambda c: c.update(classes=None), "no_size": lambda c: c["model_config"].pop("image_size"),
-             "size_3d": lambda c: c["model_config"].update(image_size=(16, 16, 16)),
-             "classes_short": lambda c: (c["model_config"].update(num_classes=4), c.update(classes=["a", "b"])),
-             "size_float": lambda c: c["model_config"].update(image_size=(16.0, 16.0)),
-             "classes_float": lambda c: (c["model_config"].update(num_classes=2.0), c.update(classes=["a", "b"])),
-             "classes_twice": lambda c: (c["model_config"].update(num_classes=2), c.update(classes=["a", "a"]))}
+             "classes_none": lambda c: c.update(classes=None)}
     for name, edit in edits.items():
         ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
         edit(ckpt)
@@ -297,7 +289,6 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/missing.pt"], ["missing.pt", "no such checkpoint"]),
     (["{d}/nowhere/ckpt.pt"], ["nowhere/ckpt.pt", "no such checkpoint"]),  # not --grid's missing folder
     (["{d}/fifo.pt"], ["fifo.pt: not a regular file"]),
-    (["{d}/rotted.pt"], ["rotted.pt: damaged", "fails its checksum"]),
     (["{d}/cut.pt"], ["cut.pt", "not a loadable checkpoint (empty or cut short"]),
     (["{d}/cut_early.pt"], ["cut_early.pt", "not a loadable checkpoint (empty or cut short"]),
     (["{d}/empty.pt"], ["empty.pt", "not a loadable checkpoint (empty or cut short"]),
@@ -309,12 +300,6 @@ def test_sample_refuses(argv, words, made, capsys):
     (["{d}/ema_none.pt"], ["ema_none.pt", "its ema is a NoneType"]),
     (["{d}/format_true.pt"], ["format_true.pt", "its format is a bool"]),
     (["{d}/classes_none.pt"], ["classes_none.pt", "its classes is a NoneType"]),
-    (["{d}/no_size.pt"], ["no_size.pt", "its image_size None is not (H, W)"]),
-    (["{d}/size_float.pt"], ["size_float.pt", "its image_size (16.0, 16.0) is not (H, W)"]),
-    (["{d}/classes_float.pt"], ["classes_float.pt", "its num_classes 2.0"]),
-    (["{d}/classes_twice.pt"], ["classes_twice.pt", "not 2 different names"]),
-    (["{d}/size_3d.pt"], ["size_3d.pt", "image_size (16, 16, 16) is not (H, W)"]),
-    (["{d}/classes_short.pt"], ["classes_short.pt", "its classes are not 4 different names"]),
 ])
 def test_sample_refuses_checkpoints(argv, words, made, capsys):
     refused(sample.main, argv, words, made, capsys)
@@ -449,15 +434,6 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path):
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8
 
 
-def test_ctrl_c_while_starting_is_one_line(tmp_path):
-    proc = start(tmp_path / "r")
-    time.sleep(0.5)  # still importing torch or parsing
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "train.py: " in err and not (tmp_path / "r" / "ckpt.pt").exists()
-
-
 def test_the_checkpoint_is_saved_before_the_final_grid(made, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("SIGINT")
@@ -515,31 +491,14 @@ def test_resume_refuses_renamed_class_folders_or_other_classes(tmp_path, capsys)
     assert snapshot(tmp_path / "r") == refused_elsewhere
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda c: c["diffusion"].update(T=500), "T 1000, its network's 500"),
-    (lambda c: c.update(config={}), "size 32, its network's 16"),  # a config of defaults: the paper network at 32
-])
-def test_resume_refuses_a_checkpoint_that_disagrees_with_itself(made, tmp_path, capsys, edit, words):
+def test_resume_keeps_the_network_and_diffusion_its_checkpoint_built_whatever_its_config_says(made, tmp_path, capsys):
     shutil.copytree(made / "run", tmp_path / "r")
     ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
-    edit(ckpt)
+    ckpt["config"].update(T=500, size="32")  # edited by hand: it would resume one diffusion and network as another
     torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "disagrees with itself" in err and words in err
-
-
-def test_data_shapes_with_a_shapes_folder_here_is_refused_as_ambiguous(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "shapes").mkdir()  # the user's own folder, named like the built-in dataset
-    with pytest.raises(SystemExit) as e:
-        train.main(["--data", "shapes", "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "give --data ./shapes for the folder" in err and not (tmp_path / "r").exists()
-    with pytest.raises(SystemExit):
-        train.main(["--data", "./shapes", "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
-    assert "no images found" in capsys.readouterr().err  # ./shapes is the folder
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", str(ckpt["step"] + 1)])
+    resumed = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert resumed["diffusion"]["T"] == 1000 and resumed["config"]["T"] == 1000 and resumed["config"]["size"] == "16"
 
 
 def test_resume_refuses_a_checkpoint_cut_down_for_sampling_before_decoding_the_data(made, tmp_path, capsys):
