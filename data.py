@@ -82,14 +82,14 @@ def path(text):
 
 
 def check_device(name):
-    """Raise ValueError unless torch knows the device `name` (None: the default) and this machine has it."""
+    """Raise UserError unless torch knows the device `name` (None: the default) and this machine has it."""
     try:
         device = torch.device("cpu" if name is None else name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     api = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
     if device.type != "cpu" and not (api and api.is_available() and (device.index or 0) < api.device_count()):
-        raise ValueError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
+        raise UserError(f"--device {name}: this machine has no such device; leave --device out to use what it has")
 
 
 def fastest_precision(device):
@@ -135,17 +135,17 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 def read_image(path, size, resample=Image.Resampling.LANCZOS):
     """An image file as uint8 [H, W, 3]: EXIF orientation, first frame, 16-bit grey to 8 bits, alpha on white, resized
-    on the shorter side, centre-cropped to size (H, W); ValueError unless a regular decodable file (never a FIFO)."""
+    on the shorter side, centre-cropped to size (H, W); UserError unless a regular decodable file (never a FIFO)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
+        raise UserError(f"{path}: {'not an image file' if os.path.exists(path) else 'no such file'}")
     try:
         with Image.open(path) as im:  # Pillow refuses over twice its pixel limit and only warns below: refused here
             if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
+                raise UserError(f"{im.width}x{im.height} pixels, over Pillow's decompression-bomb limit")
             im.draft("RGB", (size[1], size[0]))  # JPEG: decode at the smallest scale that still covers the size
             kind, im = im.format, ImageOps.exif_transpose(im)  # a transposed copy has no format
             if im.mode == "F" or (im.mode == "I" and kind == "TIFF"):  # I is 16 bits in a PGM, a PNG in Pillow 10.0
-                raise ValueError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
+                raise UserError("32-bit pixels (float or integer) have no standard range; save it with 8 or 16 bits")
             if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16 bits to 8; a transparent grey value becomes alpha
                 grey, transparent = np.asarray(im, np.float64), im.info.get("transparency")
                 im = Image.fromarray((grey / 257).clip(0, 255).astype(np.uint8))
@@ -155,7 +155,7 @@ def read_image(path, size, resample=Image.Resampling.LANCZOS):
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
             return np.array(ImageOps.fit(im.convert("RGB"), (size[1], size[0]), resample))  # writable: asarray's is not
     except Exception as e:  # Pillow raises many kinds for a broken file; each is a one-line refusal
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def find_images(root):
@@ -479,11 +479,11 @@ def checkpoint_state(step, config, model_config, diffusion, classes, model, ema,
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint as a dict, loaded running no code from it (weights_only); ValueError if it is unusable."""
+    """A train.py checkpoint as a dict, loaded running no code from it (weights_only); UserError if it is unusable."""
     if not os.path.isfile(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else "not a regular file" if \
             os.path.exists(path) else "a link to a missing file" if os.path.islink(path) else "no such checkpoint file"
-        raise ValueError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
+        raise UserError(f"{path}: {what} (train.py writes RUN_DIR/ckpt.pt)")
     try:
         with open(path, "rb") as f:  # torch.save writes a zip: header first, directory last (a cut one has none)
             if f.read(4) in (b"", b"PK\x03\x04") and not zipfile.is_zipfile(f):  # torch's error varies with the cut
@@ -499,31 +499,31 @@ def load_checkpoint(path):
             first = "damaged, or not a file torch.save wrote"
         elif isinstance(e, EOFError) or "central directory" in first:  # a zip's directory is at its end
             first = "empty or cut short: a partial copy or download?"
-        raise ValueError(f"{path}: not a loadable checkpoint ({first})") from None
+        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+        raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
     wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
     if wrong:
-        raise ValueError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
+        raise UserError(f"{path}: not a train.py checkpoint (its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__})")
     if ckpt["format"] not in (1, FORMAT):  # 1: attention's dense layers as 1x1 convolutions (unet.AttnBlock)
-        raise ValueError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
+        raise UserError(f"{path}: checkpoint format {ckpt['format']!r}, not 1 or {FORMAT}: written by another version")
     broken = [f"{part}.{name}" for part in ("model", "ema") for name, w in ckpt[part].items()
               if torch.is_tensor(w) and w.is_floating_point() and not torch.isfinite(w).all()]
     if broken:
-        raise ValueError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
+        raise UserError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors): a diverged run; "
                          "use an earlier checkpoint")
     return ckpt
 
 
 def build(ckpt, ema=True, device="cpu"):
-    """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; ValueError if they do not build or fit."""
+    """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; UserError if they do not build or fit."""
     try:
         model, diffusion = unet.UNet(**ckpt["model_config"]), ddpm.Diffusion(**ckpt["diffusion"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint: its configuration does not build a network here ({e})") from None
+        raise UserError(f"checkpoint: its configuration does not build a network here ({e})") from None
     try:
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
-        raise ValueError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
+        raise UserError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
     return model.to(device).eval(), diffusion.to(device)

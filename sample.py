@@ -36,7 +36,7 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
     classes = list(ckpt["classes"]) if ckpt["model_config"].get("num_classes") else []
     if not classes:
         if cls is not None or guidance:
-            raise ValueError("--class/--guidance: this checkpoint is unconditional (train with --cond for classes)")
+            raise data.UserError("--class/--guidance: this checkpoint is unconditional (train with --cond for classes)")
         return None
     if cls is None:
         rows = nrow * len(classes)  # a row of nrow images per class
@@ -46,7 +46,7 @@ def class_labels(ckpt, cls, guidance, n, nrow=8):
     index = int(cls) if re.fullmatch("0|[1-9][0-9]{0,8}", cls) and not numbered else None  # "3", not "03" or "٣"
     if cls not in classes and not (index is not None and index < len(classes)):
         which = "one" if numbered else f"a name or index 0-{len(classes) - 1}"
-        raise ValueError(f"--class {cls}: not a class of this checkpoint; choose {which} of {', '.join(classes)}")
+        raise data.UserError(f"--class {cls}: not a class of this checkpoint; choose {which} of {', '.join(classes)}")
     return torch.full((n or 64,), classes.index(cls) if cls in classes else index)
 
 
@@ -67,7 +67,7 @@ def check_null_label(ckpt, guidance, picture):
     if guidance or picture in ("inpaint", "mix"):
         what = "--guidance" if guidance else f"--{picture} (class-less)"
         advice = "give --class without --guidance, or " if guidance else ""
-        raise ValueError(f"{what} uses the null label, which this conditional checkpoint never trained (--p-uncond 0): "
+        raise data.UserError(f"{what} uses the null label, which this conditional checkpoint never trained (--p-uncond 0): "
                          f"{advice}train with --p-uncond above 0 (e.g. 0.1)")
 
 
@@ -86,11 +86,11 @@ def load_mask(path, size, image=None):
     with Image.open(path) as m, Image.open(image or path) as i:  # as shown: a phone photo's EXIF turns it upright
         m, i = ImageOps.exif_transpose(m), ImageOps.exif_transpose(i)
         if m.size != i.size:
-            raise ValueError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}; "
+            raise data.UserError(f"--mask {path} is {m.size[0]}x{m.size[1]} but {image} is {i.size[0]}x{i.size[1]}; "
                              "give a mask of the image's size")
     hole = pixels >= (1 if pixels.max() <= 1 else 128)
     if not hole.any():
-        raise ValueError(f"--mask {path}: nothing to fill; give white (or 1s) where pixels are to be filled")
+        raise data.UserError(f"--mask {path}: nothing to fill; give white (or 1s) where pixels are to be filled")
     return hole.float()
 
 
@@ -215,24 +215,26 @@ def build_parser():
 
 
 def check_args(args, world=1):
-    """Flag combinations, output paths and the device, before the checkpoint is even read; ValueError if wrong."""
+    """Flag combinations, output paths and the device, before the checkpoint is even read; UserError if wrong."""
     picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f)), None)
     fixed = picture in ("forward", "mix", "inpaint")  # these take no sampler settings or classes
     if not args.ckpt and picture != "forward":  # noising alone needs no network
-        raise ValueError("give a checkpoint (train.py writes RUN_DIR/ckpt.pt); only --forward IMAGE works without one")
+        raise data.UserError("give a checkpoint (train.py writes RUN_DIR/ckpt.pt); only --forward IMAGE works without one")
+    only = "{} is only used with {}".format  # the one sentence for a flag that serves another
     needs = [  # (the flag was given, it is used only when this holds, what to say)
-        (args.steps, args.sampler != "ddpm", "--steps: the ddpm sampler always takes all T steps"),
-        (args.eta, args.sampler == "ddim", "--eta is ddim's: add --sampler ddim"),
-        (args.variance, args.sampler == "ddpm", "--variance is ddpm's: add --sampler ddpm"),
-        (args.weight, picture == "mix", "--weight is only used with --mix"),
-        (args.mix_noise, picture == "mix", "--mix-noise is only used with --mix"),
+        (args.steps, args.sampler != "ddpm", only("--steps", "--sampler ddim or dpm++ (ddpm takes all T steps)")),
+        (args.eta, args.sampler == "ddim", only("--eta", "--sampler ddim")),
+        (args.variance, args.sampler == "ddpm", only("--variance", "--sampler ddpm")),
+        (args.weight, picture == "mix", only("--weight", "--mix")),
+        (args.mix_noise, picture == "mix", only("--mix-noise", "--mix")),
         (args.T or args.schedule or args.size, not args.ckpt,
-         "--T, --schedule and --size are for --forward without a checkpoint: a checkpoint has its own"),
-        (args.t, picture in ("forward", "mix"), "--t is only used with --forward or --mix"),
-        (args.mask, picture == "inpaint", "--mask is only used with --inpaint"),
-        (args.resample != 1, picture == "inpaint", "--resample is only used with --inpaint"),
-        (args.jump, args.resample > 1, "--jump is only used with --inpaint --resample R (R > 1)"),
-        (args.replace, args.out_dir, "--replace needs --out-dir"),
+         only("--T, --schedule or --size", "--forward without a checkpoint (a checkpoint has its own)")),
+        (args.t, picture in ("forward", "mix"), only("--t", "--forward or --mix")),
+        (args.mask, picture == "inpaint", only("--mask", "--inpaint")),
+        (args.resample != 1, picture == "inpaint", only("--resample", "--inpaint")),
+        (args.jump, args.resample > 1, only("--jump", "--inpaint --resample R (R > 1)")),
+        (args.replace, args.out_dir, only("--replace", "--out-dir")),
+        (args.fid_weights, args.fid, only("--fid-weights", "--fid")),
         (args.grid, picture != "process", "--grid is not used with --process: its picture goes to the --process path"),
         (args.out_dir or args.fid, not picture, f"--out-dir and --fid write samples, not the --{picture} picture"),
         (args.interp, args.sampler == "dpm++" or (args.sampler == "ddim" and not args.eta),
@@ -248,23 +250,22 @@ def check_args(args, world=1):
         (args.steps or args.sampler != ddpm.DEFAULT_SAMPLER, not fixed,
          f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
-        (args.fid_weights, args.fid, "--fid-weights is only used with --fid"),
     ]
     for given, allowed, message in needs:
         if given and not allowed:
-            raise ValueError(message)
+            raise data.UserError(message)
     beside = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # no checkpoint: the current folder
     grid = args.grid or os.path.join(beside, f"{picture or 'samples'}.png")
     if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
-        raise ValueError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
+        raise data.UserError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
     if args.ckpt and not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
         data.load_checkpoint(args.ckpt)
     out, flag = (args.process, "--process") if args.process else (grid, "--grid")
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.lexists(out) and not os.path.isfile(out):
-        raise ValueError(f"{flag} {out}: not a regular file (a folder, a link to nowhere, a FIFO?); give a file path")
+        raise data.UserError(f"{flag} {out}: not a regular file (a folder, a link to nowhere, a FIFO?); give a file path")
     if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {out}: its folder does not exist; give a file path in an existing folder")
+        raise data.UserError(f"{flag} {out}: its folder does not exist; give a file path in an existing folder")
     check_folder(folder, f"{flag} {out}")
     if args.out_dir:
         check_out_dir(args.out_dir, args.replace)
@@ -273,11 +274,11 @@ def check_args(args, world=1):
 
 
 def check_folder(folder, what):
-    """Raise ValueError, naming `what`, unless a new file can be made in `folder`."""
+    """Raise UserError, naming `what`, unless a new file can be made in `folder`."""
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise ValueError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+        raise data.UserError(f"{what}: cannot write in {folder} ({e.strerror})") from None
 
 
 def check_out_dir(folder, replace):
@@ -288,13 +289,13 @@ def check_out_dir(folder, replace):
         existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         what = "a file" if os.path.isfile(existing) else "a broken link or a special file"
-        raise ValueError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
+        raise data.UserError(f"--out-dir {folder}: {existing} is {what}, not a folder; give a folder")
     found = sorted(f for f in os.listdir(folder) if not f.startswith(".")) if existing == given else []  # as FID
     images = [f for f in found if os.path.isfile(os.path.join(folder, f))  # or a killed write's NAME.png.<random>.tmp
               and os.path.splitext(re.sub(r"\.\w+\.tmp$", "", f))[1].lower() in data.IMAGE_EXTS]
     others = sorted(set(found) - set(images))  # --replace deletes images only: these make it refuse
     if (images and not replace) or others:
-        raise ValueError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
+        raise data.UserError(f"--out-dir {folder} already holds {len(found)} file(s) (e.g. {(others or images)[0]}): "
                          f"choose an empty folder{'' if others else ', or add --replace to delete its images'}")
     check_folder(existing, f"--out-dir {folder}")
 
@@ -304,7 +305,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         generate(args, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
-    except ValueError as e:  # every refusal: before sampling, or an FID that cannot be computed after it
+    except ValueError as e:  # every refusal (UserError, fid.py's FIDError): before sampling, or an FID after it
         p.error(str(e))
     except RuntimeError as e:
         if not data.out_of_memory(e):
@@ -328,7 +329,7 @@ def generate(args, world=1, rank=0):
                               ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
         if value > most:
             where = "this checkpoint's diffusion has" if ckpt else "the diffusion (--T) has"
-            raise ValueError(f"{flag} {value}: {where} T = {T} steps; give at most {most}")
+            raise data.UserError(f"{flag} {value}: {where} T = {T} steps; give at most {most}")
     loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=args.variance or "beta",
                 guidance=args.guidance)
     labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow) if ckpt else None
@@ -339,7 +340,7 @@ def generate(args, world=1, rank=0):
         try:
             import fid  # optional: only --fid needs fid.py (and scipy.linalg)
         except ImportError as e:  # sample.py copied without fid.py
-            raise ValueError(f"--fid: cannot import fid.py ({e}); it must be beside sample.py") from None
+            raise data.UserError(f"--fid: cannot import fid.py ({e}); it must be beside sample.py") from None
         fid_of, reference, warning = fid.meter(args.fid, args.n, args.fid_weights, args.device, shape[1:], "--fid")
     args.precision = data.fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")

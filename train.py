@@ -15,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import functools
 import json
@@ -25,14 +26,15 @@ import shutil
 import signal
 import sys
 import time
+import typing
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-import ddpm
 import data
+import ddpm
 import fid
 import unet
 from data import UserError, format_time, log, number, path
@@ -128,7 +130,6 @@ def build_parser(prog="train.py"):
         action = p.add_argument(*names, **kw)
         actions[action.dest] = action
     positive, count = number(int, "[1, inf)"), number(int, "[0, inf)")
-    # data
     a("--data", default="shapes", type=path, help="image folder (recursive), or 'shapes' for the built-in dataset")
     a("--size", type=image_size, default="32", help="128 or HxW like 64x128 (shorter side resized, centre crop)")
     a("--channels", type=int, choices=(1, 3), help="1 or 3; default: 1 if every image is grey, else 3")
@@ -426,8 +427,9 @@ def unclaim(made):
 
 
 class Stop:
-    """SIGINT, SIGTERM (a scheduler's preemption) and SIGHUP (a closed session) all mean: stop cleanly. While
-    `deferred` (a step, a checkpoint write) a signal is only recorded; at other moments it raises KeyboardInterrupt."""
+    """SIGINT, SIGTERM (a scheduler's preemption) and SIGHUP (a closed session) all mean: stop cleanly, handled here
+    alone. Inside `deferring()` (the steps, a checkpoint write) a signal is only recorded, and the loop stops after the
+    step in flight; inside `interruptible()` (a grid, an FID) and elsewhere it raises KeyboardInterrupt at once."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
@@ -441,6 +443,24 @@ class Stop:
     def __enter__(self):
         self.previous = [signal.signal(s, self) for s in self.SIGNALS]
         return self
+
+    @contextlib.contextmanager
+    def deferring(self):
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Work a signal may cut short (minutes of sampling, it may be): it ends there, and the step is saved at once."""
+        self.deferred = False
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                yield
+        finally:
+            self.deferred = True
 
     def __exit__(self, kind, error, trace):
         for s, handler in zip(self.SIGNALS, self.previous):
@@ -552,13 +572,41 @@ def fit_memory(run):
     return f"about {need[args.accum] / 2**30:.3g} of {free / 2**30:.3g} GB free"
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything the loop shares, filled in once by setup_run; only `metrics` grows after it."""
+    args: argparse.Namespace  # the settings, all decided (the data's and the machine's choices too)
+    size: tuple  # (H, W)
+    device: torch.device
+    world: int  # processes
+    master: bool  # rank 0: it alone logs, samples and writes
+    started: float  # when --time's budget began (time.time())
+    ckpt_path: str
+    metrics_path: str
+    sample_steps: int  # of the default sampler, for grids and FIDs
+    metrics: list = dataclasses.field(default_factory=list)  # metrics.jsonl's records so far
+    fid_of: typing.Callable = None  # fid.meter's, where --fid-every is given (rank 0)
+    fid_ref: str = ""  # which reference images it compares with
+    fid_warning: str = None
+    images: torch.Tensor = None  # uint8 [N, C, H, W], memory-mapped
+    labels: torch.Tensor = None  # [N]
+    classes: list = None  # names, [] without --cond
+    model_config: dict = None
+    model: torch.nn.Module = None  # the bare network: EMA updates and checkpoints use it
+    train_model: torch.nn.Module = None  # what the steps run: the network wrapped by DDP and torch.compile
+    ema: torch.nn.Module = None
+    diffusion: ddpm.Diffusion = None
+    optimizer: torch.optim.Optimizer = None
+    autocast: torch.autocast = None
+    scaler: torch.amp.GradScaler = None
+
+
 def setup_run(args, ckpt, device, rank, world, started):
-    """Everything the loop shares, in one namespace: the mapped data, the network, its EMA, the diffusion, the
-    optimizer, the precision and the run folder's files; a resumed run's state from its checkpoint."""
-    run = argparse.Namespace(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0,
-                             ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics=[], started=started,
-                             metrics_path=os.path.join(args.out, "metrics.jsonl"), fid_of=None,
-                             sample_steps=min(ddpm.DEFAULT_STEPS, args.T))
+    """The Run: the mapped data, the network, its EMA, the diffusion, the optimizer, the precision and the run
+    folder's files; a resumed run's state from its checkpoint."""
+    run = Run(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0, started=started,
+              ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics_path=os.path.join(args.out, "metrics.jsonl"),
+              sample_steps=min(ddpm.DEFAULT_STEPS, args.T))
     if args.fid_every and run.master:  # loaded before training, so a bad reference fails now; a folder is read at
         try:  # --size, as the data is, and --fid-n of it drawn at random (not the first names: one class of many)
             run.fid_of, run.fid_ref, run.fid_warning = fid.meter(args.fid_ref, args.fid_n, args.fid_weights, device,
@@ -567,7 +615,7 @@ def setup_run(args, ckpt, device, rank, world, started):
             raise UserError(str(e))
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
     if world > 1 and not decoder:
-        dist.barrier()  # the decoders data.decode and cache first; the others then map their machine's cache
+        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
     run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
                                                               not args.no_cache)
     if world > 1 and decoder:
@@ -650,6 +698,33 @@ def record(run, m):
     run.metrics.append(m)
     with open(run.metrics_path, "a") as f:
         f.write(json.dumps(m) + "\n")
+
+
+def next_batch(run, step, rank):
+    """This process's share of the step's global batch, x_0 ~ q(x_0) in [-1, 1] (flipped at random unless --no-flip),
+    and its labels (None without --cond), each dropped to the null label -1 with probability --p-uncond: label
+    dropout trains the unconditional model of guidance. Seeded by (--seed, step, rank), as t, eps and dropout are."""
+    args = run.args
+    torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)
+    idx = data.batch_indices(step, args.batch, len(run.images), args.seed)[rank::run.world]
+    x0 = data.batch_images(run.images, idx, run.device, flip=not args.no_flip, channels=args.channels)
+    if not args.cond:
+        return x0, None
+    y = run.labels[idx].to(run.device, non_blocking=True)
+    return x0, torch.where(torch.rand(len(idx), device=run.device) < args.p_uncond, -1, y)
+
+
+def guarded_step(run, x0, y, step, first):
+    """train_step, with running out of memory (and a torch.compile that fails on its first call) as one line."""
+    try:
+        return train_step(run, x0, y, step)
+    except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
+        if data.out_of_memory(e):
+            raise UserError(f"out of memory on {run.device} at step {step + 1}: add --accum {run.args.accum * 2} (the "
+                            "batch stays), then --resume if a checkpoint exists") from None
+        if run.args.compile and first:
+            raise UserError(f"--compile: torch.compile failed ({data.one_line(e)}); train without --compile") from None
+        raise
 
 
 def train_step(run, x0, y, step):
@@ -808,13 +883,11 @@ def between_steps(run, done, stop):
     """Rank 0's periodic work: a sample grid, an FID, a checkpoint. A signal interrupts sampling (minutes, it may be)
     and the step is saved at once."""
     args = run.args
-    stop.deferred = False
-    with contextlib.suppress(KeyboardInterrupt):
+    with stop.interruptible():
         if args.sample_every and done % args.sample_every == 0 and done != args.steps:
             write_grid(run, done)
         if args.fid_every and done % args.fid_every == 0:
             log_fid(run, done)
-    stop.deferred = True
     if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
         checkpoint(run, done, stop)
 
@@ -838,10 +911,9 @@ def warn_if_slow(run, done, seconds):
 
 
 def finish(run, done, stop, lock):
-    """The final checkpoint, then (unless stopped) the final sample grid; a stopped run exits 128 + signal."""
+    """After the final checkpoint: unless stopped, the final sample grid (a signal now ends the process at once); a
+    stopped run exits 128 + signal."""
     if run.master:
-        checkpoint(run, done, stop)
-        stop.deferred = False  # the checkpoint is safe: a signal now ends the process at once
         if stop.signal:
             log(f"\nstopped by {stop.signal}: saved {run.ckpt_path} at step {done}; continue with --resume")
         else:
@@ -927,45 +999,32 @@ def train(args, ckpt, stop, started, made):
         args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
     log_start(run, memory)
     meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), steps_s=0.0, logged_s=0.0)
-    stop.deferred = True  # from here a signal stops the loop after the step in flight
-    done = start
-    while done < args.steps:  # not range(): a --time run plans args.steps inside the loop
-        step, began = done, time.perf_counter()
-        # the learning rate, data and randomness are functions of the step: resume is exact
-        lr = learning_rate(args, step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)  # t, eps, flips, dropout: per step and rank
-        idx = data.batch_indices(step, args.batch, len(run.images), args.seed)[rank::world]
-        x0 = data.batch_images(run.images, idx, device, flip=not args.no_flip, channels=args.channels)
-        y = None
-        if args.cond:  # label dropout: the null label -1 trains the unconditional model of guidance
-            y = run.labels[idx].to(device, non_blocking=True)
-            y = torch.where(torch.rand(len(idx), device=device) < args.p_uncond, -1, y)
-        try:
-            loss = train_step(run, x0, y, step)
-        except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
-            if data.out_of_memory(e):
-                raise UserError(f"out of memory on {device} at step {step + 1}: add --accum {args.accum * 2} (the batch stays), "
-                     "then --resume if a checkpoint exists")
-            if args.compile and step == start:  # torch.compile compiles on the first call
-                raise UserError(f"--compile: torch.compile failed ({data.one_line(e)}); train without --compile")
-            raise
-        meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
-        done = step + 1
-        if done == start + 1:  # a failed start leaves no config.json or metrics.jsonl: they wait for a step that worked
-            meter["t1"] = time.perf_counter()
-            made.clear()
-            warn_if_slow(run, done, meter["t1"] - meter["t0"])
+    with stop.deferring():  # from here a signal stops the loop after the step in flight
+        done = start
+        while done < args.steps:  # not range(): a --time run plans args.steps inside the loop
+            step, began = done, time.perf_counter()
+            lr = learning_rate(args, step)  # lr, data and randomness are functions of the step: exact resume
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x0, y = next_batch(run, step, rank)  # x_0 ~ q(x_0), and its labels
+            loss = guarded_step(run, x0, y, step, first=step == start)  # t, eps, the loss, its gradient, the EMA
+            meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
+            done = step + 1
+            if done == start + 1:  # config.json and metrics.jsonl wait for a step that worked
+                meter["t1"] = time.perf_counter()
+                made.clear()
+                warn_if_slow(run, done, meter["t1"] - meter["t0"])
+                if run.master:
+                    open_metrics(run, start)
+            if math.isinf(args.steps):
+                plan_steps(run, done, done - start, meter, stop)
+            report(run, meter, done, loss, lr)
             if run.master:
-                open_metrics(run, start)
-        if math.isinf(args.steps):
-            plan_steps(run, done, done - start, meter, stop)
-        report(run, meter, done, loss, lr)
+                between_steps(run, done, stop)
+            if stopped_anywhere(run, stop):
+                break
         if run.master:
-            between_steps(run, done, stop)
-        if stopped_anywhere(run, stop):
-            break
+            checkpoint(run, done, stop)  # the final one
     finish(run, done, stop, lock)
 
 

@@ -101,9 +101,9 @@ def test_forward_without_a_checkpoint_draws_what_a_checkpoint_of_that_diffusion_
     (["--n", "2"], ["give a checkpoint"]),
     (["--forward", "{top}/colour.png", "--T", "10"], ["linear schedule with T = 10", "larger T"]),
     (["--forward", "{top}/colour.png", "--t", "50", "--T", "50"], ["--t 50", "(--T)", "T = 50", "at most 49"]),
-    (["{plain}", "--forward", "{top}/colour.png", "--T", "50"], ["--T, --schedule and --size", "has its own"]),
-    (["{plain}", "--forward", "{top}/colour.png", "--schedule", "cosine"], ["--T, --schedule and --size"]),
-    (["{plain}", "--n", "2", "--size", "8"], ["--T, --schedule and --size"]),
+    (["{plain}", "--forward", "{top}/colour.png", "--T", "50"], ["--T, --schedule or --size", "has its own"]),
+    (["{plain}", "--forward", "{top}/colour.png", "--schedule", "cosine"], ["--T, --schedule or --size"]),
+    (["{plain}", "--n", "2", "--size", "8"], ["--T, --schedule or --size"]),
     (["{plain}", "--forward", "{top}/colour.png", "--mix-noise", "separate"], ["--mix-noise", "--mix"]),
 ])
 def test_forward_without_a_checkpoint_and_mix_noise_refuse_in_one_line(flags, words, made, capsys):
