@@ -48,6 +48,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n".replace("\n", "\\n", message.count("\n")))
 
 
+def only_used_with(flag, other):
+    """The one sentence both programs refuse a flag with that serves another flag not given."""
+    return f"{flag} is only used with {other}"
+
+
 def number(kind, interval):
     """An argparse type: a finite `kind` (int or float) within `interval`, written like "[0, 1)" or "(0, inf)"."""
     low, high = (float(v) for v in interval[1:-1].split(","))

@@ -220,7 +220,7 @@ def check_args(args, world=1):
     fixed = picture in ("forward", "mix", "inpaint")  # these take no sampler settings or classes
     if not args.ckpt and picture != "forward":  # noising alone needs no network
         raise data.UserError("give a checkpoint (train.py writes RUN_DIR/ckpt.pt); only --forward IMAGE works without one")
-    only = "{} is only used with {}".format  # the one sentence for a flag that serves another
+    only = data.only_used_with
     needs = [  # (the flag was given, it is used only when this holds, what to say)
         (args.steps, args.sampler != "ddpm", only("--steps", "--sampler ddim or dpm++ (ddpm takes all T steps)")),
         (args.eta, args.sampler == "ddim", only("--eta", "--sampler ddim")),

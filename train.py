@@ -286,8 +286,8 @@ def complete(parser, args, given, ckpt, source):
     for k, needs in ONLY_WITH.items():
         if getattr(given, k) is UNSET and getattr(given, needs) in (0, "") and getattr(args, k):
             if os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
-                log(f"{source}: {flag(k)} {getattr(args, k)} is dropped: it is only used with {flag(needs)}, which "
-                    "the command line turned off")
+                only = data.only_used_with("it", flag(needs))
+                log(f"{source}: {flag(k)} {getattr(args, k)} is dropped: {only}, which the command line turned off")
             setattr(args, k, parser.get_default(k))
     size = parse_size(args.size)
     preset = unet.preset(args.model, size)
@@ -333,7 +333,7 @@ def check_args(parser, args, ckpt, given, source):
         (folder and not os.path.isdir(args.data), f"--data {args.data}: "
          f"{'not a folder' if os.path.exists(args.data) else 'no such folder'} (give a folder of images, or 'shapes')"),
         (args.fid_every and not args.fid_ref, "--fid-every needs --fid-ref: an image folder or a fid.py .npz"),
-        (args.fid_ref and not args.fid_every, "--fid-ref is only used with --fid-every N"),
+        (args.fid_ref and not args.fid_every, data.only_used_with("--fid-ref", "--fid-every N")),
         (args.time and args.fid_every and not ckpt, "--time cannot plan around --fid-every: give --steps instead"),
         (args.fid_ref and not os.path.exists(args.fid_ref), f"--fid-ref {args.fid_ref}: no such folder or file"),
         (done >= args.steps, f"--steps {args.steps}: the checkpoint is already at step {done}; give a larger one"),
