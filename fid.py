@@ -9,7 +9,8 @@ Numbers and statistics files are pytorch-fid's: its port of TF's inception-2015-
 RGB, bilinear resize to 299x299, 2048-d pool3 features, float64 statistics, scipy's sqrtm. Rotated (EXIF), 16-bit
 and transparent images are decoded as train.py trains on them; unreadable ones are skipped and named, as there.
 --n N takes a uniform random N of a folder, the same on every run. Bad input: one line on stderr, exit status 2.
-It keeps its own image search, decoding, float-to-uint8, atomic writes and torch-file checks, to work copied alone.
+It keeps its own image search, decoding, skipped-file report, float-to-uint8, atomic writes and torch-file checks
+(data.py's), to work copied alone.
 """
 import argparse
 import contextlib
@@ -403,12 +404,13 @@ def image_files(path):
     return images
 
 
-def readable_files(path, n=None):
+def readable_files(path, n=None, files=None):
     """(files, skipped): n image files of folder `path` (None: all) that pass PIL's check, in sorted order, and the
     messages of the unreadable ones met. n of them are a uniform random draw, the same on every run (a permutation
-    seeded by SUBSET_SEED), never the first n names: in class folders (MNIST by digit, ImageNet's) that is one class."""
+    seeded by SUBSET_SEED), never the first n names: in class folders (MNIST by digit, ImageNet's) that is one class.
+    `files`: image_files(path), where the caller has it already."""
     check_counts(n=n)
-    files = image_files(path)
+    files = image_files(path) if files is None else files
     if n and len(files) < n:
         raise FIDError(f'{path}: {len(files)} image files, fewer than n = {n}; add images or lower --n')
     chosen, skipped = [], []
@@ -577,7 +579,7 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
             return load_stats(cached, network=True)[:2]
         except FIDError as e:
             print(f'fid: the cached statistics are damaged ({e}); computing them again', file=sys.stderr)
-    chosen = readable_files(ref, n)  # before the passes: too few readable images is refused now
+    chosen = readable_files(ref, n, files)  # before the passes: too few readable images is refused now
     acts = folder_activations(ref, model, n, batch_size, device, workers, progress, size, chosen)
     mu, sigma = statistics(acts)
     try:
@@ -592,9 +594,10 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     return mu, sigma
 
 
-def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, size=None):
-    """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n, size):
-    give the samples' (H, W) as size, so that a reference folder is read as the training data was."""
+def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, size=None, reference=None):
+    """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n, size)
+    (or `reference`, its (mu, sigma) computed before): give the samples' (H, W) as size, so that a reference folder is
+    read as the training data was."""
     n = len(samples) if n is None else n
     check_counts(n=n)
     if len(samples) < n:
@@ -602,7 +605,7 @@ def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, siz
     if model is None:
         model = load_inception(weights, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     mu1, sigma1 = statistics(activations(samples[:n], model, device=device))
-    mu2, sigma2 = reference_stats(ref, model, n=n, device=device, size=size)
+    mu2, sigma2 = reference or reference_stats(ref, model, n=n, device=device, size=size)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
@@ -621,11 +624,11 @@ def meter(ref, n, weights=None, device=None, size=None, flag='--fid', names=None
             message = re.sub(r'^--weights\b|--weights(?= PATH$)|--n$', lambda m: names[m[0]], str(e))
             raise FIDError(f'{flag}: {message}') from None
     model = said(load_inception, weights, device)
-    said(reference_stats, ref, model, n=n, device=device, size=size)
+    stats = said(reference_stats, ref, model, n=n, device=device, size=size)  # once: every FID compares with these
     reference = said(subset_note, ref, n) + (f', read at {size[0]}x{size[1]}' if size and Path(ref).is_dir() else '')
 
     def fid_of(samples):
-        return said(fid_from_samples, samples, ref, n, model=model, device=device, size=size)
+        return said(fid_from_samples, samples, ref, n, model=model, device=device, size=size, reference=stats)
     return fid_of, reference, bias_warning(n)
 
 
