@@ -1,7 +1,7 @@
 """Files to tensors and back, for train.py and sample.py: image folders decoded once into a memory-mapped cache,
 the built-in `shapes`, batches, PNGs and grids written atomically, and the checkpoint file (written, loaded without
-running code, its network rebuilt). Also what the two command lines share: UserError and one-line errors, argparse
-types, the device's checks and precision.
+running code, its network rebuilt), and diffusers DDPM folders, the paper's released weights, read as one and written.
+Also what the two command lines share: UserError and one-line errors, argparse types, the device's checks and precision.
 
     images, labels, classes = load_dataset("./images", (32, 32))   # uint8 [N, C, 32, 32], cached in ~/.cache
     x0 = batch_images(images, batch_indices(step, 64, len(images), seed=0), device, flip=True)  # [-1, 1]
@@ -22,6 +22,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -521,6 +523,11 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load(path):
+    """A train.py checkpoint file, or a diffusers DDPM folder (load_diffusers), as a checkpoint dict."""
+    return load_diffusers(path) if os.path.isdir(path) else load_checkpoint(path)
+
+
 def build(ckpt, ema=True, device="cpu"):
     """A checkpoint's network (EMA or raw weights, eval mode) and Diffusion; UserError if they do not build or fit."""
     try:
@@ -532,3 +539,297 @@ def build(ckpt, ema=True, device="cpu"):
     except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
         raise UserError(f"checkpoint weights do not fit its own configuration ({one_line(e, last=True)})") from None
     return model.to(device).eval(), diffusion.to(device)
+
+
+# --- diffusers folders: Ho et al.'s released weights (google/ddpm-cifar10-32, google/ddpm-church-256, ...) -----------
+# A diffusers DDPM folder holds model_index.json, unet/ (config.json, UNet2DModel's settings, and the weights,
+# diffusion_pytorch_model.safetensors or .bin) and scheduler/scheduler_config.json (the diffusion); a bare UNet2DModel
+# folder, its config.json and weights. UNet2DModel with UNET2D_FIXED's settings is unet.UNet under other weight names:
+# flip_sin_to_cos false and freq_shift 1 make its timestep embedding unet.timestep_embedding, downsample_padding 0 pads
+# bottom and right as unet.Resample does, attention has one head, and its up_blocks run from the lowest resolution up.
+# tests/test_diffusers.py compares the outputs with those of diffusers 0.42 itself.
+DIFFUSERS_VERSION = "0.42.1"  # written into exported configs: the version whose files the loader was checked against
+UNET2D_FIXED = {  # {setting: (diffusers' default, where an older config omits it; the value of Ho et al.'s network)}
+    "act_fn": ("silu", "silu"), "add_attention": (True, True), "attention_head_dim": (8, None),  # None: one head
+    "attn_norm_num_groups": (None, None), "center_input_sample": (False, False), "class_embed_type": (None, None),
+    "downsample_padding": (1, 0), "downsample_type": ("conv", "conv"), "flip_sin_to_cos": (True, False),
+    "freq_shift": (0, 1), "mid_block_scale_factor": (1, 1), "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
+    "norm_eps": (1e-5, 1e-6), "norm_num_groups": (32, 32), "num_class_embeds": (None, None),
+    "resnet_time_scale_shift": ("default", "default"), "time_embedding_dim": (None, None),
+    "time_embedding_type": ("positional", "positional"), "upsample_type": ("conv", "conv")}
+DIFFUSERS_NAMES = [  # unet.UNet's weight names -> UNet2DModel's, in order (diffusers_names renumbers up.i first)
+    (r"^temb\.0\.", "time_embedding.linear_1."), (r"^temb\.2\.", "time_embedding.linear_2."),
+    (r"^norm_out\.", "conv_norm_out."), (r"^mid\.block_1\.", "mid_block.resnets.0."),
+    (r"^mid\.block_2\.", "mid_block.resnets.1."), (r"^mid\.attn_1\.", "mid_block.attentions.0."),
+    (r"^(down|up)\.(\d+)\.block\.", r"\1_blocks.\2.resnets."),
+    (r"^(down|up)\.(\d+)\.attn\.", r"\1_blocks.\2.attentions."),
+    (r"^(down|up)\.(\d+)\.\1sample\.", r"\1_blocks.\2.\1samplers.0."), (r"\.temb_proj\.", ".time_emb_proj."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."), (r"\.norm\.", ".group_norm."), (r"\.proj_out\.", ".to_out.0.")]
+OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.15's names
+SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> ddpm.beta_schedule's name
+TARGETS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # prediction_type -> Diffusion's target
+VARIANCES = {"fixed_small": "beta_tilde", "fixed_small_log": "beta_tilde", "fixed_large": "beta"}  # -> sample.py's
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def diffusers_names(name, levels):
+    """unet.UNet's weight `name` -> its UNet2DModel name(s), in a network of `levels` resolutions; attention's one qkv
+    layer is diffusers' to_q, to_k and to_v, its rows in that order."""
+    name = re.sub(r"^up\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}.", name)
+    for pattern, new in DIFFUSERS_NAMES:
+        name = re.sub(pattern, new, name)
+    return [name.replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in name else [name]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({getattr(e, 'strerror', None) or one_line(e)})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: not a JSON object of settings")
+    return settings
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file, read without the safetensors package. The format (huggingface/safetensors,
+    README): an 8-byte little-endian header size N; N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end)},
+    "__metadata__": {...}}; then the tensors' bytes, little-endian, at offsets counted from the header's end."""
+    with open(path, "rb") as f:
+        blob = bytearray(os.fstat(f.fileno()).st_size)  # writable: torch.frombuffer warns about read-only bytes
+        f.readinto(blob)
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header, body, tensors = json.loads(blob[8:8 + size]), memoryview(blob)[8 + size:], {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            (begin, end), dtype, shape = entry["data_offsets"], SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"]
+            if dtype is None or not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{name}: {entry['dtype']} {shape} at bytes [{begin}, {end}) of {len(body)}")
+            tensors[name] = torch.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {one_line(e)}): cut short? "
+                        "download it again") from None
+    return tensors
+
+
+def write_safetensors(f, tensors):
+    """{name: tensor} to the open file f as safetensors (see read_safetensors) in float32, as safetensors writes it:
+    the header padded with spaces to a multiple of 8 bytes, which aligns every tensor, then the tensors in order."""
+    tensors = {name: w.detach().to("cpu", torch.float32).contiguous() for name, w in sorted(tensors.items())}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, w in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(w.shape), "data_offsets": [offset, offset + 4 * w.numel()]}
+        offset += 4 * w.numel()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little") + text)
+    for w in tensors.values():
+        f.write(w.numpy().astype("<f4", copy=False).tobytes())
+
+
+def read_diffusers_weights(folder):
+    """The weights file of a UNet2DModel folder (safetensors first, as diffusers reads it) and its {name: tensor}."""
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(path):
+        return path, read_safetensors(path)
+    path = path[:-len("safetensors")] + "bin"
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin (a partial download, or sharded or "
+                        "fp16-variant weights?); download the model's full-precision weights")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)  # runs no code from the file
+    except Exception as e:  # cut short, not a torch file, a pickle that wants code
+        raise UserError(f"{path}: not a loadable weights file ({one_line(e).split('. ')[0]})") from None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(w) for w in weights.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return path, weights
+
+
+def diffusers_model_config(path):
+    """unet.UNet's keyword arguments for a UNet2DModel's config.json; UserError naming the first setting that makes it
+    another network than Ho et al.'s, the one this toolkit builds."""
+    settings = read_json(path)
+
+    def refuse(key, value, why):
+        raise UserError(f"{path}: {key} {json.dumps(value)}: {why}")
+    widths, down = settings.get("block_out_channels"), settings.get("down_block_types")
+    if settings.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        refuse("_class_name", settings["_class_name"], "only UNet2DModel, a pixel-space DDPM network, is read here")
+    if not (isinstance(widths, list) and widths and all(type(w) is int and w > 0 and w % widths[0] == 0
+                                                        for w in widths)):
+        refuse("block_out_channels", widths, "give each level's width, each a multiple of the first")
+    if not (isinstance(down, list) and len(down) == len(widths)
+            and all(kind in ("DownBlock2D", "AttnDownBlock2D") for kind in down)):
+        refuse("down_block_types", down, "Ho et al.'s network has a DownBlock2D or AttnDownBlock2D at each level")
+    levels = [i for i, kind in enumerate(down) if kind == "AttnDownBlock2D"]
+    mirror = [kind.replace("Down", "Up") for kind in reversed(down)]  # the up path attends where the down path does
+    if settings.get("up_block_types") != mirror:
+        refuse("up_block_types", settings.get("up_block_types"), f"Ho et al.'s network has {json.dumps(mirror)}; "
+               "sample this model with diffusers")
+    attention = {widths[i] for i in levels} | {widths[-1]}  # the attention layers' widths (the middle block's too)
+    same = {"attn_norm_num_groups": [32], "time_embedding_dim": [4 * widths[0]],  # what None means there, and
+            "attention_head_dim": list(attention) if len(attention) == 1 else []}  # one head as wide as the layers
+    for key, (default, value) in UNET2D_FIXED.items():
+        given = settings.get(key, default)
+        if given != value and given not in same.get(key, []):
+            refuse(key, given, f"Ho et al.'s network has {json.dumps(value)}; sample this model with diffusers")
+    size, channels = settings.get("sample_size"), settings.get("in_channels", 3)
+    if settings.get("out_channels", 3) != channels:  # (a learned variance doubles them)
+        refuse("out_channels", settings.get("out_channels"), f"the network predicts noise shaped as its input "
+               f"(in_channels {channels})")
+    size = [size, size] if type(size) is int else size
+    if not (isinstance(size, list) and len(size) == 2 and all(type(side) is int and side > 0 for side in size)):
+        refuse("sample_size", settings.get("sample_size"), "give the image size it was trained at, [H, W] or one side")
+    return dict(in_ch=channels, ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths), attn_res=tuple(
+        min(size) // 2 ** i for i in levels), num_res_blocks=settings.get("layers_per_block", 2),
+        dropout=settings.get("dropout", 0.0), image_size=tuple(size), num_classes=0)
+
+
+def diffusers_diffusion(path):
+    """ddpm.Diffusion's settings and the ddpm sampler's variance for a scheduler_config.json; UserError naming the first
+    setting that makes it another diffusion. The settings of diffusers' own samplers (clip_sample, thresholding,
+    timestep_spacing, steps_offset) are not read: sample.py samples with this toolkit's."""
+    settings = read_json(path)
+    T = settings.get("num_train_timesteps", 1000)
+    if type(T) is not int or T < 2:
+        raise UserError(f"{path}: num_train_timesteps {json.dumps(T)}: give a whole number of steps, at least 2")
+
+    def named(names, key, default):  # this toolkit's name for the setting's value, or None
+        value = settings.get(key, default)
+        return names.get(value) if isinstance(value, str) else None
+
+    def linear(key, value):  # ddpm.beta_schedule's: 1e-4 to 0.02 at T = 1000, scaled by 1000/T
+        given = settings.get(key, value)
+        return type(given) in (int, float) and math.isclose(given, value * 1000 / T, rel_tol=1e-6)
+    schedule, target = named(SCHEDULES, "beta_schedule", "linear"), named(TARGETS, "prediction_type", "epsilon")
+    variance = named(VARIANCES, "variance_type", "fixed_small")
+    checks = [  # (setting, diffusers' default, this toolkit has it, what this toolkit has)
+        ("_class_name", None, settings.get("_class_name") in ("DDPMScheduler", "DDIMScheduler"),
+         "DDPMScheduler's and DDIMScheduler's diffusion"),
+        ("trained_betas", None, settings.get("trained_betas") is None, "named schedules"),
+        ("rescale_betas_zero_snr", False, not settings.get("rescale_betas_zero_snr"), "unrescaled betas"),
+        ("beta_schedule", "linear", schedule, f"the beta_schedule {' and '.join(SCHEDULES)}"),
+        ("beta_start", 1e-4, schedule != "linear" or linear("beta_start", 1e-4), f"linear betas from {0.1 / T:g} "
+         f"at T = {T}"),
+        ("beta_end", 0.02, schedule != "linear" or linear("beta_end", 0.02), f"linear betas to {20 / T:g} at T = {T}"),
+        ("prediction_type", "epsilon", target, f"the prediction_type {', '.join(TARGETS)}"),
+        ("variance_type", "fixed_small", variance, f"the variance_type {', '.join(VARIANCES)}")]
+    for key, default, has, what in checks:
+        if not has:
+            raise UserError(f"{path}: {key} {json.dumps(settings.get(key, default))}: this toolkit has only {what}; "
+                            "sample this model with diffusers")
+    return dict(schedule=schedule, T=T, target=target, loss="mse"), variance
+
+
+def load_diffusers(folder):
+    """A diffusers DDPM folder, the pipeline layout (model_index.json, unet/, scheduler/) or a bare UNet2DModel's
+    (config.json and weights), as a checkpoint dict that `build` takes, loaded running no code. Its one set of weights
+    (the Hub's are the EMA's) is both "ema" and "model"; "variance" is the ddpm sampler's sigma_t^2 its scheduler gives
+    (None without one). UserError, one line, for anything that would build another network or diffusion here."""
+    index, config = os.path.join(folder, "model_index.json"), os.path.join(folder, "config.json")
+    if os.path.isfile(index):
+        parts = sorted(k for k in read_json(index) if not k.startswith("_"))
+        if parts not in (["scheduler", "unet"], ["unet"]):  # a vqvae (latent diffusion), a text encoder, ...
+            raise UserError(f"{index}: a pipeline of {', '.join(parts)}; only a DDPM (unet and scheduler) is read here")
+        unet_dir, scheduler = os.path.join(folder, "unet"), os.path.join(folder, "scheduler", "scheduler_config.json")
+    elif os.path.isfile(config) and read_json(config).get("_class_name") == "UNet2DModel":  # not a train.py run's
+        unet_dir, scheduler = folder, None
+    else:
+        raise UserError(f"{folder}: a folder, not a checkpoint file (train.py writes RUN_DIR/ckpt.pt) nor a diffusers "
+                        "DDPM folder (model_index.json, or a UNet2DModel's config.json)")
+    model_config = diffusers_model_config(os.path.join(unet_dir, "config.json"))
+    if scheduler and os.path.isfile(scheduler):
+        diffusion, variance = diffusers_diffusion(scheduler)
+    else:  # a bare network: the diffusion it was trained with is not written down
+        diffusion, variance = dict(schedule="linear", T=1000, target="eps", loss="mse"), None
+        log(f"{folder}: no scheduler/scheduler_config.json; assuming the paper's diffusion (linear, T = 1000, eps)")
+    path, weights = read_diffusers_weights(unet_dir)
+    state = unet_state(path, weights, model_config)
+    return dict(format=FORMAT, step=0, config={}, model_config=model_config, diffusion=diffusion, classes=[],
+                model=state, ema=state, variance=variance)
+
+
+def unet_state(path, weights, model_config):
+    """unet.UNet's state dict for the network of model_config from UNet2DModel's weights (read from `path`); UserError
+    naming the first weight that is missing, shaped otherwise, or left over."""
+    weights = {re.sub(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.", lambda m: m[1] + OLD_ATTENTION[m[2]] + ".",
+                      name): w for name, w in weights.items()}
+    try:
+        with torch.device("meta"):  # the weights' names and shapes, none allocated
+            shapes = unet.UNet(**model_config).state_dict()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{os.path.dirname(path)}/config.json: not a network unet.UNet builds ({e})") from None
+    state = {}
+    for name, like in shapes.items():
+        parts = diffusers_names(name, len(model_config["ch_mult"]))
+        found, shape = [weights.pop(part, None) for part in parts], [like.shape[0] // len(parts), *like.shape[1:]]
+        for part, w in zip(parts, found):
+            if w is None or list(w.shape) != shape:
+                raise UserError(f"{path}: {part} is {'missing' if w is None else list(w.shape)} where the network of "
+                                f"its config.json has {shape}: weights of another model?")
+        state[name] = torch.cat(found) if len(found) > 1 else found[0]
+    if weights:
+        raise UserError(f"{path}: {min(weights)} has no place in the network of its config.json: weights of another "
+                        "model?")
+    return state
+
+
+def diffusers_files(model, diffusion, image_size, variance=None):
+    """The settings files of a DDPMPipeline folder for a unet.UNet without classes whose first level is ch wide, of
+    images (H, W), and a ddpm.Diffusion: {path in the folder: settings}."""
+    kinds = ["AttnDownBlock2D" if isinstance(down.attn[0], unet.AttnBlock) else "DownBlock2D" for down in model.down]
+    T, size = diffusion.T, [int(side) for side in image_size]
+    network = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, "down_block_types": kinds,
+               **{key: value for key, (_, value) in UNET2D_FIXED.items()},
+               "block_out_channels": [down.block[-1].conv2.out_channels for down in model.down],
+               "up_block_types": [kind.replace("Down", "Up") for kind in reversed(kinds)],
+               "dropout": model.down[0].block[0].dropout.p, "in_channels": model.conv_in.in_channels,
+               "out_channels": model.conv_out.out_channels, "layers_per_block": len(model.down[0].block),
+               "num_train_timesteps": None, "sample_size": size[0] if size[0] == size[1] else size}
+    process = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": T,
+               "beta_schedule": {v: k for k, v in SCHEDULES.items()}[diffusion.schedule], "trained_betas": None,
+               "beta_start": 0.1 / T, "beta_end": 20 / T,  # the linear schedule's (squaredcos_cap_v2 has none)
+               "prediction_type": {v: k for k, v in TARGETS.items()}[diffusion.target], "rescale_betas_zero_snr": False,
+               # sample.py's ddpm variance (beta, unless a diffusers scheduler said beta_tilde); Diffusion.predict
+               # clips x_0 to [-1, 1]; ddpm.spaced_timesteps are trailing
+               "variance_type": "fixed_small" if variance == "beta_tilde" else "fixed_large",
+               "clip_sample": True, "clip_sample_range": 1.0, "thresholding": False, "sample_max_value": 1.0,
+               "dynamic_thresholding_ratio": 0.995, "timestep_spacing": "trailing", "steps_offset": 0}
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    return {"model_index.json": index, "unet/config.json": network, "scheduler/scheduler_config.json": process}
+
+
+def export_diffusers(ckpt, folder, ema=True):
+    """Write a checkpoint's network (EMA or raw weights) and diffusion as a diffusers DDPMPipeline folder, made under a
+    temporary name beside `folder` and renamed: no reader sees half of one. UserError where UNet2DModel has no form of
+    the network: a class embedding, or a first level wider than conv_in (ch_mult not starting at 1)."""
+    if os.path.lexists(folder) or not os.path.isdir(os.path.dirname(os.path.abspath(folder))):
+        why = "already exists" if os.path.lexists(folder) else "its folder does not exist"
+        raise UserError(f"--export-diffusers {folder}: {why}; give the path of a new folder")
+    model, diffusion = build(ckpt, ema)
+    first = model.down[0].block[0].conv2.out_channels
+    if model.class_emb is not None or first != model.ch:
+        raise UserError("--export-diffusers: UNet2DModel has no " + ("class labels (this checkpoint is conditional)" if
+                        model.class_emb is not None else f"ch_mult starting at {first // model.ch}, only at 1"))
+    weights = {}
+    for name, w in model.state_dict().items():
+        parts = diffusers_names(name, len(model.down))
+        weights.update(zip(parts, w.chunk(len(parts))))
+    tmp = f"{os.path.abspath(folder).rstrip(os.sep)}.{os.getpid()}{os.urandom(4).hex()}.tmp"
+    try:
+        for sub in ("", "unet", "scheduler"):
+            os.mkdir(os.path.join(tmp, sub))
+        for name, settings in diffusers_files(model, diffusion, ckpt["model_config"]["image_size"],
+                                              ckpt.get("variance")).items():  # as diffusers writes them
+            text = json.dumps(settings, indent=2, sort_keys=True).encode() + b"\n"
+            write_atomically(os.path.join(tmp, name), lambda f: f.write(text))
+        write_atomically(os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"),
+                         lambda f: write_safetensors(f, weights))
+        os.rename(tmp, folder)  # the whole folder at once
+    finally:  # an error removes the partial folder
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp)

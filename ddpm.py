@@ -3,6 +3,7 @@
     diffusion = Diffusion("linear", T=1000, target="eps")
     loss = diffusion.training_loss(model, x0)                  # Algorithm 1
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
+    nll = sum(bits for _, bits in diffusion.nll_terms(model, x0))  # eq. 5's bound on -log p(x_0), bits/dim [N]
 
 Also DDIM and DPM-Solver++(2M) with classifier-free guidance, RePaint inpainting, mixing and slerp. `model` is
 any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in [-1, 1] (any
@@ -90,6 +91,27 @@ def slerp(z0, z1, alpha):
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
+def normal_kl(mean1, var1, mean2, var2):
+    """KL(N(mean1, var1) || N(mean2, var2)) of each element, in nats: the closed form for two Gaussians,
+    (log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1) / 2. Tensors or numbers that broadcast, one variance
+    at least a tensor."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, std):
+    """log P(x) of each element of images x on the 256 levels of [-1, 1] under N(mean, std^2) integrated over the
+    level's bin (Ho et al. sec. 3.3, eq. 13): [x - 1/255, x + 1/255], from -inf at x = -1 and to +inf at x = 1, so
+    the 256 probabilities sum to 1. The bin's mass is read in the tail it lies in, through log_ndtr: a difference of
+    two CDFs near 1 would round to 0 (and log to -inf) for a bin a few std above the mean."""
+    low = torch.where(x < -0.999, -math.inf, x - 1 / 255)
+    high = torch.where(x > 0.999, math.inf, x + 1 / 255)
+    a, b = (low - mean) / std, (high - mean) / std
+    above = a + b > 0  # the bin's centre above the mean: P(a < Z < b) = P(-b < Z < -a), in the lower tail
+    a, b = torch.where(above, -b, a), torch.where(above, -a, b)
+    log_b = torch.special.log_ndtr(b)
+    return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))  # log(Phi(b) - Phi(a))
+
+
 class Diffusion:
     """The fixed forward process and what follows from it: per-timestep tensors computed once in float64, named
     after the paper's symbols. `target`: what the network predicts (eps, x0 or v); `loss`: mse or l1."""
@@ -149,6 +171,15 @@ class Diffusion:
         """Salimans & Ho 2022: v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0."""
         return _at(self.sqrt_alphas_cumprod, t, x0) * noise - _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
+    def x0_from_prediction(self, x_t, t, out):
+        """The x_0 the network's output `out` at x_t means for its target, unclipped: eps, eq. 4 inverted; v,
+        x_0 = sqrt(alpha-bar_t) x_t - sqrt(1 - alpha-bar_t) v; x0, itself."""
+        if self.target == "eps":
+            return self.predict_x0_from_eps(x_t, t, out)
+        if self.target == "v":
+            return _at(self.sqrt_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
+        return out
+
     def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False):
         """Algorithm 1 (eq. 14 for target 'eps'), averaged over batch and pixels; t ~ U[0, T) and noise ~ N(0, I)
         unless given. `immiscible` reassigns the noise to the images: as the input's noise and as the target."""
@@ -174,9 +205,7 @@ class Diffusion:
             out = (1 + guidance) * cond.float() - guidance * uncond.float()
         else:
             out = model(x_t, t, y).float()
-        if self.target == "v":  # x_0 = sqrt(alpha-bar) x_t - sqrt(1 - alpha-bar) v
-            out = _at(self.sqrt_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
-        x0 = (self.predict_x0_from_eps(x_t, t, out) if self.target == "eps" else out).clamp(-1, 1)
+        x0 = self.x0_from_prediction(x_t, t, out).clamp(-1, 1)
         return self.predict_eps_from_x0(x_t, t, x0), x0
 
     def ddpm_step(self, model, x, t, y=None, guidance=0.0, variance="beta", generator=None):
@@ -293,3 +322,45 @@ class Diffusion:
         for _, x, _ in self.loop(model, randn(shape, generator, device), generator=generator, **kwargs):
             pass
         return x.clamp(-1, 1)
+
+    # --- The variational bound on -log p(x_0) (eq. 5): the paper's NLL in Table 1
+
+    def prior_kl(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) of each element of x0, in nats: eq. 4 at t = T against the prior."""
+        t = torch.full((len(x0),), self.T - 1, device=x0.device)
+        return normal_kl(_at(self.sqrt_alphas_cumprod, t, x0) * x0, _at(1 - self.alphas_cumprod, t, x0), 0.0, 1.0)
+
+    def bound_term(self, model, x0, t, noise, y=None, variance="beta"):
+        """Eq. 5's term of step t (0-based: the paper's t + 1) for each element of x0, in nats, at x_t = q_sample(x0,
+        t, noise): t > 0, KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); t = 0, -log p(x_0 | x_1), the discretized
+        decoder (eq. 13). p's mean is eq. 7's posterior mean at the model's x_0, unclipped (clipping is a sampler's
+        choice, not the model's density); its variance sigma_t^2 is beta_t or beta-tilde_t (`variance`). The decoder's
+        is the paper's beta-tilde_2 (posterior_variance[1]) for both, as Ho et al.'s and Nichol & Dhariwal's code
+        have it: beta-tilde_1 is 0."""
+        if variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+        tt = torch.full((len(x0),), t, device=x0.device)
+        x_t = self.q_sample(x0, tt, noise)
+        out = model(x_t.float(), tt, y).to(x_t.dtype)  # a float32 network; the bound's arithmetic in x0's dtype
+        mean, _ = self.q_posterior_mean_variance(self.x0_from_prediction(x_t, tt, out), x_t, tt)  # eq. 11 for eps
+        if t == 0:  # the posterior mean at t = 0 is the predicted x_0 itself (coef1 = 1, coef2 = 0)
+            return -discretized_gaussian_log_likelihood(x0, mean, self.posterior_variance[1].sqrt().item())
+        true_mean, true_var = self.q_posterior_mean_variance(x0, x_t, tt)
+        sigma2 = (self.betas if variance == "beta" else self.posterior_variance)[t].item()
+        return normal_kl(true_mean, true_var, mean, sigma2)
+
+    @torch.no_grad()
+    def nll_terms(self, model, x0, y=None, variance="beta", generator=None):
+        """The bound L = L_T + sum_{t>1} L_{t-1} + L_0 >= -log p(x_0) (eq. 5) of images x0 [N, ...] on 256 levels in
+        [-1, 1], term by term, each in bits per dimension of each image: yields (T, prior L_T), then (t, bound_term)
+        for every t from T - 1 down to 0 with one draw of x_t (noise from `generator`: see `randn`). Their sum is each
+        image's NLL bound in bits/dim. Computed in float64; the network runs as its input's dtype allows (autocast)."""
+        x0 = x0.double()
+        bits = 1 / (math.log(2) * x0[0].numel())  # nats summed over an image's dimensions -> bits/dim
+
+        def per_image(nats):
+            return nats.flatten(1).sum(1) * bits
+        yield self.T, per_image(self.prior_kl(x0))
+        for t in range(self.T - 1, -1, -1):
+            noise = randn(x0.shape, generator, x0.device).double()
+            yield t, per_image(self.bound_term(model, x0, t, noise, y, variance))

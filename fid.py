@@ -4,11 +4,15 @@
     python fid.py samples/ train_stats.npz           # ... or against saved statistics (keys mu, sigma)
     python fid.py data/train/ --save-stats train_stats.npz
     python fid.py samples/ data/train/ --size 32 --n 10000  # the data read as train.py --size 32 does, 10,000 of it
+    python fid.py samples/ --is                      # the Inception Score of a folder (beside an FID: two PATHs)
 
 Numbers and statistics files are pytorch-fid's: its port of TF's inception-2015-12-05 graph, PIL decoding to
 RGB, bilinear resize to 299x299, 2048-d pool3 features, float64 statistics, scipy's sqrtm. Rotated (EXIF), 16-bit
 and transparent images are decoded as train.py trains on them; unreadable ones are skipped and named, as there.
 --n N takes a uniform random N of a folder, the same on every run. Bad input: one line on stderr, exit status 2.
+The Inception Score (Salimans et al. 2016, arXiv:1606.03498) is torch-fidelity's formula on the 1008-way logits of
+the same pass (inception_score). It needs the graph's real classifier (fc) weights: pytorch-fid's file has them; a
+file made from a port that lacked them (NVIDIA's TorchScript) loads all the same, and its IS means nothing.
 It keeps its own image search, decoding, skipped-file report, float-to-uint8, atomic writes and torch-file checks
 (data.py's), to work copied alone.
 """
@@ -40,6 +44,7 @@ IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '
 STATS_VERSION = 3  # part of the statistics cache key: change it when the preprocessing changes
 DIMS = 2048  # pool3 features
 SUBSET_SEED = 0  # which n images of a folder --n takes (readable_files)
+IS_SPLITS = 10  # the Inception Score's splits (Salimans et al.'s and torch-fidelity's)
 COUNTS = {'n': 2, 'batch_size': 1, 'workers': 1}  # the smallest value of each count; a covariance needs 2 images
 
 
@@ -166,7 +171,8 @@ class InceptionE(NamedConvs):
 
 
 class FIDInception(NamedConvs):
-    """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed."""
+    """float [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048], resizing to 299x299 (bilinear) if needed; `logits`
+    takes those to the graph's 1008 class logits."""
 
     def __init__(self):
         super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2, 0), Conv2d_2a_3x3=(32, 32, 3, 1, 0), Conv2d_2b_3x3=(32, 64, 3),
@@ -177,6 +183,13 @@ class FIDInception(NamedConvs):
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, mid=160), InceptionC(768, mid=192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the graph's 1008-way softmax/logits layer (the IS's classes)
+
+    def logits(self, pool3):
+        """float32 [N, 1008] logits of pool3 features [N, 2048] (forward's), on the CPU: the fc layer without its
+        bias, as the original IS code (pool3 times softmax/logits/MatMul's weight) and torch-fidelity's IS take them.
+        A linear map of pool3: the IS needs no second pass through the network."""
+        return torch.as_tensor(pool3, dtype=torch.float32) @ self.fc.weight.detach().cpu().T
 
     def forward(self, x):
         if x.shape[2:] != (299, 299):
@@ -231,7 +244,7 @@ def find_weights(weights=None, download=True):
 
 
 def load_inception(weights=None, device='cpu'):
-    """FIDInception on `device` in eval mode, loaded strictly (less the unused fc.* logits), its batch norms folded."""
+    """FIDInception on `device` in eval mode, loaded strictly (the IS's fc logits too), its batch norms folded."""
     path = find_weights(weights)
     model = FIDInception()
     try:
@@ -239,7 +252,7 @@ def load_inception(weights=None, device='cpu'):
             if f.read(4) in (b'', b'PK\x03\x04') and not zipfile.is_zipfile(f):  # torch's error varies with the cut
                 raise EOFError
         state = torch.load(path, map_location='cpu', weights_only=True)
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')}, strict=True)
+        model.load_state_dict(state, strict=True)
     except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, missing or misshapen keys)
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = ('empty or cut short' if isinstance(e, EOFError) or 'central directory' in lines[0] else
@@ -475,6 +488,24 @@ def statistics(acts):
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
+def inception_score(logits, splits=None):
+    """(mean, std, splits): IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016, sec. 4) of each of `splits` parts
+    of the images, p(y|x) the softmax of logits [N, C] and p(y) its mean over the part. torch-fidelity's formula and
+    parts (isc_splits, samples_shuffle=False): images [i N // splits, (i + 1) N // splits) in order, float64, np.std's
+    ddof 0. splits: IS_SPLITS, or 1 under IS_SPLITS images (parts of one image would each score exactly 1). An IS is 1
+    where every prediction is the same, and k where a part's k images are each confidently a class of their own."""
+    probs = torch.as_tensor(logits, dtype=torch.float64).softmax(1)
+    splits = splits or (IS_SPLITS if len(probs) >= IS_SPLITS else 1)
+    if len(probs) < splits:
+        raise FIDError(f'an Inception Score of {splits} splits needs at least {splits} images, not {len(probs)}')
+    scores = []
+    for i in range(splits):
+        p = probs[i * len(probs) // splits:(i + 1) * len(probs) // splits]
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, p.mean(0))).sum(1)  # xlogy: 0 log 0 = 0
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores)), splits
+
+
 # (what is wrong, test of float64 mu, sigma and whether they meet the network): cheap next to the square root.
 STATS_CHECKS = (
     ('mu and sigma are not [D] and [D, D]', lambda mu, s, net: mu.ndim == 1 and len(mu) and s.shape == mu.shape * 2),
@@ -594,27 +625,30 @@ def reference_stats(ref, model, n=None, batch_size=50, device=None, workers=1, p
     return mu, sigma
 
 
-def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, size=None, reference=None):
+def fid_from_samples(samples, ref, n, model=None, weights=None, device=None, size=None, reference=None,
+                     with_is=False):
     """FID of the first n (None: all) `samples`, float [N, C, H, W] in [-1, 1], against reference_stats(ref, n, size)
     (or `reference`, its (mu, sigma) computed before): give the samples' (H, W) as size, so that a reference folder is
-    read as the training data was."""
+    read as the training data was. with_is: (FID, *inception_score) of the same pass."""
     n = len(samples) if n is None else n
     check_counts(n=n)
     if len(samples) < n:
         raise FIDError(f'{len(samples)} samples, fewer than n = {n}')
     if model is None:
         model = load_inception(weights, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    mu1, sigma1 = statistics(activations(samples[:n], model, device=device))
+    acts = activations(samples[:n], model, device=device)
     mu2, sigma2 = reference or reference_stats(ref, model, n=n, device=device, size=size)
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+    value = frechet_distance(*statistics(acts), mu2, sigma2)
+    return (value, *inception_score(model.logits(acts))) if with_is else value
 
 
 def meter(ref, n, weights=None, device=None, size=None, flag='--fid', names=None):
     """(fid_of, reference, warning) for a program that scores its samples (train.py --fid-every, sample.py --fid):
-    fid_of(samples) is the FID of the first n against ref (fid_from_samples); `reference` says which images of a
-    folder that compares with (subset_note, and the size they are read at); `warning` is bias_warning(n). The network
-    and ref's statistics load now, so a bad one fails before any sampling. FIDErrors start with `flag`, and `names`
-    renames fid.py's own flags in them (e.g. {'--weights': '--fid-weights', '--n': '--fid-n'})."""
+    fid_of(samples, with_is=False) is the FID of the first n against ref (fid_from_samples; with_is: and their IS);
+    `reference` says which images of a folder that compares with (subset_note, and the size they are read at);
+    `warning` is bias_warning(n). The network and ref's statistics load now, so a bad one fails before any sampling.
+    FIDErrors start with `flag`, and `names` renames fid.py's own flags in them (e.g. {'--weights': '--fid-weights',
+    '--n': '--fid-n'})."""
     names = {'--weights': '--fid-weights', '--n': '--n', **(names or {})}
 
     def said(work, *args, **kwargs):
@@ -627,8 +661,9 @@ def meter(ref, n, weights=None, device=None, size=None, flag='--fid', names=None
     stats = said(reference_stats, ref, model, n=n, device=device, size=size)  # once: every FID compares with these
     reference = said(subset_note, ref, n) + (f', read at {size[0]}x{size[1]}' if size and Path(ref).is_dir() else '')
 
-    def fid_of(samples):
-        return said(fid_from_samples, samples, ref, n, model=model, device=device, size=size, reference=stats)
+    def fid_of(samples, with_is=False):
+        return said(fid_from_samples, samples, ref, n, model=model, device=device, size=size, reference=stats,
+                    with_is=with_is)
     return fid_of, reference, bias_warning(n)
 
 
@@ -650,9 +685,9 @@ def count_flag(name):
 
 def check_args(args):
     """(device, [(path, (mu, sigma, n) of a .npz or None for a folder)]) after checking every flag and input."""
-    if len(args.paths) != (1 if args.save_stats else 2):
+    if len(args.paths) not in ((1,) if args.save_stats else (1, 2) if args.inception_score else (2,)):
         raise FIDError('--save-stats writes the statistics of one PATH; give exactly one' if args.save_stats
-                       else 'give two PATHs to compare, or one PATH and --save-stats OUT.npz')
+                       else 'give two PATHs to compare, or one PATH and --save-stats OUT.npz or --is')
     if args.save_stats:  # can save_stats write there? Asked now, not after the work
         out = Path(args.save_stats)
         if out.suffix.lower() != '.npz' or (out.exists() and not out.is_file()):
@@ -677,7 +712,7 @@ def check_args(args):
             inputs.append((path, load_stats(path), None))
         else:
             raise FIDError(f'{path}: neither a folder of images nor a .npz of statistics')
-    for flag, value in (('--n', args.n), ('--size', args.size)):  # not silently ignored
+    for flag, value in (('--n', args.n), ('--size', args.size), ('--is', args.inception_score)):  # not silently ignored
         if value and all(stats is not None for _, stats, _ in inputs):
             raise FIDError(f'{flag} reads the images of a folder; statistics files were computed already: leave '
                            f'{flag} out')
@@ -699,6 +734,11 @@ def main(argv=None):
     parser = ArgumentParser(description='FID between two folders of images or .npz statistics (keys mu, sigma).')
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a folder of images or a .npz of statistics')
     parser.add_argument('--save-stats', metavar='OUT.npz', help='write the statistics of the one PATH given')
+    parser.add_argument('--is', dest='inception_score', action='store_true',
+                        help=f'also print the Inception Score of each folder PATH (one PATH: that alone), from the '
+                        f'same pass as the FID: torch-fidelity\'s formula, {IS_SPLITS} splits in order (1 under '
+                        f'{IS_SPLITS} images). It needs the real fc weights, as in {WEIGHTS_NAME}: a file without them '
+                        '(made from a TorchScript port) loads, and gives a meaningless IS')
     parser.add_argument('--n', type=count_flag('n'), help='use N images of each folder, a uniform random draw that is '
                         'the same on every run (the first N sorted names of class folders would be one class)')
     parser.add_argument('--size', type=size_flag, help="read each folder's images as train.py --size reads its data "
@@ -720,12 +760,15 @@ def main(argv=None):
                 acts = folder_activations(path, model, args.n, args.batch_size, device, args.workers, True, args.size,
                                           chosen)
                 stats = (*statistics(acts), len(acts))
+                if args.inception_score:
+                    mean, std, splits = inception_score(model.logits(acts))
+                    print(f'IS: {mean}  (std {std:.4g}, splits {splits}; n = {len(acts)} from {path})')
             results.append(stats)
         if args.save_stats:
             save_stats(args.save_stats, *results[0])
             count = results[0][2] or 'an unknown number of'  # a .npz without n (pytorch-fid's)
             print(f'saved statistics of {count} images from {args.paths[0]} to {args.save_stats}')
-        else:
+        elif len(results) == 2:  # (one PATH with --is: its IS alone)
             value = frechet_distance(*results[0][:2], *results[1][:2])
             n1, n2 = (stats[2] or '?' for stats in results)
             print(f'FID: {value}  (n = {n1} from {args.paths[0]}, {n2} from {args.paths[1]})')

@@ -5,6 +5,8 @@
     python sample.py runs/shapes/ckpt.pt --sampler ddpm           # the paper's 1000-step ancestral sampler
     python sample.py runs/mnist/ckpt.pt --class 4 --guidance 3    # conditional runs: a class, guided
     python sample.py --forward photo.png --schedule cosine        # q(x_t | x_0) needs no checkpoint: forward.png
+    python sample.py runs/mnist/ckpt.pt --nll test_images/ --n 1000  # the bound on the NLL in bits/dim (Table 1)
+    python sample.py ddpm-cifar10-32/  # a diffusers DDPM folder (the Hub's layout); --export-diffusers DIR writes one
 
 The checkpoint carries the network and diffusion configuration; the EMA weights are used unless --no-ema.
 """
@@ -59,12 +61,12 @@ def shown_classes(classes, labels, nrow):
 
 
 def check_null_label(ckpt, guidance, picture):
-    """Refuse guidance, --inpaint and --mix (class-less: y is None) where they would use a null label that training
-    never trained: only label dropout (train.py --p-uncond, 0.1 where a config lacks it) trains the class embedding's
-    null row, which otherwise keeps its random start."""
+    """Refuse guidance, --inpaint, --mix and --nll (class-less: y is None) where they would use a null label that
+    training never trained: only label dropout (train.py --p-uncond, 0.1 where a config lacks it) trains the class
+    embedding's null row, which otherwise keeps its random start."""
     if not ckpt["model_config"].get("num_classes") or ckpt["config"].get("p_uncond", 0.1) != 0:
         return
-    if guidance or picture in ("inpaint", "mix"):
+    if guidance or picture in ("inpaint", "mix", "nll"):
         what = "--guidance" if guidance else f"--{picture} (class-less)"
         advice = "give --class without --guidance, or " if guidance else ""
         raise data.UserError(f"{what} uses the null label, which this conditional checkpoint never trained (--p-uncond 0): "
@@ -158,7 +160,8 @@ def save_picture(picture, path):
 def build_parser():
     p = data.Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = number(int, "[1, inf)")
-    p.add_argument("ckpt", type=path, nargs="?", help="a checkpoint written by train.py (--forward can do without)")
+    p.add_argument("ckpt", type=path, nargs="?", help="a checkpoint written by train.py, or a diffusers DDPM folder "
+                   "(the Hub's google/ddpm-cifar10-32, ...) (--forward can do without)")
     p.add_argument("--num-samples", "--n", dest="n", type=number(int, "[1, 10000000]"),
                    help="images (default 64, or a row of --nrow per class; fewer: the classes spread over them in "
                    "order); torchrun takes --n itself: write --num-samples there")
@@ -172,15 +175,33 @@ def build_parser():
                    "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w); "
                    "the null label is trained only by train.py --p-uncond above 0")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
-    p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm: sigma_t^2 (default beta)")
+    p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm and --nll: sigma_t^2 (default beta; for "
+                   "a diffusers folder, its scheduler's)")
     p.add_argument("--grid", type=path, help=f"the grid (of the first {GRID_MAX} samples) or picture, .png (default: "
-                   "beside the checkpoint, or in the current folder without one)")
+                   "beside the checkpoint file, or in the current folder)")
     p.add_argument("--nrow", type=number(int, f"[1, {GRID_MAX}]"), default=8, help="images per grid row")
     p.add_argument("--out-dir", type=path, help="also write each image as a PNG in this folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="--out-dir: delete the images already in it first")
-    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID against REF: a folder or fid.py .npz")
+    p.add_argument("--fid", type=path, metavar="REF", help="also print the FID against REF (a folder or fid.py "
+                   ".npz), and the samples' Inception Score (see fid.py --help)")
     p.add_argument("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
-    v = p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)")
+    p.add_argument("--nll", type=path, metavar="FOLDER", help="instead of sampling, print the bound on the negative "
+                   "log-likelihood of FOLDER's images (or shapes, the built-in set; --n of them, a seeded random "
+                   "draw), read as train.py reads its data, in bits/dim: eq. 5 of the paper, all T terms, p's "
+                   "variance --variance, x_t drawn with --seed; --precision auto is fp32 here")
+    add_picture_flags(p.add_argument_group("pictures of the process (each writes its picture instead of a sample grid)"))
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (a train.py "
+                   "checkpoint's: a diffusers folder holds one set)")
+    p.add_argument("--export-diffusers", type=path, metavar="DIR", help="instead of sampling, write the checkpoint's "
+                   "network and diffusion as a new diffusers DDPMPipeline folder DIR (unconditional, ch_mult from 1)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
+    return p
+
+
+def add_picture_flags(v):
+    positive = number(int, "[1, inf)")
     one = v.add_mutually_exclusive_group()
     one.add_argument("--process", type=path, metavar="OUT", help="the reverse process of --n (default 4) samples, "
                      "x_t over predicted x_0: OUT.gif (each step, ~100 at most) or OUT.png (10 steps)")
@@ -207,24 +228,37 @@ def build_parser():
     v.add_argument("--mask", type=path, help="--inpaint: an image whose white pixels (or 1s) are the ones to fill")
     v.add_argument("--resample", type=positive, default=1, help="--inpaint: RePaint's passes r (published: 10)")
     v.add_argument("--jump", type=positive, help="--inpaint --resample > 1: RePaint's jump j (default 10)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
-    return p
 
 
 def check_args(args, world=1):
     """Flag combinations, output paths and the device, before the checkpoint is even read; UserError if wrong."""
     picture = next((f for f in ("process", "forward", "mix", "inpaint", "interp") if getattr(args, f)), None)
-    fixed = picture in ("forward", "mix", "inpaint")  # these take no sampler settings or classes
     if not args.ckpt and picture != "forward":  # noising alone needs no network
         raise data.UserError("give a checkpoint (train.py writes RUN_DIR/ckpt.pt); only --forward IMAGE works without one")
-    only = data.only_used_with
-    needs = [  # (the flag was given, it is used only when this holds, what to say)
+    for given, allowed, message in flag_rules(args, picture, world):
+        if given and not allowed:
+            raise data.UserError(message)
+    data.check_device(args.device)
+    return picture, None if args.nll else check_outputs(args, picture)  # --nll writes no file
+
+
+def flag_rules(args, picture, world):
+    """The rules between flags: (the flag was given, it is used only when this holds, what to say)."""
+    only, fixed = data.only_used_with, picture in ("forward", "mix", "inpaint")  # these take no sampler or classes
+    return [
+        (args.no_ema, not os.path.isdir(args.ckpt or ""), only("--no-ema", "a train.py checkpoint (a diffusers folder "
+         "holds one set of weights)")),
+        (picture or args.out_dir or args.fid or args.grid, not args.nll,
+         "--nll writes no samples or picture: leave out --out-dir, --fid, --grid and the picture flags"),
+        (args.steps or args.eta or args.sampler != ddpm.DEFAULT_SAMPLER, not args.nll,
+         "--sampler, --steps and --eta are not used by --nll: the bound takes all T steps"),
+        (args.cls is not None or args.guidance, not args.nll,
+         "--class and --guidance are not used by --nll: it bounds the model without labels (the null label)"),
+        (args.nll, world == 1, "--nll runs in one process: leave out torchrun"),
+        (args.nll, args.nll == "shapes" or os.path.isdir(args.nll or ""), f"--nll {args.nll}: not a folder of images"),
         (args.steps, args.sampler != "ddpm", only("--steps", "--sampler ddim or dpm++ (ddpm takes all T steps)")),
         (args.eta, args.sampler == "ddim", only("--eta", "--sampler ddim")),
-        (args.variance, args.sampler == "ddpm", only("--variance", "--sampler ddpm")),
+        (args.variance, args.sampler == "ddpm" or args.nll, only("--variance", "--sampler ddpm or --nll")),
         (args.weight, picture == "mix", only("--weight", "--mix")),
         (args.mix_noise, picture == "mix", only("--mix-noise", "--mix")),
         (args.T or args.schedule or args.size, not args.ckpt,
@@ -251,14 +285,16 @@ def check_args(args, world=1):
          f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
     ]
-    for given, allowed, message in needs:
-        if given and not allowed:
-            raise data.UserError(message)
-    beside = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # no checkpoint: the current folder
+
+
+def check_outputs(args, picture):
+    """The grid's (or picture's) path and --out-dir, before any sampling; returns the grid's path."""
+    # beside a checkpoint file; with none, or a diffusers folder (the Hub's cache may be read-only): the current folder
+    beside = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt and not os.path.isdir(args.ckpt) else ""
     grid = args.grid or os.path.join(beside, f"{picture or 'samples'}.png")
     if args.out_dir and os.path.realpath(grid).startswith(os.path.join(os.path.realpath(args.out_dir), "")):
         raise data.UserError(f"--grid {grid} is inside --out-dir {args.out_dir}, where an FID would count it; move it")
-    if args.ckpt and not os.path.isfile(args.ckpt):  # said as such, not as a missing folder of the --grid beside it
+    if args.ckpt and not (os.path.isfile(args.ckpt) or os.path.isdir(args.ckpt)):  # said so, not as --grid's folder
         data.load_checkpoint(args.ckpt)
     out, flag = (args.process, "--process") if args.process else (grid, "--grid")
     folder = os.path.dirname(os.path.abspath(out))
@@ -269,8 +305,7 @@ def check_args(args, world=1):
     check_folder(folder, f"{flag} {out}")
     if args.out_dir:
         check_out_dir(args.out_dir, args.replace)
-    data.check_device(args.device)
-    return picture, grid
+    return grid
 
 
 def check_folder(folder, what):
@@ -315,7 +350,11 @@ def main(argv=None):
 
 def generate(args, world=1, rank=0):
     """Check every flag and the checkpoint, then write the picture, or the samples (grid, --out-dir, --fid)."""
+    if args.export_diffusers:  # a conversion: no sampling flag applies
+        return export(args)
     picture, grid = check_args(args, world)
+    if args.nll:
+        return print_nll(args)
     if world > 1:  # torchrun: each process samples its share and writes its PNGs; rank 0 the grid
         dist.init_process_group("gloo")
         if rank:
@@ -325,23 +364,15 @@ def generate(args, world=1, rank=0):
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, model, diffusion, shape = network(args, picture)
     T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(ddpm.DEFAULT_STEPS, diffusion.T))
-    for flag, value, most in (("--steps", steps or 0, T), ("--t", max(args.t or [0]), T - 1),
-                              ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
-        if value > most:
-            where = "this checkpoint's diffusion has" if ckpt else "the diffusion (--T) has"
-            raise data.UserError(f"{flag} {value}: {where} T = {T} steps; give at most {most}")
-    loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=args.variance or "beta",
+    check_steps(args, steps, T, ckpt)
+    variance = args.variance or (ckpt and args.sampler == "ddpm" and ckpt.get("variance")) or "beta"  # (a diffusers
+    loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=variance,  # folder's: its scheduler's)
                 guidance=args.guidance)
     labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow) if ckpt else None
     images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
-    if args.fid:
-        try:
-            import fid  # optional: only --fid needs fid.py (and scipy.linalg)
-        except ImportError as e:  # sample.py copied without fid.py
-            raise data.UserError(f"--fid: cannot import fid.py ({e}); it must be beside sample.py") from None
-        fid_of, reference, warning = fid.meter(args.fid, args.n, args.fid_weights, args.device, shape[1:], "--fid")
+    meter = fid_meter(args, shape) if args.fid else None  # the reference read before sampling: a bad one fails now
     args.precision = data.fastest_precision(args.device) if args.precision == "auto" else args.precision
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if picture:
@@ -364,10 +395,64 @@ def generate(args, world=1, rank=0):
     print(f"wrote {grid} ({min(len(samples), GRID_MAX)} of {args.n} images, {what})")
     if args.out_dir:
         print(f"wrote {args.n} PNGs to {args.out_dir}" + (f" from {world} processes" if world > 1 else ""))
-    if args.fid:
-        print(f"FID {fid_of(samples):.4f} against {args.fid}, {reference} (n = {args.n}, {what})")
+    if meter:  # the IS from the same Inception pass; its line first, the FID's last as before
+        fid_of, reference, warning = meter
+        value, inception, spread, splits = fid_of(samples, with_is=True)
+        print(f"IS {inception:.4f} (std {spread:.2g}, splits {splits}; n = {args.n}, {what})")
+        print(f"FID {value:.4f} against {args.fid}, {reference} (n = {args.n}, {what})")
         if warning:
             print(f"sample.py: warning: {warning}", file=sys.stderr)
+
+
+def check_steps(args, steps, T, ckpt):
+    """--steps, --t and --jump against the diffusion's T."""
+    for flag, value, most in (("--steps", steps or 0, T), ("--t", max(args.t or [0]), T - 1),
+                              ("--jump", args.jump if args.resample > 1 else 0, T - 1)):  # RePaint jumps from below T
+        if value > most:
+            where = "this checkpoint's diffusion has" if ckpt else "the diffusion (--T) has"
+            raise data.UserError(f"{flag} {value}: {where} T = {T} steps; give at most {most}")
+
+
+def fid_meter(args, shape):
+    """fid.meter for --fid: fid.py is imported only here, so sample.py works copied without it (and scipy)."""
+    try:
+        import fid
+    except ImportError as e:  # sample.py copied without fid.py
+        raise data.UserError(f"--fid: cannot import fid.py ({e}); it must be beside sample.py") from None
+    return fid.meter(args.fid, args.n, args.fid_weights, args.device, shape[1:], "--fid")
+
+
+def print_nll(args):
+    """--nll: eq. 5's bound on -log p(x_0) (ddpm.Diffusion.nll_terms) of the folder's images read at the checkpoint's
+    size and channels, each image's x_t drawn from its own generator (seeded by --seed and its place in the folder,
+    so batches do not matter); progress on stderr, the mean over images on stdout."""
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt, model, diffusion, shape = network(args, "nll")
+    try:
+        images = data.load_dataset(args.nll, shape[1:], channels=shape[0])[0]
+    except data.UserError as e:  # data.py names train.py's flag
+        raise data.UserError(str(e).replace("--data", "--nll", 1)) from None
+    n = min(args.n or len(images), len(images))
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    precision = "fp32" if args.precision == "auto" else args.precision  # bf16's error would loosen the bound
+    variance = args.variance or ckpt.get("variance") or "beta"  # (a diffusers folder's: its scheduler's)
+    T, every = diffusion.T, max(1, diffusion.T // 10)
+    terms = torch.zeros(n, T + 1, dtype=torch.float64)  # bits/dim of each image: [:, t] step t's term, [:, T] prior
+    for start in range(0, n, args.batch_size):
+        idx = chosen[start:start + args.batch_size]
+        x0 = data.batch_images(images, idx, args.device, False, shape[0])
+        generators = [torch.Generator(args.device).manual_seed(sample_seed(args.seed, int(i))) for i in idx]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for t, bits in diffusion.nll_terms(model, x0, None, variance, generators):
+                terms[start:start + len(idx), t] = bits.cpu()
+                if t % every == 0:
+                    print(f"\r{start + len(idx)}/{n} images, t {t}/{T}  ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    total = terms.sum(1)
+    spread = f", standard error {total.std().item() / math.sqrt(n):.2g}" if n > 1 else ""
+    print(f"NLL <= {total.mean().item():.4f} bits/dim (n = {n} of {len(images)} in {args.nll}, {T} terms, prior "
+          f"{terms[:, T].mean().item():.4f}, decoder {terms[:, 0].mean().item():.4f}, sigma_t^2 {variance}, seed "
+          f"{args.seed}, {precision}{spread})")
 
 
 def network(args, picture):
@@ -379,10 +464,25 @@ def network(args, picture):
         image = load_image(args.forward, 3, (size, size))
         diffusion = ddpm.Diffusion(args.schedule or "linear", args.T or 1000).to(args.device)
         return None, None, diffusion, (1 if (image[:, :1] == image[:, 1:]).all() else 3, size, size)
-    ckpt = data.load_checkpoint(args.ckpt)
+    ckpt = data.load(args.ckpt)
     check_null_label(ckpt, args.guidance, picture)
     model, diffusion = data.build(ckpt, not args.no_ema, args.device)
     return ckpt, model, diffusion, (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+
+
+def export(args):
+    """--export-diffusers: the checkpoint as a diffusers DDPMPipeline folder (data.export_diffusers). It samples
+    nothing, so a sampling flag, which it would ignore, is refused."""
+    default = vars(build_parser().parse_args([]))
+    kept = ("ckpt", "export_diffusers") + (() if os.path.isdir(args.ckpt or "") else ("no_ema",))  # raw weights
+    moot = [f"--{'class' if k == 'cls' else k.replace('_', '-')}" for k, v in vars(args).items()
+            if v != default[k] and k not in kept]
+    if moot or not args.ckpt:
+        raise data.UserError("--export-diffusers writes a checkpoint as a folder and samples nothing: " +
+                             (f"leave out {', '.join(moot)}" if moot else "give a checkpoint"))
+    data.export_diffusers(data.load(args.ckpt), args.export_diffusers, not args.no_ema)
+    print(f"wrote {args.export_diffusers}, a diffusers DDPMPipeline folder of {args.ckpt}'s "
+          f"{'raw' if args.no_ema else 'EMA'} weights")
 
 
 def write_samples(diffusion, model, labels, shape, args, loop, autocast, rank=0, world=1):

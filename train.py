@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -170,10 +171,10 @@ def build_parser(prog="train.py"):
     a("--out", default="runs/run", type=path, help="run folder")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
+    a("--init", type=path, help="start from a checkpoint's or diffusers folder's weights, network, diffusion")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
-    a("--sample-n", type=positive, default=64, help="images per sample grid (conditional runs: a row of up to 8 "
-      "per class, for the first classes that fit)")
+    a("--sample-n", type=positive, default=64, help="images per sample grid (conditional: up to 8 a class, a row each)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
     a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network in metrics.jsonl (0: never)")
     a("--fid-ref", help="FID reference: an image folder (a seeded random --fid-n of its images, read at --size) or a "
@@ -184,91 +185,114 @@ def build_parser(prog="train.py"):
     return p, actions
 
 
-def config_words(config, actions):
-    """A config (a --config file's or a checkpoint's) as command-line words, to go through the flags' own checks."""
+def config_settings(config, actions, source):
+    """A config (a --config file's or a checkpoint's) as settings, each through its flag's own type and choices, as
+    if typed: a UserError names the file and the setting."""
     if not isinstance(config, dict):
-        raise ValueError("not a JSON object of settings")
+        raise UserError(f"{source}: not a JSON object of settings")
     auto = config.get("auto", [])
     if not (isinstance(auto, list) and all(k in AUTO for k in auto)):
-        raise ValueError(f"auto: {auto!r} is not a list of some of {', '.join(AUTO)}")
-    words = []
+        raise UserError(f"{source}: auto: {auto!r} is not a list of some of {', '.join(AUTO)}")
+    settings = {}
     for key, value in config.items():
         action = actions.get(key)
         if action is None and key != "auto":
-            raise ValueError(f"unknown setting {key!r}")
+            raise UserError(f"{source}: unknown setting {key!r}")
         if value is None or key in ("resume", "config", "out", "auto"):
             continue
         if action.nargs == 0:  # a switch (--no-flip, or --cosine/--no-cosine): true or false only
             if not isinstance(value, bool):
-                raise ValueError(f"{key}: {value!r} is not true or false")
-            words += [action.option_strings[0]] if value else action.option_strings[1:]
+                raise UserError(f"{source}: {key}: {value!r} is not true or false")
         elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{key}: {value!r} is not a single number or string")
+            raise UserError(f"{source}: {key}: {value!r} is not a single number or string")
         else:
-            words += [action.option_strings[0], str(value)]
-    return words
+            try:
+                value = (action.type or str)(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise UserError(f"{source}: {flag(key)} {value}: {e}") from None
+            if action.choices and value not in action.choices:
+                raise UserError(f"{source}: {flag(key)} {value}: choose from {', '.join(map(str, action.choices))}")
+        settings[key] = value
+    return settings, auto
 
 
-def parse_args(argv=None):
-    """Flags over a config (--config FILE, or the checkpoint's with --resume) over the defaults, all through the same
-    checks. Returns the settings and the checkpoint to resume (or None)."""
-    parser, actions = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
-    base, ckpt, source = {}, None, None
-    if given.config is not UNSET and given.resume is True:
-        parser.error("--config and --resume: choose one (a resumed run keeps its checkpoint's settings)")
+def read_config(given, actions):
+    """The settings a config gives (--config FILE's, or on --resume the checkpoint's), where they come from, and the
+    checkpoint to resume (or None)."""
+    if given.config is UNSET and given.resume is UNSET:
+        return {}, (), None, None
+    starts = [name for name in ("config", "init") if getattr(given, name) is not UNSET]
+    if given.resume is True and starts:
+        raise UserError(f"--{starts[0]} and --resume: choose one (a resumed run keeps its checkpoint's settings and "
+                        "weights)")
     if given.config is not UNSET:
         source = f"--config {given.config}"
         try:
-            if not os.path.isfile(given.config):  # a FIFO would block the read
-                raise OSError("not a file")
             with open(given.config) as f:
-                base = json.load(f)
+                return (*config_settings(json.load(f), actions, source), source, None)
         except (OSError, ValueError) as e:
-            parser.error(f"{source}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})")
-    if given.resume is True:
-        ckpt_path = os.path.join("runs/run" if given.out is UNSET else given.out, "ckpt.pt")
-        try:
-            ckpt = data.load_checkpoint(ckpt_path)
-        except ValueError as e:
-            parser.error(f"--resume: {e}")
-        source = f"the checkpoint {ckpt_path}"
-        own = own_settings(parser, ckpt, source)
-        base = {**ckpt["config"], **own}  # the network and diffusion it built, whatever its config says
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{source}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})") from None
+    ckpt_path = os.path.join("runs/run" if given.out is UNSET else given.out, "ckpt.pt")
     try:
-        words = config_words(base, actions)
-    except ValueError as e:
-        parser.error(f"{source}: {e}")
-    from_config = build_parser(f"train.py: {source}")[0].parse_args(words)  # checks all; errors name the file
-    if ckpt:
-        changed = [f"{flag(k)} {getattr(given, k)} (the checkpoint's: {getattr(from_config, k)})" for k in FIXED
-                   if getattr(given, k) not in (UNSET, getattr(from_config, k))]
-        if changed:
-            parser.error(f"--resume cannot change the network or the diffusion: {'; '.join(changed)}")
-    else:  # a --config's "auto" settings are chosen again
-        words = config_words({k: v for k, v in base.items() if k not in base.get("auto", [])}, actions)
-    args = parser.parse_args(words + argv)
+        ckpt = data.load_checkpoint(ckpt_path)
+    except UserError as e:
+        raise UserError(f"--resume: {e}") from None
+    source = f"the checkpoint {ckpt_path}"
+    # the network and diffusion it built, whatever its config says
+    return (*config_settings({**ckpt["config"], **own_settings(ckpt, source)}, actions, source), source, ckpt)
+
+
+def parse_args(argv=None):
+    """The settings: the command line (parsed once) over a config's (--config FILE, or the checkpoint's on --resume)
+    over the defaults, all through the flags' own checks. Returns them and the checkpoint to resume (or None)."""
+    parser, actions = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(actions, UNSET)))
+    try:
+        config, auto, source, ckpt = read_config(given, actions)
+        init, init_path = None, config.get("init") if given.init is UNSET else given.init
+        if init_path and not ckpt:  # (a resumed run's weights are its checkpoint's)
+            source = f"--init {init_path}"
+            try:
+                init = data.load(init_path)
+            except UserError as e:
+                raise UserError(f"--init: {e}") from None
+            config.update(config_settings(own_settings(init, source), actions, source)[0])
+    except UserError as e:
+        parser.error(str(e))
+    owner = "the checkpoint's" if ckpt else "the weights'"  # --model only names a recipe for new runs from --init
+    changed = [f"{flag(k)} {getattr(given, k)} ({owner}: {config.get(k)})" for k in FIXED if (ckpt or init and
+               k != "model") and getattr(given, k) not in (UNSET, config.get(k))]
+    if changed:
+        what = "--resume cannot change" if ckpt else f"--init {init_path}: a new run keeps"
+        parser.error(f"{what} the network and the diffusion: {'; '.join(changed)}")
+    if not ckpt:  # a --config's "auto" settings are chosen again
+        config = {k: v for k, v in config.items() if k not in auto}
+    defaults = {k: a.type(a.default) if isinstance(a.default, str) and a.type else a.default for k, a in actions.items()}
+    args = argparse.Namespace(**{**defaults, **config, **{k: v for k, v in vars(given).items() if v is not UNSET}})
     if given.time is not UNSET and (given.steps is not UNSET or ckpt):
         parser.error("--time plans a new run's --steps: give --time or --steps, not both (a resumed run: --steps)")
     if given.steps is not UNSET:
         args.time = None  # the command line's --steps over a config's --time
     complete(parser, args, given, ckpt, source)
     # what the data or the machine decides (setup_run, fit_memory), listed so that a --config decides it again
-    inherited = [k for k in (ckpt["config"].get("auto", []) if ckpt else []) if getattr(given, k) is UNSET]
+    inherited = [k for k in auto if getattr(given, k) is UNSET] if ckpt else []
     args.auto = [k for k in AUTO if getattr(args, k) in (None, "auto") or k in inherited]
     if args.data != "shapes":  # paths stored absolute, so --resume from elsewhere reads the same files
         args.data = os.path.abspath(args.data)
     args.fid_ref, args.fid_weights = (os.path.abspath(p) if p else None for p in (args.fid_ref, args.fid_weights))
+    args.init = args.init and os.path.abspath(args.init)  # recorded in config.json: where the run started
     check_args(parser, args, ckpt, given, source)
-    return args, ckpt
+    return args, ckpt, init
 
 
 def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def own_settings(parser, ckpt, source):
+def own_settings(ckpt, source):
     """The settings of the network and diffusion a checkpoint built (size, channels, classes, schedule, T, target,
     loss, the network flags): what --resume keeps, read from them rather than from its config."""
     net = ckpt["model_config"]
@@ -276,7 +300,7 @@ def own_settings(parser, ckpt, source):
         return dict(ckpt["diffusion"], size=image_size("x".join(map(str, net["image_size"]))), channels=net.get("in_ch"),
                     cond=bool(net.get("num_classes")), **network_flags(net))
     except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        parser.error(f"--resume: {source}: its network configuration is not one train.py writes ({e!r})")
+        raise UserError(f"--resume: {source}: its network configuration is not one train.py writes ({e!r})") from None
 
 
 def complete(parser, args, given, ckpt, source):
@@ -599,11 +623,12 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     autocast: torch.autocast = None
     scaler: torch.amp.GradScaler = None
+    first_bad: torch.Tensor = None  # the first step whose loss, and whose gradient, was non-finite (-1: none yet)
 
 
-def setup_run(args, ckpt, device, rank, world, started):
+def setup_run(args, ckpt, init, device, rank, world, started):
     """The Run: the mapped data, the network, its EMA, the diffusion, the optimizer, the precision and the run
-    folder's files; a resumed run's state from its checkpoint."""
+    folder's files; a resumed run's state from its checkpoint, a new run's weights from --init's."""
     run = Run(args=args, size=parse_size(args.size), device=device, world=world, master=rank == 0, started=started,
               ckpt_path=os.path.join(args.out, "ckpt.pt"), metrics_path=os.path.join(args.out, "metrics.jsonl"),
               sample_steps=min(ddpm.DEFAULT_STEPS, args.T))
@@ -622,13 +647,20 @@ def setup_run(args, ckpt, device, rank, world, started):
         dist.barrier()
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
-    run.model_config = ckpt["model_config"] if ckpt else unet.model_config(args.model, run.size, args.channels,
-                                                                           len(run.classes), **network(args))
+    start = ckpt or init
+    run.model_config = start["model_config"] if start else unet.model_config(args.model, run.size, args.channels,
+                                                                             len(run.classes), **network(args))
+    if init and init["model_config"]["num_classes"] != len(run.classes):
+        raise UserError(f"--init {args.init}: a network of {init['model_config']['num_classes']} classes, --data "
+                        f"{args.data} has {len(run.classes)}{' (no --cond)' if not args.cond else ''}")
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
     try:
         run.model = unet.UNet(**run.model_config).to(device)
     except (TypeError, ValueError) as e:
         raise UserError(f"--resume: the checkpoint's network configuration does not build here ({e})")
+    if init and not ckpt:  # fine-tuning starts from the averaged weights (a diffusers folder has no others)
+        run.model.load_state_dict(init["ema"])
+        log(f"--init {args.init}: its weights{' at step ' + str(init['step']) if init['step'] else ''}, a fresh optimizer")
     run.ema = copy.deepcopy(run.model).requires_grad_(False).eval()
     run.diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -637,6 +669,7 @@ def setup_run(args, ckpt, device, rank, world, started):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     run.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    run.first_bad = torch.full((2,), -1, device=device)
     if ckpt:
         resume(run, ckpt)
     run.train_model = run.model  # what the steps run: DDP and compile wrap it; the EMA and checkpoints use run.model
@@ -714,10 +747,11 @@ def next_batch(run, step, rank):
     return x0, torch.where(torch.rand(len(idx), device=run.device) < args.p_uncond, -1, y)
 
 
-def guarded_step(run, x0, y, step, first):
-    """train_step, with running out of memory (and a torch.compile that fails on its first call) as one line."""
+@contextlib.contextmanager
+def guarded(run, step, first):
+    """Running out of memory at a step (and a torch.compile that fails on its first call) as one line."""
     try:
-        return train_step(run, x0, y, step)
+        yield
     except RuntimeError as e:  # CUDA's OutOfMemoryError is one, a CPU's out of memory and a failed compile too
         if data.out_of_memory(e):
             raise UserError(f"out of memory on {run.device} at step {step + 1}: add --accum {run.args.accum * 2} (the "
@@ -727,11 +761,10 @@ def guarded_step(run, x0, y, step, first):
         raise
 
 
-def train_step(run, x0, y, step):
-    """Algorithm 1, lines 3-5 (training_loss draws t and eps) over --accum micro-batches, then the EMA update. A
-    non-finite loss or gradient stops the run before it reaches the weights (fp16: the scaler skips such steps)."""
+def gradients(run, x0, y):
+    """Algorithm 1, lines 3-5 (training_loss draws t and eps) over --accum micro-batches: the gradient, and the loss
+    as a tensor on the device (read with a log line, not at every step: that would wait for a GPU)."""
     args, micro, loss_step = run.args, len(x0) // run.args.accum, 0.0
-    model = run.model  # the bare network (clip, EMA); the loss runs its wrapper run.train_model (DDP, torch.compile)
     for k in range(args.accum):
         part = slice(k * micro, (k + 1) * micro)
         sync = run.world == 1 or k == args.accum - 1  # DDP all-reduces the gradients on the last micro-batch only
@@ -739,27 +772,43 @@ def train_step(run, x0, y, step):
             loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
                                                immiscible=args.immiscible)
         run.scaler.scale(loss / args.accum).backward()
-        loss_step += loss.item() / args.accum
+        loss_step = loss_step + loss.detach().float() / args.accum
+    return loss_step
+
+
+def train_step(run, x0, y, step):
+    """The gradient, clipped, then the optimizer's step and the EMA update. The first step whose loss or gradient is
+    non-finite is noted on the device (first_bad: the loss's, the gradient's) (fp16: the scaler skips such steps); check_finite reads it before anything is
+    logged, sampled or saved, so a diverged run never overwrites the last good checkpoint."""
+    args, model = run.args, run.model  # the bare network (clip, EMA); the loss runs run.train_model (DDP, compile)
+    loss = gradients(run, x0, y)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-    if not math.isfinite(loss_step) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
-        what = f"loss became {loss_step}" if not math.isfinite(loss_step) else "gradient became non-finite"
-        good = f"the last good one is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "there is none"
-        print(f"train.py: error: the {what} at step {step + 1}: not saved ({good}); try a lower --lr or --precision "
-              "fp32", file=sys.stderr)
-        raise SystemExit(1)
+    bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm) & (not run.scaler.is_enabled())])
+    run.first_bad = torch.where(bad & (run.first_bad < 0), step, run.first_bad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
     with torch.no_grad():
-        for e, p in zip(run.ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-    return loss_step
+        torch._foreach_lerp_(list(run.ema.parameters()), list(model.parameters()), 1 - decay)
+    return loss
+
+
+def check_finite(run):
+    """Stop the run (exit status 1) if a step's loss or gradient became non-finite since it began."""
+    found = [(step, what) for step, what in zip(run.first_bad.tolist(), ("loss", "gradient")) if step >= 0]
+    if found:
+        step, what = min(found, key=lambda f: f[0])  # the loss's first where both went at one step
+        good = f"the last good one is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else "there is none"
+        print(f"train.py: error: the {what} became non-finite at step {step + 1}: not saved ({good}); try a lower --lr "
+              "or --precision fp32", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
+    check_finite(run)
     state = data.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
                                     run.model, run.ema, run.optimizer, run.scaler, len(run.images))
     try:
@@ -774,6 +823,7 @@ def checkpoint(run, step, stop):
 
 def ema_samples(run, n, y):
     """n EMA samples with the default sampler, the same seed every time so grids compare across steps."""
+    check_finite(run)
     g, out = torch.Generator(run.device).manual_seed(run.args.seed), []
     for i in range(0, n, CHUNK):
         with run.autocast:
@@ -817,66 +867,64 @@ def log_fid(run, step):
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
-def plan_steps(run, done, ran, meter, stop):
-    """--time: once the steps after the first (a warm-up) ran for 2% of the budget or 30 s (3 steps at least), or a
-    signal came, fix --steps from the time a step takes, less a sample grid, the checkpoints (each timed here) and 2%.
-    Recorded in config.json and the checkpoint, so the lr plan and EMA end with the budget. Rank 0 plans for all."""
-    args, seconds = run.args, time.perf_counter() - meter["t1"]  # the steps after the first
-    ready = torch.tensor([float(stop.signal is not None or (ran > 3 and seconds >= min(30.0, args.time / 50)))],
-                         device=run.device)
-    if run.world > 1:
-        dist.broadcast(ready, 0)
-    if not ready.item():
-        return
-    step_seconds = seconds / (ran - 1) if ran > 1 else meter["t1"] - meter["t0"]  # a signal before step 2
+def plan_time(run):
+    """--time: fix --steps before the first step, from the time a step's gradients take (the first batch's, timed
+    after one warm-up call that compiles and allocates; the optimizer's and the EMA's update, a small part, are in the
+    2% left over), a sample grid's and a checkpoint's, so that the lr plan and the EMA end with the budget. Rank 0
+    plans for all; each process runs the same calls (DDP's all-reduce)."""
+    args = run.args
+    x0, y = next_batch(run, 0, int(os.environ.get("RANK", "0")))
+    seconds = []
+    for _ in range(4):
+        began = time.perf_counter()
+        with guarded(run, 0, first=True):
+            gradients(run, x0, y).item()  # .item(): waits for a GPU
+        run.optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - began)
+    step_s = sum(seconds[1:]) / 3
     y, n, _ = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
     x = torch.randn(min(n, CHUNK), args.channels, *run.size, device=run.device)
     t = torch.full((len(x),), args.T // 2, device=run.device)
-    start = time.perf_counter()
+    began = time.perf_counter()
     with torch.no_grad(), run.autocast:
-        run.ema(x, t, None if y is None else y[:len(x)]).float().sum().item()  # .item(): waits for a GPU
-    grid, save = (time.perf_counter() - start) * run.sample_steps * math.ceil(n / CHUNK), 0.0
-    for _ in range(2 if run.master else 0):  # plan; time a checkpoint of it; plan with its cost, save again if moved
-        left = args.time * 0.98 - (time.time() - run.started) - grid - save
-        per_step = step_seconds + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
-        total = done + max(0, int(left / per_step))
-        if total == args.steps:
-            break
-        args.steps, start = total, time.perf_counter()
-        checkpoint(run, done, stop)
-        save = time.perf_counter() - start
-    planned = torch.tensor([float(args.steps)], device=run.device)
+        run.ema(x, t, None if y is None else y[:len(x)]).float().sum().item()
+    grid, began = (time.perf_counter() - began) * run.sample_steps * math.ceil(n / CHUNK), time.perf_counter()
+    torch.save([run.model.state_dict(), run.ema.state_dict()], io.BytesIO())
+    save = 2 * (time.perf_counter() - began)  # a checkpoint holds as much again: Adam's two moments
+    left = args.time * 0.98 - (time.time() - run.started) - grid - save  # the final grid and checkpoint
+    per_step = step_s + (grid / args.sample_every if args.sample_every else 0) + save / args.ckpt_every
+    planned = torch.tensor([float(max(1, int(left / per_step)))], device=run.device)
     if run.world > 1:  # rank 0's plan for every process
         dist.broadcast(planned, 0)
     args.steps = int(planned.item())
-    log(f"--time {format_time(args.time)}: {step_seconds:.3g} s a step, {grid:.3g} s a grid, {save:.3g} s a checkpoint: "
-        f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
-    warn_if_warmup_outlasts(args)
-    if run.master:
-        write_config(args)
+    return (f"--time {format_time(args.time)}: {step_s:.3g} s a step, {grid:.3g} s a grid, {save:.3g} s a checkpoint: "
+            f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
 
 
 def report(run, meter, done, loss, lr):
-    """The progress line (redrawn on a terminal) and, every --log-every steps, a metrics.jsonl record of the loss over
-    the whole batch: every process calls this, and their losses are averaged. img/s and the ETA count the time of the
-    steps alone (meter["steps_s"]), not of grids, FIDs, checkpoints or pauses between them."""
+    """Every --log-every steps, a metrics.jsonl record and a log line of the mean loss over the whole batch since the
+    last (every process calls this, and their losses are averaged); on a terminal, a progress line redrawn at most once
+    a second. Only these read the loss from the device. img/s and the ETA count the time of the steps alone
+    (meter["steps_s"]), not of grids, FIDs, checkpoints or pauses between them."""
     args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
     meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
-    planned = "?" if math.isinf(args.steps) else args.steps  # --time: not planned yet
     rate = (done - meter["first"]) * args.batch / meter["steps_s"]
-    eta = "?" if math.isinf(args.steps) else format_time((args.steps - done) * args.batch / max(rate, 1e-9))
-    if tty:
-        log(f"\rstep {done}/{planned} | loss {loss:.4f} | {rate:.1f} img/s | ETA {eta}  ", end="")
+    eta = format_time((args.steps - done) * args.batch / max(rate, 1e-9))
     if done % args.log_every == 0 or done == args.steps:
-        rate, mean = meter["n"] * args.batch / (meter["steps_s"] - meter["logged_s"]), meter["loss"] / meter["n"]
+        check_finite(run)
+        rate, mean = meter["n"] * args.batch / (meter["steps_s"] - meter["logged_s"]), meter["loss"].item() / meter["n"]
         if run.world > 1:  # each process has its own share of the batch
             total = torch.tensor([mean], dtype=torch.float64, device=run.device)
             dist.all_reduce(total)
             mean = total.item() / run.world
         if run.master:
             record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
-        log(("\r" if tty else "") + f"step {done}/{planned} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
-        meter.update(loss=0.0, n=0, logged_s=meter["steps_s"])
+        log(("\r" if tty else "") + f"step {done}/{args.steps} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
+        meter.update(loss=0.0, n=0, logged_s=meter["steps_s"], drawn=now)
+    elif tty and now - meter["drawn"] >= 1:
+        log(f"\rstep {done}/{args.steps} | loss {meter['loss'].item() / meter['n']:.4f} | {rate:.1f} img/s | ETA {eta}  ",
+            end="")
+        meter["drawn"] = now
 
 
 def between_steps(run, done, stop):
@@ -905,7 +953,7 @@ def stopped_anywhere(run, stop):
 def warn_if_slow(run, done, seconds):
     """After the first step on a CPU: say so when the run would take more than a day."""
     args = run.args
-    if run.device.type == "cpu" and not math.isinf(args.steps) and (args.steps - done) * seconds > 86400:
+    if run.device.type == "cpu" and (args.steps - done) * seconds > 86400:
         hint = "--model tiny or small trains in minutes here" if args.model == "paper" else "give fewer --steps"
         log(f"this run needs about {(args.steps - done) * seconds / 86400:.1f} days on this CPU; {hint}, or use a GPU")
 
@@ -928,11 +976,11 @@ def finish(run, done, stop, lock):
 
 def main(argv=None, started=None):
     """Train as the command line (or argv) says; --time counts from `started` (default: now)."""
-    args, ckpt = parse_args(argv)
+    args, ckpt, init = parse_args(argv)
     made = []  # what the start creates in --out: train empties it once a step worked
     with Stop() as stop:
         try:
-            train(args, ckpt, stop, started or time.time(), made)
+            train(args, ckpt, init, stop, started or time.time(), made)
         except (UserError, OSError) as e:  # OSError: a file of the run that is a folder, unreadable, a full disk
             said = str(e) if isinstance(e, UserError) else f"{e.filename or '--out ' + args.out}: {e.strerror or e}"
             data.Parser(prog="train.py").error(said)  # one line, exit status 2
@@ -940,9 +988,9 @@ def main(argv=None, started=None):
             unclaim(made)  # a start refused (or stopped) before its first step leaves --out as it was
 
 
-def log_start(run, memory):
+def log_start(run, memory, plan):
     """The first lines: the data, the network, the batch and the machine; then what the run trains with, the classes
-    its grids show (when not all) and a warm-up that outlasts the run."""
+    its grids show (when not all), --time's plan and a warm-up that outlasts the run."""
     args, model, micro = run.args, run.model, run.args.batch // run.world // run.args.accum
     attention = " and ".join(filter(None, [", ".join(f"{h}x{w}" for h, w in model.attn_sizes), "the middle"]))
     log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
@@ -959,6 +1007,8 @@ def log_start(run, memory):
         log(f"FID every {args.fid_every} steps: {args.fid_n} EMA samples against {args.fid_ref}, {run.fid_ref}")
         if run.fid_warning:
             log(f"warning: {run.fid_warning}")
+    if plan:
+        log(plan)
     warn_if_warmup_outlasts(args)
 
 
@@ -984,7 +1034,7 @@ def warn_if_warmup_outlasts(args):
             f"{peak:.3g}, not --lr {args.lr:g}; give --warmup {args.steps // 10}, say (a tenth of the run)")
 
 
-def train(args, ckpt, stop, started, made):
+def train(args, ckpt, init, stop, started, made):
     """Algorithm 1 of Ho et al.: repeat { x_0 ~ q(x_0), t ~ Uniform({1, ..., T}), eps ~ N(0, I); take a gradient
     step on ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2 } for --steps (or --time).
     `made` lists what the start creates in --out until a step worked (main removes it if the start ends before)."""
@@ -992,32 +1042,28 @@ def train(args, ckpt, stop, started, made):
     if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
     lock = claim_run_folder(args.out, ckpt is not None, made) if rank == 0 else None
-    run = setup_run(args, ckpt, device, rank, world, started)
-    start = ckpt["step"] if ckpt else 0
+    run = setup_run(args, ckpt, init, device, rank, world, started)
+    start = done = ckpt["step"] if ckpt else 0
     memory = fit_memory(run)
-    if args.time and not ckpt:
-        args.steps = math.inf  # a --time run plans its --steps after timing its first steps (plan_steps)
-    log_start(run, memory)
-    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), steps_s=0.0, logged_s=0.0)
+    plan = plan_time(run) if args.time and not ckpt else None  # --steps from the budget: the lr plan and EMA need it
+    log_start(run, memory, plan)
+    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), steps_s=0.0, logged_s=0.0, drawn=0.0)
     with stop.deferring():  # from here a signal stops the loop after the step in flight
-        done = start
-        while done < args.steps:  # not range(): a --time run plans args.steps inside the loop
-            step, began = done, time.perf_counter()
+        for step in range(start, args.steps):
+            began = time.perf_counter()
             lr = learning_rate(args, step)  # lr, data and randomness are functions of the step: exact resume
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             x0, y = next_batch(run, step, rank)  # x_0 ~ q(x_0), and its labels
-            loss = guarded_step(run, x0, y, step, first=step == start)  # t, eps, the loss, its gradient, the EMA
+            with guarded(run, step, first=step == start):
+                loss = train_step(run, x0, y, step)  # t, eps, the loss, its gradient, the EMA
             meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
             done = step + 1
             if done == start + 1:  # config.json and metrics.jsonl wait for a step that worked
-                meter["t1"] = time.perf_counter()
                 made.clear()
-                warn_if_slow(run, done, meter["t1"] - meter["t0"])
+                warn_if_slow(run, done, time.perf_counter() - meter["t0"])
                 if run.master:
                     open_metrics(run, start)
-            if math.isinf(args.steps):
-                plan_steps(run, done, done - start, meter, stop)
             report(run, meter, done, loss, lr)
             if run.master:
                 between_steps(run, done, stop)

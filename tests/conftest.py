@@ -53,7 +53,7 @@ except SystemExit as e:  # a stopped run: its exit status, for the test to see
     open(out + ".rank%s.exit" % rank, "w").write(str(e.code))
     raise
 torch.save(made[0].state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
-json.dump(losses, open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w"))
+json.dump([loss.item() for loss in losses], open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w"))
 """
 
 

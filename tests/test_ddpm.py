@@ -302,3 +302,63 @@ def test_one_generator_per_sample_or_one_for_all():
     torch.testing.assert_close(x[1], torch.randn(2, generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="3 generators for 2 samples"):  # not 3 samples where 2 were asked
         ddpm.randn((2, 2), [torch.Generator().manual_seed(i) for i in range(3)])
+
+
+# --- the variational bound on -log p(x_0) (eq. 5), against closed forms -------------------------------------------
+
+def test_kl_of_gaussians_is_zero_for_identical_ones_and_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    m1, m2, v1, v2 = torch.randn(4, 100, generator=g, dtype=torch.float64).unbind()
+    v1, v2 = v1.exp(), v2.exp()
+    assert ddpm.normal_kl(m1, v1, m1, v1).abs().max().item() < 1e-15
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, v1.sqrt()),
+                                                 torch.distributions.Normal(m2, v2.sqrt()))
+    torch.testing.assert_close(ddpm.normal_kl(m1, v1, m2, v2), expected)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 0.01), (0.3, 1e-4), (-0.99, 3.0), (1.0, 1e-3), (5.0, 0.5), (0.2, 100.0)])
+def test_the_decoders_256_bins_of_a_pixel_hold_all_the_probability(mean, std):
+    from scipy.stats import norm
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    log_p = ddpm.discretized_gaussian_log_likelihood(levels, torch.tensor(mean, dtype=torch.float64), std)
+    assert log_p.exp().sum().item() == pytest.approx(1, abs=1e-12)
+    k = 100  # an inner bin, and both end bins, as scipy integrates them (eq. 13)
+    inner = norm.cdf((levels[k] + 1 / 255 - mean) / std) - norm.cdf((levels[k] - 1 / 255 - mean) / std)
+    ends = norm.logcdf((-1 + 1 / 255 - mean) / std), norm.logsf((1 - 1 / 255 - mean) / std)
+    assert log_p[k].exp().item() == pytest.approx(inner, rel=1e-9, abs=1e-300)
+    assert log_p[[0, -1]].tolist() == pytest.approx(ends, rel=1e-9)  # finite far in a tail: no log(0)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_the_bound_of_the_exact_denoiser_is_its_prior_and_decoder_terms(target):
+    # The oracle predicts the true x_0, so p's mean is q's posterior mean at every t > 0: with sigma_t^2 = beta-tilde_t
+    # each KL is 0; with beta_t it is the variances' part alone. What remains has a closed form per pixel.
+    from scipy.stats import norm
+    d = ddpm.Diffusion("linear", 1000, target)
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.randint(0, 256, (1, 3, 4, 4), generator=g) / 127.5 - 1  # on the 256 levels, ends included
+    x_star[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])
+    x = x_star.double().flatten()
+    ab, beta, beta_tilde = d.alphas_cumprod[-1].item(), d.betas[1:], d.posterior_variance[1:]
+    prior = (0.5 * (-math.log(1 - ab) + (1 - ab) + ab * x ** 2 - 1)).mean() / math.log(2)
+    z = 1 / 255 / d.posterior_variance[1].sqrt().item()  # the decoder's half bin in its std (beta-tilde_2)
+    end = (x.abs() == 1).double()  # an end bin reaches to infinity on one side: Phi(z), an inner one 2 Phi(z) - 1
+    decoder = -(end * norm.logcdf(z) + (1 - end) * math.log(2 * norm.cdf(z) - 1)).mean() / math.log(2)
+    variances_kl = 0.5 * (torch.log(beta / beta_tilde) + beta_tilde / beta - 1) / math.log(2)  # [T - 1], per pixel
+    for variance, kl in (("beta_tilde", torch.zeros(999, dtype=torch.float64)), ("beta", variances_kl)):
+        terms = list(d.nll_terms(oracle(d, x_star, target), x_star.expand(2, 3, 4, 4), variance=variance, generator=g))
+        assert [t for t, _ in terms] == list(range(1000, -1, -1))  # the prior L_T, then every step down to 0
+        bits = torch.stack([b for _, b in terms[::-1]], 1)  # [2 images, T + 1], column t the term of step t
+        torch.testing.assert_close(bits[:, 1:1000], kl.expand(2, 999), atol=1e-7, rtol=0)
+        torch.testing.assert_close(bits[:, 1000], prior.expand(2), atol=1e-12, rtol=1e-9)
+        # (the oracle works in float32: x_t's rounding moves the decoder's mean by ~6e-8, a few 1e-6 bits at the ends)
+        torch.testing.assert_close(bits[:, 0], decoder.expand(2), atol=1e-5, rtol=0)
+    assert variances_kl.sum().item() == pytest.approx(0.486, abs=1e-3)  # what beta_t costs the paper's schedule
+    unclipped = list(d.nll_terms(lambda x, t, y=None: torch.zeros_like(x), x_star, variance="beta_tilde"))
+    assert sum(b for _, b in unclipped).item() > bits[0].sum().item() + 1  # a model that knows nothing pays more
+
+
+def test_the_bound_refuses_an_unknown_variance():
+    d = ddpm.Diffusion("cosine", 10)
+    with pytest.raises(ValueError, match="variance must be 'beta' or 'beta_tilde'"):
+        list(d.nll_terms(lambda x, t, y=None: x, torch.zeros(1, 1, 2, 2), variance="learned"))

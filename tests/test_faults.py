@@ -44,7 +44,7 @@ def test_two_gloo_processes_hold_identical_weights_and_resume_in_one(folder, tmp
     losses = np.array([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])  # [rank, step]
     logged = [m["loss"] for m in map(json.loads, open(out / "metrics.jsonl"))]  # --log-every 2
     assert losses[0, 0] != losses[1, 0]  # each process's share of the batch has its own loss; logged: their mean
-    np.testing.assert_allclose(logged, losses.reshape(2, 2, 2).mean((0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(logged, losses.reshape(2, 2, 2).mean((0, 2)), rtol=1e-6)  # summed in fp32 on the device
 
     train.main(["--out", str(out), "--resume", "--steps", "6"])  # a different number of processes: one
     assert load(out / "ckpt.pt")["step"] == 6

@@ -9,6 +9,7 @@ through Inception on CPU).
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -104,12 +105,82 @@ def test_float_and_grey_tensors_equal_their_uint8_images(model, mnist):
 def test_mnist_fid_matches_pytorch_fid(mnist, tmp_path):
     train, test = write_pngs(tmp_path / 'train', mnist[0]), write_pngs(tmp_path / 'test', mnist[1])
     start = time.perf_counter()
-    result = run_cli(train, test, '--weights', fid_weights(), tmp_path=tmp_path)
+    result = run_cli(train, test, '--weights', fid_weights(), '--is', tmp_path=tmp_path)
     seconds = time.perf_counter() - start
     value = fid_value(result)
     print(f'FID {value} (pytorch-fid: {REFERENCE_FID}); 2 x 1000 PNGs in {seconds:.0f} s end to end')
     assert abs(value - REFERENCE_FID) < 0.01
     assert '1000 from' in result.stdout
+    # The IS of the same pass: torch-fidelity's 1.008489 (std 0.000247) for x_test[:1000]. Ours is 1.008448 (std
+    # 0.000242): its resize and input scaling are TF's, ours pytorch-fid's (test_logits_match_torch_fidelity).
+    line = next(line for line in result.stdout.splitlines() if line.startswith('IS: ') and line.endswith(f'{test})'))
+    reference = json.loads((FIXTURES / 'is_torch_fidelity.json').read_text())['mnist_test_1000_rgb28']
+    assert abs(float(line.split()[1]) - reference['inception_score_mean']) < 1e-4 and 'splits 10; n = 1000' in line
+
+
+# --- the Inception Score: torch-fidelity 0.4.0's logits and formula ------------------------------------------
+
+def tf1_resize(x, size=299):
+    """torch-fidelity's resize of float [N, C, H, W]: TF 1.x's bilinear without half-pixel centres (output pixel i
+    reads input i * in / out, the last row and column repeated beyond the edge), along W, then along H."""
+    def sources(n_in):
+        src = torch.arange(size, dtype=torch.float32) * (n_in / size)
+        low = src.long()
+        return low, (low + 1).clamp(max=n_in - 1), src - low
+    (y0, y1, dy), (x0, x1, dx) = sources(x.shape[2]), sources(x.shape[3])
+    rows = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
+    return rows[:, :, y0] + (rows[:, :, y1] - rows[:, :, y0]) * dy[:, None]
+
+
+def test_logits_match_torch_fidelity(model, mnist):
+    # Fed torch-fidelity's input (its resize on 0..255, then the graph's own (x - 128) / 128, which is x / 256 in
+    # FIDInception's [0, 1] input), the network and its fc give torch-fidelity's logits, with and without the bias.
+    with np.load(FIXTURES / 'is_torch_fidelity.npz') as f:
+        ref = dict(f)
+    images = {'smooth299': ref['smooth299_images'], 'mnist28': np.repeat(mnist[1][:8, ..., None], 3, axis=3)}
+    for name, uint8 in images.items():
+        x = torch.from_numpy(uint8).permute(0, 3, 1, 2).float()
+        with torch.inference_mode():
+            logits = model.logits(model((x if name == 'smooth299' else tf1_resize(x)) / 256))
+        assert np.abs(logits.numpy() - ref[f'{name}_logits_unbiased']).max() < 1e-5
+        assert np.abs((logits + model.fc.bias).numpy() - ref[f'{name}_logits']).max() < 1e-5
+    # fid.py's own input is pytorch-fid's, for its FID: 2 x / 255 - 1 moves the logits of the 299x299 images (no
+    # resize) by up to 3.5e-3 (of logits up to 1.1), and pytorch-fid's half-pixel bilinear resize those of 28x28
+    # MNIST by up to 0.19 (of logits up to 1; their softmaxes by 2.3e-4). 1000 digits: an IS 4e-5 below theirs.
+    for name, most in (('smooth299', 5e-3), ('mnist28', 0.25)):
+        logits = model.logits(fid.activations(images[name], model)).numpy()
+        assert most / 5 < np.abs(logits - ref[f'{name}_logits_unbiased']).max() < most
+
+
+def test_inception_score_identities():
+    same = np.tile(np.random.default_rng(0).normal(size=(1, 1008)), (20, 1))
+    assert fid.inception_score(same) == (pytest.approx(1, abs=1e-12), pytest.approx(0, abs=1e-12), 10)
+    confident = np.eye(10, 1008) * 60  # image i is class i, with probability 1 - 1007 e^-60
+    assert fid.inception_score(confident, 1)[:2] == (pytest.approx(10), 0)
+    assert fid.inception_score(confident)[:2] == (pytest.approx(1), pytest.approx(0, abs=1e-12))  # 10 parts of 1
+    # torch-fidelity's parts of 10 in 3: [0, 3), [3, 6), [6, 10), scoring 3, 3 and 4; np.std's ddof 0: sqrt(2) / 3
+    assert fid.inception_score(confident, 3) == (pytest.approx(10 / 3), pytest.approx(math.sqrt(2) / 3), 3)
+    # By hand: p(y|x) (0.9, 0.1) and (0.5, 0.5), so p(y) = (0.7, 0.3); fewer than 10 images are one part
+    kl = [0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3), 0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)]
+    assert fid.inception_score(np.log([[0.9, 0.1], [0.5, 0.5]])) == (pytest.approx(math.exp(sum(kl) / 2)), 0, 1)
+    with pytest.raises(fid.FIDError, match='10 splits needs at least 10 images, not 5'):
+        fid.inception_score(same[:5], 10)
+
+
+def test_is_flag_scores_each_folder_from_the_fids_pass(model, mnist, tmp_path, monkeypatch, capsys):
+    a, b = write_pngs(tmp_path / 'a', mnist[1][:3]), write_pngs(tmp_path / 'b', mnist[1][3:5])
+    monkeypatch.setattr(fid, 'load_inception', lambda *args: model)
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: 1.5)  # a 2048-d root of 2 images': a minute
+    passes = []
+    monkeypatch.setattr(fid, 'run_model', lambda *args, run=fid.run_model: passes.append(1) or run(*args))
+    assert fid.main([str(a), '--is']) == 0  # one folder: its IS alone
+    out = capsys.readouterr().out.splitlines()
+    mean, std, splits = fid.inception_score(model.logits(fid.folder_activations(a, model)))
+    assert out == [f'IS: {mean}  (std {std:.4g}, splits 1; n = 3 from {a})'] and len(passes) == 2
+    assert fid.main([str(a), str(b), '--is']) == 0  # two: each one's IS, then the FID, one pass each
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ['IS:', 'IS:', 'FID:'] and out[1].endswith(f'n = 2 from {b})')
+    assert len(passes) == 4
 
 
 # --- the Fréchet distance ---------------------------------------------------------------------------------
@@ -428,6 +499,8 @@ BAD_COMMAND_LINES = [  # (arguments, run in the folder `bad`; words the one line
     ([*STATS, '--bogus'], '--bogus'),
     (['imgs'], 'two PATHs'),
     (['imgs', 'one', 'empty'], 'two PATHs'),
+    (['imgs', 'one', 'empty', '--is'], 'two PATHs'),
+    (['good.npz', '--is'], '--is reads the images of a folder'),
     (['imgs', 'one', '--save-stats', 'out.npz'], 'exactly one'),
     (['nowhere', 'imgs'], 'nowhere'),
     (['note.txt', 'imgs'], 'note.txt'),

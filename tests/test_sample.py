@@ -192,3 +192,40 @@ def test_fid_reads_a_random_n_of_a_reference_folder_at_the_checkpoints_size(made
     assert "a uniform random 4 of its 10 images (seed 0), read at 8x8 (n = 4" in out, out
     assert sizes == {(8, 8)} and len(files) == 4  # 4 of 10 read, all at the samples' size
     assert "biased upward" in err and "2048" in err
+    assert out.splitlines()[-2].startswith("IS 1.0") and "(std 0, splits 1; n = 4, ddim 1 steps" in out  # beside it
+
+
+# The paper's Table 1 NLL: eq. 5's bound in bits/dim, on a folder read as train.py reads its data.
+def test_nll_prints_the_bound_of_a_folder_whatever_the_batches(made, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lines = []
+    for batch in ("1", "4"):  # each image's x_t comes from its own generator: the batches do not change the bound
+        sample.main([made["plain"], "--nll", str(tmp_path), "--n", "4", "--batch-size", batch])
+        out, err = capsys.readouterr()
+        lines.append(out.strip().splitlines()[-1])
+        assert err.strip().endswith("4/4 images, t 0/50")  # its progress: images, and t counting down
+    assert lines[0] == lines[1] and lines[0].startswith("NLL <= ")
+    bits = float(lines[0].split()[2])
+    assert 1 < bits < 100 and "(n = 4 of 5 in" in lines[0] and "50 terms" in lines[0] and "sigma_t^2 beta," in lines[0]
+    sample.main([made["plain"], "--nll", str(tmp_path), "--n", "4", "--variance", "beta_tilde"])
+    assert "sigma_t^2 beta_tilde" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nll", "nowhere"], "--nll nowhere: not a folder of images"),
+    (["--nll", "{top}", "--fid", "{top}"], "--nll writes no samples or picture"),
+    (["--nll", "{top}", "--grid", "g.png"], "--nll writes no samples or picture"),
+    (["--nll", "{top}", "--sampler", "ddim"], "--sampler, --steps and --eta are not used by --nll"),
+    (["--nll", "{top}", "--guidance", "2"], "--class and --guidance are not used by --nll"),
+    (["--nll", "{top}/empty"], "--nll {top}/empty: no images found"),
+])
+def test_nll_refuses_what_it_would_ignore_in_one_line(made, capsys, argv, words):
+    (made["top"] / "empty").mkdir(exist_ok=True)
+    top = str(made["top"])
+    refused(capsys, [made["plain"], *[a.format(top=top) for a in argv]], words.format(top=top))
+
+
+def test_nll_of_a_conditional_checkpoint_needs_its_trained_null_label(made, capsys):
+    refused(capsys, [made["no_dropout"], "--nll", str(made["top"])], "--nll (class-less) uses the null label")

@@ -618,7 +618,7 @@ def test_the_network_keywords_of_model_config_and_the_flags_defaults_are_the_pre
     for argv, network in [(["--size", "32"], [128, "1,2,2,2", 2, 0.1, "16"]),
                           (["--size", "24", "--model", "tiny"], [32, "1,2,2", 1, 0.0, "12"]),
                           (["--size", "32", "--attn-res", "8,16", "--ch", "32"], [32, "1,2,2,2", 2, 0.1, "16,8"])]:
-        args, _ = train.parse_args(argv)
+        args, *_ = train.parse_args(argv)
         assert [getattr(args, k) for k in unet.NETWORK_KEYS] == network, argv
 
 
@@ -633,7 +633,7 @@ def test_the_second_line_names_the_recipe_and_marks_what_the_preset_chose(folder
     train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])  # the checkpoint gives them all
     assert "v target, cosine schedule, l1 loss, T 1000 | lr 0.002 after 1 warm-up steps, then cosine to 0 | EMA " \
            "0.995 | batch 4" in capsys.readouterr().out.splitlines()
-    args, _ = train.parse_args(["--model", "paper", "--steps", "40", "--out", str(tmp_path / "p")])
+    args, *_ = train.parse_args(["--model", "paper", "--steps", "40", "--out", str(tmp_path / "p")])
     assert train.recipe_line(args) == (
         "eps target (paper preset), linear schedule (paper preset), mse loss, T 1000 | lr 0.0002 (paper preset) after "
         "5000 warm-up steps (paper preset), then constant (paper preset) | EMA 0.9999 (paper preset) | batch 128 "

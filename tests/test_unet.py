@@ -123,12 +123,12 @@ def test_paper_recipe_per_size_in_the_saved_config():
     expected = {"32": (2e-4, 128, 0.1), "64": (1e-4, 128, 0.0), "128": (1e-4, 128, 0.0), "256": (2e-5, 64, 0.0),
                 "48x80": (1e-4, 128, 0.0), "24": (2e-4, 128, 0.1), "192": (2e-5, 64, 0.0)}
     for size, (lr, batch, dropout) in expected.items():
-        args, _ = train.parse_args(["--size", size])
+        args, *_ = train.parse_args(["--size", size])
         mcfg = unet.model_config(args.model, train.parse_size(size), 3)
         assert (args.lr, args.batch, mcfg["dropout"]) == (lr, batch, dropout), size
-    args, _ = train.parse_args(["--size", "256", "--lr", "1e-3", "--batch", "8"])  # flags still win
+    args, *_ = train.parse_args(["--size", "256", "--lr", "1e-3", "--batch", "8"])  # flags still win
     assert (args.lr, args.batch) == (1e-3, 8)
-    args, _ = train.parse_args(["--size", "256", "--model", "tiny"])  # the CPU presets do not change with size
+    args, *_ = train.parse_args(["--size", "256", "--model", "tiny"])  # the CPU presets do not change with size
     assert (args.lr, args.batch, unet.model_config("tiny", (256, 256), 3)["dropout"]) == (2e-3, 32, 0.0)
 
 
