@@ -761,27 +761,21 @@ def guarded(run, step, first):
         raise
 
 
-def gradients(run, x0, y):
-    """Algorithm 1, lines 3-5 (training_loss draws t and eps) over --accum micro-batches: the gradient, and the loss
-    as a tensor on the device (read with a log line, not at every step: that would wait for a GPU)."""
-    args, micro, loss_step = run.args, len(x0) // run.args.accum, 0.0
-    for k in range(args.accum):
+def train_step(run, x0, y, step):
+    """Algorithm 1, lines 3-5 over --accum micro-batches, the gradient clipped, the optimizer's step and the EMA
+    update; returns the loss as a tensor on the device. The first step whose loss or gradient is non-finite is noted
+    there (run.first_bad; fp16: the scaler skips such steps); check_finite reads it before anything is logged,
+    sampled or saved, so a diverged run never overwrites the last good checkpoint."""
+    args, micro, loss = run.args, len(x0) // run.args.accum, 0.0
+    model = run.model  # the bare network (clip, EMA); the loss runs its wrapper run.train_model (DDP, torch.compile)
+    for k in range(args.accum):  # Algorithm 1, lines 3-5 (training_loss draws t and eps) on each micro-batch
         part = slice(k * micro, (k + 1) * micro)
         sync = run.world == 1 or k == args.accum - 1  # DDP all-reduces the gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast:
-            loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
-                                               immiscible=args.immiscible)
-        run.scaler.scale(loss / args.accum).backward()
-        loss_step = loss_step + loss.detach().float() / args.accum
-    return loss_step
-
-
-def train_step(run, x0, y, step):
-    """The gradient, clipped, then the optimizer's step and the EMA update. The first step whose loss or gradient is
-    non-finite is noted on the device (first_bad: the loss's, the gradient's) (fp16: the scaler skips such steps); check_finite reads it before anything is
-    logged, sampled or saved, so a diverged run never overwrites the last good checkpoint."""
-    args, model = run.args, run.model  # the bare network (clip, EMA); the loss runs run.train_model (DDP, compile)
-    loss = gradients(run, x0, y)
+            micro_loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
+                                                     immiscible=args.immiscible)
+        run.scaler.scale(micro_loss / args.accum).backward()
+        loss = loss + micro_loss.detach().float() / args.accum  # on the device: read with a log line, not each step
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
     bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm) & (not run.scaler.is_enabled())])
@@ -867,21 +861,34 @@ def log_fid(run, step):
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
 
-def plan_time(run):
-    """--time: fix --steps before the first step, from the time a step's gradients take (the first batch's, timed
-    after one warm-up call that compiles and allocates; the optimizer's and the EMA's update, a small part, are in the
-    2% left over), a sample grid's and a checkpoint's, so that the lr plan and the EMA end with the budget. Rank 0
-    plans for all; each process runs the same calls (DDP's all-reduce)."""
-    args = run.args
-    x0, y = next_batch(run, 0, int(os.environ.get("RANK", "0")))
-    seconds = []
-    for _ in range(4):
-        began = time.perf_counter()
-        with guarded(run, 0, first=True):
-            gradients(run, x0, y).item()  # .item(): waits for a GPU
-        run.optimizer.zero_grad(set_to_none=True)
+def time_steps(run, share=0.015):
+    """Seconds a training step takes: the run's first steps, taken (batch, gradient, optimizer, EMA) and timed after
+    the first (a warm-up: allocations, torch.compile), then undone: weights, EMA, optimizer and scaler put back.
+    As many as `share` of the budget holds (5 to 100): a handful ran 8% faster here than the steady rate. Every
+    process takes them (DDP's all-reduce), as many as rank 0 says."""
+    modules = (run.model, run.ema, run.optimizer, run.scaler)
+    saved = [{k: v.to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in m.state_dict().items()}
+             for m in modules]  # (on the CPU: the device's memory was fitted to one copy)
+    seconds, rank, calls = [], int(os.environ.get("RANK", "0")), torch.tensor([2], device=run.device)
+    while len(seconds) < calls.item():
+        step, began = len(seconds), time.perf_counter()
+        with guarded(run, step, first=step == 0):
+            train_step(run, *next_batch(run, step, rank), step).item()  # .item(): waits for a GPU
         seconds.append(time.perf_counter() - began)
-    step_s = sum(seconds[1:]) / 3
+        if step == 1:  # the warm-up and one step taken: how many more
+            calls.fill_(1 + min(100, max(5, int(share * run.args.time / seconds[1]))))
+            if run.world > 1:
+                dist.broadcast(calls, 0)
+    for m, state in zip(modules, saved):
+        m.load_state_dict(state)
+    run.first_bad.fill_(-1)
+    return sum(seconds[1:]) / (len(seconds) - 1)
+
+
+def plan_time(run):
+    """--time: fix --steps before the first step, from the time a step takes (time_steps), a sample grid's and a
+    checkpoint's, so that the lr plan and the EMA end with the budget; 2% of it is kept. Rank 0 plans for all."""
+    args, step_s = run.args, time_steps(run)
     y, n, _ = grid_labels(run)  # a grid's time: one timed network evaluation on its images, times the sampler's steps
     x = torch.randn(min(n, CHUNK), args.channels, *run.size, device=run.device)
     t = torch.full((len(x),), args.T // 2, device=run.device)
