@@ -478,11 +478,13 @@ CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model_config": d
                    "classes": (list, tuple), "model": dict, "ema": dict}
 
 
-def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images):
-    """CHECKPOINT_KEYS, the training state and the number of training images (--resume says if --data changed)."""
+def checkpoint_state(step, config, model_config, diffusion, classes, model, ema, optimizer, scaler, images,
+                     variance=None):
+    """CHECKPOINT_KEYS, the training state, the number of training images (--resume says if --data changed) and the
+    ddpm sampler's variance where a diffusers scheduler the run started from chose one (else None: beta)."""
     return dict(format=FORMAT, step=step, config=config, model_config=model_config, diffusion=diffusion.config(),
                 classes=classes, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), images=images)
+                scaler=scaler.state_dict(), images=images, variance=variance)
 
 
 def load_checkpoint(path):
@@ -601,6 +603,8 @@ def read_safetensors(path):
         f.readinto(blob)
     try:
         size = int.from_bytes(blob[:8], "little")
+        if not 2 <= size <= len(blob) - 8:  # (a header that claims more bytes than the file has would read as less)
+            raise ValueError(f"a header of {size} bytes in a file of {len(blob)}")
         header, body, tensors = json.loads(blob[8:8 + size]), memoryview(blob)[8 + size:], {}
         for name, entry in header.items():
             if name == "__metadata__":
@@ -676,6 +680,13 @@ def diffusers_model_config(path):
         given = settings.get(key, default)
         if given != value and given not in same.get(key, []):
             refuse(key, given, f"Ho et al.'s network has {json.dumps(value)}; sample this model with diffusers")
+    for key, default in (("in_channels", 3), ("out_channels", 3), ("layers_per_block", 2)):
+        given = settings.get(key, default)  # (a bool is an int to Python; a string or null builds nothing)
+        if type(given) is not int or given < 1:
+            refuse(key, given, "give a whole number, at least 1")
+    dropout = settings.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        refuse("dropout", dropout, "give a probability in [0, 1)")
     size, channels = settings.get("sample_size"), settings.get("in_channels", 3)
     if settings.get("out_channels", 3) != channels:  # (a learned variance doubles them)
         refuse("out_channels", settings.get("out_channels"), f"the network predicts noise shaped as its input "
@@ -694,8 +705,8 @@ def diffusers_diffusion(path):
     timestep_spacing, steps_offset) are not read: sample.py samples with this toolkit's."""
     settings = read_json(path)
     T = settings.get("num_train_timesteps", 1000)
-    if type(T) is not int or T < 2:
-        raise UserError(f"{path}: num_train_timesteps {json.dumps(T)}: give a whole number of steps, at least 2")
+    if type(T) is not int or T < 2 or T > 100000:
+        raise UserError(f"{path}: num_train_timesteps {json.dumps(T)}: give a whole number of steps, 2 to 100000")
 
     def named(names, key, default):  # this toolkit's name for the setting's value, or None
         value = settings.get(key, default)
@@ -721,6 +732,9 @@ def diffusers_diffusion(path):
         if not has:
             raise UserError(f"{path}: {key} {json.dumps(settings.get(key, default))}: this toolkit has only {what}; "
                             "sample this model with diffusers")
+    betas = ddpm.beta_schedule(schedule, T)
+    if not ((betas > 0) & (betas < 1)).all():  # linear betas scaled by 1000/T pass 1 below T = 21
+        raise UserError(f"{path}: num_train_timesteps {T}: the {schedule} schedule's betas leave (0, 1) at T = {T}")
     return dict(schedule=schedule, T=T, target=target, loss="mse"), variance
 
 
@@ -737,6 +751,9 @@ def load_diffusers(folder):
         unet_dir, scheduler = os.path.join(folder, "unet"), os.path.join(folder, "scheduler", "scheduler_config.json")
     elif os.path.isfile(config) and read_json(config).get("_class_name") == "UNet2DModel":  # not a train.py run's
         unet_dir, scheduler = folder, None
+    elif os.path.isfile(os.path.join(folder, "ckpt.pt")):  # a train.py run's folder
+        raise UserError(f"{folder}: a folder, not a checkpoint file (a train.py run's); give "
+                        f"{os.path.join(folder, 'ckpt.pt')}")
     else:
         raise UserError(f"{folder}: a folder, not a checkpoint file (train.py writes RUN_DIR/ckpt.pt) nor a diffusers "
                         "DDPM folder (model_index.json, or a UNet2DModel's config.json)")
@@ -748,6 +765,9 @@ def load_diffusers(folder):
         log(f"{folder}: no scheduler/scheduler_config.json; assuming the paper's diffusion (linear, T = 1000, eps)")
     path, weights = read_diffusers_weights(unet_dir)
     state = unet_state(path, weights, model_config)
+    broken = [name for name, w in state.items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if broken:  # as load_checkpoint refuses them: every sample (and --init's run) would come out NaN
+        raise UserError(f"{path}: non-finite weights in {broken[0]} ({len(broken)} tensors); download it again")
     return dict(format=FORMAT, step=0, config={}, model_config=model_config, diffusion=diffusion, classes=[],
                 model=state, ema=state, variance=variance)
 

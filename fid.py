@@ -412,7 +412,7 @@ def image_files(path):
                    if not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     images.sort()
     if len(images) < 2:
-        raise FIDError(f'{path}: {len(images)} image file(s); FID needs at least 2 '
+        raise FIDError(f'{path}: {len(images)} image file(s); FID and IS need at least 2 '
                        f'({", ".join(sorted(IMAGE_EXTENSIONS))}, hidden names skipped)')
     return images
 
@@ -474,7 +474,7 @@ def folder_activations(path, model, n=None, batch_size=50, device=None, workers=
     acts = run_model(model, make_batch, len(files), batch_size, device, workers, str(path), progress)
     report_skipped(skipped, path)
     if len(acts) < COUNTS['n']:
-        raise FIDError(f'{path}: {len(acts)} readable image(s); FID needs at least {COUNTS["n"]}')
+        raise FIDError(f'{path}: {len(acts)} readable image(s); FID and IS need at least {COUNTS["n"]}')
     return acts
 
 

@@ -254,12 +254,13 @@ def parse_args(argv=None):
         config, auto, source, ckpt = read_config(given, actions)
         init, init_path = None, config.get("init") if given.init is UNSET else given.init
         if init_path and not ckpt:  # (a resumed run's weights are its checkpoint's)
-            source = f"--init {init_path}"
+            given_source, source = source, f"--init {init_path}"
             try:
                 init = data.load(init_path)
             except UserError as e:
-                raise UserError(f"--init: {e}") from None
-            config.update(config_settings(own_settings(init, source), actions, source)[0])
+                raise UserError(f"{'--init' if given.init is not UNSET else given_source + ': init'}: {e}") from None
+            recipe = {k: v for k, v in init["config"].items() if k == "model"}  # a checkpoint's preset (its recipe)
+            config.update(config_settings({**recipe, **own_settings(init, source)}, actions, source)[0])
     except UserError as e:
         parser.error(str(e))
     owner = "the checkpoint's" if ckpt else "the weights'"  # --model only names a recipe for new runs from --init
@@ -624,6 +625,7 @@ class Run:
     autocast: torch.autocast = None
     scaler: torch.amp.GradScaler = None
     first_bad: torch.Tensor = None  # the first step whose loss, and whose gradient, was non-finite (-1: none yet)
+    variance: str = None  # the ddpm sampler's, where the diffusers scheduler the run started from chose one
 
 
 def setup_run(args, ckpt, init, device, rank, world, started):
@@ -641,8 +643,12 @@ def setup_run(args, ckpt, init, device, rank, world, started):
     decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
     if world > 1 and not decoder:
         dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
-    run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
-                                                              not args.no_cache)
+    try:
+        run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
+                                                                not args.no_cache)
+    except UserError as e:  # --cond, --size and --channels may be --init's
+        raise UserError(f"{e} (--init {args.init} is a network of {init['model_config']['num_classes'] or 'no'} "
+                        f"classes at {args.size})" if init else str(e)) from None
     if world > 1 and decoder:
         dist.barrier()
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
@@ -650,6 +656,7 @@ def setup_run(args, ckpt, init, device, rank, world, started):
     start = ckpt or init
     run.model_config = start["model_config"] if start else unet.model_config(args.model, run.size, args.channels,
                                                                              len(run.classes), **network(args))
+    run.variance = start and start.get("variance")
     if init and init["model_config"]["num_classes"] != len(run.classes):
         raise UserError(f"--init {args.init}: a network of {init['model_config']['num_classes']} classes, --data "
                         f"{args.data} has {len(run.classes)}{' (no --cond)' if not args.cond else ''}")
@@ -661,6 +668,9 @@ def setup_run(args, ckpt, init, device, rank, world, started):
     if init and not ckpt:  # fine-tuning starts from the averaged weights (a diffusers folder has no others)
         run.model.load_state_dict(init["ema"])
         log(f"--init {args.init}: its weights{' at step ' + str(init['step']) if init['step'] else ''}, a fresh optimizer")
+        if init["classes"] and init["classes"] != run.classes:  # its label embeddings are by index, not by name
+            log(f"warning: --init's classes ({', '.join(init['classes'])}) are not --data's ({', '.join(run.classes)}): "
+                "each class of --data starts from the embedding of the one in its place")
     run.ema = copy.deepcopy(run.model).requires_grad_(False).eval()
     run.diffusion = ddpm.Diffusion(args.schedule, args.T, args.target, args.loss).to(device)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -804,7 +814,7 @@ def checkpoint(run, step, stop):
     """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
     check_finite(run)
     state = data.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
-                                    run.model, run.ema, run.optimizer, run.scaler, len(run.images))
+                                  run.model, run.ema, run.optimizer, run.scaler, len(run.images), run.variance)
     try:
         data.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
@@ -1001,7 +1011,8 @@ def log_start(run, memory, plan):
     args, model, micro = run.args, run.model, run.args.batch // run.world // run.args.accum
     attention = " and ".join(filter(None, [", ".join(f"{h}x{w}" for h, w in model.attn_sizes), "the middle"]))
     log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
-        f"{args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, attention at "
+        f"{'--init' if args.init else args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, attention at "
         f"{attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
         f"{args.precision} on {run.device}, memory {memory}")
     log(recipe_line(args))

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,3 +66,13 @@ def ddp_worker(tmp_path):
     path = tmp_path / "ddp_worker.py"
     path.write_text(DDP_WORKER.format(root=str(ROOT)))
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run fastest on one thread: two wait for each other on a busy machine (100x slower). Modules of
+    them use it for every test (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

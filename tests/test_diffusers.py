@@ -26,13 +26,7 @@ PAPER = dict(schedule="linear", T=1000, target="eps", loss="mse")
 OLD_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}  # the Hub's .bin files' names
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small networks run fastest on one thread: two wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def noise_error(ckpt, reference=CIFAR):
@@ -165,8 +159,12 @@ def test_an_exported_checkpoint_is_the_same_network_diffusion_and_samples(tmp_pa
     ({}, {"beta_end": 0.012}, ["beta_end 0.012", "linear betas to 0.02"]),
     ({}, {"trained_betas": [0.1, 0.2]}, ["trained_betas [0.1, 0.2]"]),
     ({}, {"variance_type": "learned_range"}, ["variance_type \"learned_range\""]),
+    ({"layers_per_block": "2"}, {}, ["config.json: layers_per_block \"2\"", "whole number"]),  # not a TypeError's
+    ({"layers_per_block": 0}, {}, ["layers_per_block 0", "at least 1"]),  # not a weight "of another model"
+    ({"in_channels": True, "out_channels": 1}, {}, ["in_channels true"]),  # not 1 channel
+    ({"dropout": None}, {}, ["dropout null", "[0, 1)"]),
 ], ids=["act_fn", "scale_shift", "heads", "flip_sin_to_cos", "classes", "up_blocks", "schedule", "beta_end",
-        "trained_betas", "learned_variance"])
+        "trained_betas", "learned_variance", "layers_text", "no_layers", "channels_bool", "dropout_null"])
 def test_what_this_network_or_diffusion_cannot_be_is_refused_in_one_line(unet_settings, scheduler_settings, words,
                                                                          tmp_path, capsys):
     folder = copy_of(CIFAR, tmp_path, unet_settings, scheduler_settings)
@@ -177,6 +175,8 @@ def test_what_this_network_or_diffusion_cannot_be_is_refused_in_one_line(unet_se
     ("cut", ["diffusion_pytorch_model.safetensors: not a readable safetensors file"]),
     ("extra", ["extra.weight has no place"]),
     ("missing", ["conv_in.bias is missing"]),
+    ("header", ["not a readable safetensors file", "a header of 9223372036854775808 bytes"]),  # not "missing"
+    ("nan", ["non-finite weights in conv_in.bias"]),  # before sampling, not "samples came out non-finite"
 ])
 def test_a_damaged_or_foreign_weights_file_is_refused_in_one_line(damage, words, tmp_path, capsys):
     folder = copy_of(CIFAR, tmp_path)
@@ -185,12 +185,21 @@ def test_a_damaged_or_foreign_weights_file_is_refused_in_one_line(damage, words,
     path.unlink()
     if damage == "cut":
         path.write_bytes(blob[:len(blob) // 2])
+    elif damage == "header":  # a size far beyond the file, before a header that would read as no tensors
+        path.write_bytes((2 ** 63).to_bytes(8, "little") + b"{}")
     else:
         weights = {**weights, "extra.weight": torch.zeros(1)} if damage == "extra" else \
+            {**weights, "conv_in.bias": weights["conv_in.bias"] * float("nan")} if damage == "nan" else \
             {k: w for k, w in weights.items() if k != "conv_in.bias"}
         with open(path, "wb") as f:
             data.write_safetensors(f, weights)
     refused(capsys, [folder, "--grid", tmp_path / "g.png"], *words)
+
+
+def test_a_train_py_run_folder_is_refused_naming_its_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"data": "shapes"}))  # train.py's, no _class_name
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    refused(capsys, [tmp_path, "--grid", tmp_path / "g.png"], "a folder, not a checkpoint file (a train.py run's)", f"give {tmp_path / 'ckpt.pt'}")
 
 
 def test_what_has_no_diffusers_form_is_not_exported(tmp_path, capsys):

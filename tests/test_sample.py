@@ -17,13 +17,7 @@ DIGITS = [str(i) for i in range(10)]
 FAST = ["--sampler", "ddim", "--steps", "1", "--precision", "fp32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny networks here run fastest on one thread: two wait for each other on a busy machine (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def save_checkpoint(path, classes=(), config=None):
