@@ -598,6 +598,18 @@ def fit_memory(run):
 
 
 @dataclasses.dataclass
+class Meter:
+    """The loop's progress counters: what report() needs for the loss, img/s and the ETA."""
+    first: int  # the step the loop started at
+    t0: float = dataclasses.field(default_factory=time.perf_counter)  # when it started
+    steps_s: float = 0.0  # seconds spent in steps alone (not grids, FIDs, checkpoints)
+    logged_s: float = 0.0  # steps_s at the last log line
+    drawn: float = 0.0  # when the terminal's progress line was last drawn
+    loss: torch.Tensor = 0.0  # summed on the device since the last log line, over n steps
+    n: int = 0
+
+
+@dataclasses.dataclass
 class Run:
     """Everything the loop shares, filled in once by setup_run; only `metrics` grows after it."""
     args: argparse.Namespace  # the settings, all decided (the data's and the machine's choices too)
@@ -626,6 +638,7 @@ class Run:
     scaler: torch.amp.GradScaler = None
     first_bad: torch.Tensor = None  # the first step whose loss, and whose gradient, was non-finite (-1: none yet)
     variance: str = None  # the ddpm sampler's, where the diffusers scheduler the run started from chose one
+    meter: Meter = None  # the loop's progress
 
 
 def setup_run(args, ckpt, init, device, rank, world, started):
@@ -918,30 +931,28 @@ def plan_time(run):
             f"--steps {args.steps} (recorded in config.json; --resume trains to it)")
 
 
-def report(run, meter, done, loss, lr):
+def report(run, done, loss, lr):
     """Every --log-every steps, a metrics.jsonl record and a log line of the mean loss over the whole batch since the
     last (every process calls this, and their losses are averaged); on a terminal, a progress line redrawn at most once
-    a second. Only these read the loss from the device. img/s and the ETA count the time of the steps alone
-    (meter["steps_s"]), not of grids, FIDs, checkpoints or pauses between them."""
-    args, now, tty = run.args, time.perf_counter(), sys.stdout.isatty()
-    meter["loss"], meter["n"] = meter["loss"] + loss, meter["n"] + 1
-    rate = (done - meter["first"]) * args.batch / meter["steps_s"]
+    a second. Only these read the loss from the device. img/s and the ETA count the time of the steps alone."""
+    args, m, now, tty = run.args, run.meter, time.perf_counter(), sys.stdout.isatty()
+    m.loss, m.n = m.loss + loss, m.n + 1
+    rate = (done - m.first) * args.batch / m.steps_s
     eta = format_time((args.steps - done) * args.batch / max(rate, 1e-9))
     if done % args.log_every == 0 or done == args.steps:
         check_finite(run)
-        rate, mean = meter["n"] * args.batch / (meter["steps_s"] - meter["logged_s"]), meter["loss"].item() / meter["n"]
+        rate, mean = m.n * args.batch / (m.steps_s - m.logged_s), m.loss.item() / m.n
         if run.world > 1:  # each process has its own share of the batch
             total = torch.tensor([mean], dtype=torch.float64, device=run.device)
             dist.all_reduce(total)
             mean = total.item() / run.world
         if run.master:
-            record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - meter["t0"]})
+            record(run, {"step": done, "loss": mean, "lr": lr, "img_per_s": rate, "elapsed_s": now - m.t0})
         log(("\r" if tty else "") + f"step {done}/{args.steps} | loss {mean:.4f} | lr {lr:.2e} | {rate:.1f} img/s | ETA {eta}")
-        meter.update(loss=0.0, n=0, logged_s=meter["steps_s"], drawn=now)
-    elif tty and now - meter["drawn"] >= 1:
-        log(f"\rstep {done}/{args.steps} | loss {meter['loss'].item() / meter['n']:.4f} | {rate:.1f} img/s | ETA {eta}  ",
-            end="")
-        meter["drawn"] = now
+        m.loss, m.n, m.logged_s, m.drawn = 0.0, 0, m.steps_s, now
+    elif tty and now - m.drawn >= 1:
+        log(f"\rstep {done}/{args.steps} | loss {m.loss.item() / m.n:.4f} | {rate:.1f} img/s | ETA {eta}  ", end="")
+        m.drawn = now
 
 
 def between_steps(run, done, stop):
@@ -1065,7 +1076,7 @@ def train(args, ckpt, init, stop, started, made):
     memory = fit_memory(run)
     plan = plan_time(run) if args.time and not ckpt else None  # --steps from the budget: the lr plan and EMA need it
     log_start(run, memory, plan)
-    meter = dict(loss=0.0, n=0, first=start, t0=time.perf_counter(), steps_s=0.0, logged_s=0.0, drawn=0.0)
+    run.meter = Meter(first=start)
     with stop.deferring():  # from here a signal stops the loop after the step in flight
         for step in range(start, args.steps):
             began = time.perf_counter()
@@ -1075,14 +1086,14 @@ def train(args, ckpt, init, stop, started, made):
             x0, y = next_batch(run, step, rank)  # x_0 ~ q(x_0), and its labels
             with guarded(run, step, first=step == start):
                 loss = train_step(run, x0, y, step)  # t, eps, the loss, its gradient, the EMA
-            meter["steps_s"] += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
+            run.meter.steps_s += time.perf_counter() - began  # img/s and the ETA count the steps alone (report)
             done = step + 1
             if done == start + 1:  # config.json and metrics.jsonl wait for a step that worked
                 made.clear()
-                warn_if_slow(run, done, time.perf_counter() - meter["t0"])
+                warn_if_slow(run, done, time.perf_counter() - run.meter.t0)
                 if run.master:
                     open_metrics(run, start)
-            report(run, meter, done, loss, lr)
+            report(run, done, loss, lr)
             if run.master:
                 between_steps(run, done, stop)
             if stopped_anywhere(run, stop):
