@@ -180,14 +180,17 @@ class Diffusion:
             return _at(self.sqrt_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
         return out
 
-    def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False):
+    def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False, perturb=0.0):
         """Algorithm 1 (eq. 14 for target 'eps'), averaged over batch and pixels; t ~ U[0, T) and noise ~ N(0, I)
-        unless given. `immiscible` reassigns the noise to the images: as the input's noise and as the target."""
+        unless given. `immiscible` reassigns the noise to the images: as the input's noise and as the target.
+        `perturb` gamma > 0 is Ning et al. 2023's input perturbation (DDPM-IP, eq. 9): the network sees x_t made with
+        noise + gamma xi, xi ~ N(0, I), and is still asked for the target of `noise`, as sampling's errors will ask."""
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         noise = immiscible_noise(x0, noise) if immiscible else noise
         target = noise if self.target == "eps" else x0 if self.target == "x0" else self.v_target(x0, t, noise)
-        pred = model(self.q_sample(x0, t, noise), t, y).float()
+        seen = noise + perturb * torch.randn_like(x0) if perturb else noise
+        pred = model(self.q_sample(x0, t, seen), t, y).float()
         if pred.shape != target.shape:  # broadcasting them would train on garbage, with only torch's warning
             raise ValueError(f"the model's prediction {list(pred.shape)} is not shaped as its input {list(x0.shape)}")
         return F.mse_loss(pred, target) if self.loss == "mse" else F.l1_loss(pred, target)

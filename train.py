@@ -147,6 +147,7 @@ def build_parser(prog="train.py"):
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
     a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
+    a("--input-perturbation", type=number(float, "[0, 1]"), default=0.0, help="DDPM-IP's gamma (Ning et al. 2023)")
     a("--ch", type=width, help="channel width of the first level, a multiple of 32 (default: the --model preset's)")
     a("--ch-mult", type=ch_mult, help="width multiplier per level (halving the image between them), like 1,2,2,2")
     a("--num-res-blocks", type=positive, help="ResNet blocks per level (default: the --model preset's)")
@@ -177,8 +178,7 @@ def build_parser(prog="train.py"):
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional: up to 8 a class, a row each)")
     a("--ckpt-every", type=positive, default=1000, help="steps between checkpoints")
     a("--fid-every", type=count, default=0, help="steps between FIDs of the EMA network in metrics.jsonl (0: never)")
-    a("--fid-ref", help="FID reference: an image folder (a seeded random --fid-n of its images, read at --size) or a "
-      "fid.py statistics .npz; '': none")
+    a("--fid-ref", help="FID reference: an image folder (--fid-n of it at random, at --size), a fid.py .npz; '': none")
     a("--fid-n", type=number(int, "[2, inf)"), default=1000, help="samples per FID (the reference folder uses as many)")
     a("--fid-weights", type=path, help="the FID Inception weights file (see fid.py --help)")
     a("--device", help="cuda, cuda:1, cpu, mps, ... (default: cuda if available)")
@@ -641,6 +641,21 @@ class Run:
     meter: Meter = None  # the loop's progress
 
 
+def load_data(run, init):
+    """The data, mapped from its cache: one process per machine decodes into it first, the others then map it."""
+    args, decoder = run.args, int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if run.world > 1 and not decoder:
+        dist.barrier()
+    try:
+        run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
+                                                                not args.no_cache)
+    except UserError as e:  # --cond, --size and --channels may be --init's
+        raise UserError(f"{e} (--init {args.init} is a network of {init['model_config']['num_classes'] or 'no'} "
+                        f"classes at {args.size})" if init else str(e)) from None
+    if run.world > 1 and decoder:
+        dist.barrier()
+
+
 def setup_run(args, ckpt, init, device, rank, world, started):
     """The Run: the mapped data, the network, its EMA, the diffusion, the optimizer, the precision and the run
     folder's files; a resumed run's state from its checkpoint, a new run's weights from --init's."""
@@ -653,17 +668,7 @@ def setup_run(args, ckpt, init, device, rank, world, started):
                                                                  run.size, "--fid-ref/--fid-weights", {"--n": "--fid-n"})
         except fid.FIDError as e:
             raise UserError(str(e))
-    decoder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per machine decodes into its cache
-    if world > 1 and not decoder:
-        dist.barrier()  # the decoders decode and cache first; the others then map their machine's cache
-    try:
-        run.images, run.labels, run.classes = data.load_dataset(args.data, run.size, args.cond, args.channels,
-                                                                not args.no_cache)
-    except UserError as e:  # --cond, --size and --channels may be --init's
-        raise UserError(f"{e} (--init {args.init} is a network of {init['model_config']['num_classes'] or 'no'} "
-                        f"classes at {args.size})" if init else str(e)) from None
-    if world > 1 and decoder:
-        dist.barrier()
+    load_data(run, init)
     args.channels = args.channels or run.images.shape[1]  # recorded, so --resume can refuse another
     # a resumed run keeps the network it was built with, whatever the presets have become since
     start = ckpt or init
@@ -796,7 +801,7 @@ def train_step(run, x0, y, step):
         sync = run.world == 1 or k == args.accum - 1  # DDP all-reduces the gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast:
             micro_loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
-                                                     immiscible=args.immiscible)
+                                                     immiscible=args.immiscible, perturb=args.input_perturbation)
         run.scaler.scale(micro_loss / args.accum).backward()
         loss = loss + micro_loss.detach().float() / args.accum  # on the device: read with a log line, not each step
     run.scaler.unscale_(run.optimizer)

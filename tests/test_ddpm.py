@@ -168,6 +168,25 @@ def test_immiscible_noise_is_both_the_input_noise_and_the_target():
     assert d.training_loss(exact, x0, t=t, noise=noise, immiscible=True).item() < 1e-8
 
 
+def test_input_perturbation_noises_the_input_and_keeps_the_target():
+    """DDPM-IP: the exact denoiser of the input's noise scores gamma^2 (the extra noise is its error), the exact
+    denoiser of the target's noise scores what it sees of the input's noise; gamma 0 is the paper's loss, bit for bit."""
+    d = ddpm.Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randn(64, 1, 8, 8, generator=g), torch.full((64,), 300)
+    seen = []
+
+    def exact(x_t, t, y=None):  # returns exactly the noise inside x_t
+        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        seen.append((x_t - ab.sqrt() * x0) / (1 - ab).sqrt())
+        return seen[-1]
+    assert d.training_loss(exact, x0, t=t, noise=noise, perturb=0.0).item() < 1e-8
+    torch.manual_seed(0)
+    loss = d.training_loss(exact, x0, t=t, noise=noise, perturb=0.1).item()
+    assert loss == pytest.approx(0.01, rel=0.1)  # E[(gamma xi)^2] over 4096 values
+    assert (seen[-1] - noise).std().item() == pytest.approx(0.1, rel=0.1)
+
+
 def test_spaced_timesteps():
     assert ddpm.spaced_timesteps(1000, 4) == [999, 749, 499, 249]
     assert ddpm.spaced_timesteps(1000, 1000) == list(range(999, -1, -1))
