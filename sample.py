@@ -1,4 +1,4 @@
-"""Sample images from a checkpoint written by train.py.
+"""Sample images from a train.py checkpoint or a diffusers DDPM folder (the paper's released weights).
 
     python sample.py runs/shapes/ckpt.pt                          # a grid PNG beside the checkpoint
     python sample.py runs/shapes/ckpt.pt --n 1000 --out-dir gen/  # single PNGs, e.g. for fid.py

@@ -1047,13 +1047,14 @@ def log_start(run, memory, plan):
 
 
 def recipe_line(args):
-    """Target, schedule, loss, T, the learning-rate plan, EMA and batch; each value the --model preset chose (no flag,
+    """Target, schedule, loss (and DDPM-IP's gamma), T, the learning-rate plan, EMA and batch; each value the --model preset chose (no flag,
     --config or checkpoint gave it) marked so, as a user of another preset's defaults would not expect it."""
     def marked(key, text):
         return f"{text} ({args.model} preset)" if key in args.from_preset else text
     plan = f"cosine to {args.lr_min:g}" if args.cosine else "constant"
+    perturbed = f", input perturbation {args.input_perturbation:g}" if args.input_perturbation else ""
     return (f"{marked('target', f'{args.target} target')}, {marked('schedule', f'{args.schedule} schedule')}, "
-            f"{args.loss} loss, T {args.T} | lr {marked('lr', f'{args.lr:g}')} after "
+            f"{args.loss} loss{perturbed}, T {args.T} | lr {marked('lr', f'{args.lr:g}')} after "
             f"{marked('warmup', f'{args.warmup} warm-up steps')}, then {marked('cosine', plan)} | "
             f"{marked('ema', f'EMA {args.ema:g}')} | {marked('batch', f'batch {args.batch}')}")
 
