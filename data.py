@@ -827,9 +827,10 @@ def export_diffusers(ckpt, folder, ema=True):
     """Write a checkpoint's network (EMA or raw weights) and diffusion as a diffusers DDPMPipeline folder, made under a
     temporary name beside `folder` and renamed: no reader sees half of one. UserError where UNet2DModel has no form of
     the network: a class embedding, or a first level wider than conv_in (ch_mult not starting at 1)."""
-    if os.path.lexists(folder) or not os.path.isdir(os.path.dirname(os.path.abspath(folder))):
+    empty = os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)  # renamed over: POSIX
+    if (os.path.lexists(folder) and not empty) or not os.path.isdir(os.path.dirname(os.path.abspath(folder))):
         why = "already exists" if os.path.lexists(folder) else "its folder does not exist"
-        raise UserError(f"--export-diffusers {folder}: {why}; give the path of a new folder")
+        raise UserError(f"--export-diffusers {folder}: {why}; give the path of a new or empty folder")
     model, diffusion = build(ckpt, ema)
     first = model.down[0].block[0].conv2.out_channels
     if model.class_emb is not None or first != model.ch:

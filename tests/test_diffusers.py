@@ -130,6 +130,7 @@ def tiny_checkpoint(path, classes=()):
 def test_an_exported_checkpoint_is_the_same_network_diffusion_and_samples(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
     sample.main([str(ckpt), "--export-diffusers", str(tmp_path / "ema")])
+    (tmp_path / "raw").mkdir()  # an empty folder may be the destination (made first, as users do)
     sample.main([str(ckpt), "--export-diffusers", str(tmp_path / "raw"), "--no-ema"])
     original, x, t = torch.load(ckpt, weights_only=True), torch.randn(2, 3, 8, 8), torch.tensor([3, 40])
     for folder, ema in (("ema", True), ("raw", False)):
@@ -207,7 +208,8 @@ def test_what_has_no_diffusers_form_is_not_exported(tmp_path, capsys):
     refused(capsys, [ckpt, "--export-diffusers", tmp_path / "out"], "conditional")
     refused(capsys, [ckpt, "--export-diffusers", tmp_path / "out", "--n", "4"], "leave out --n")
     refused(capsys, [CIFAR, "--no-ema"], "--no-ema", "a diffusers folder holds one set of weights")
-    assert sorted(os.listdir(tmp_path)) == ["cond.pt"]
+    refused(capsys, [tiny_checkpoint(tmp_path / "u.pt"), "--export-diffusers", tmp_path], "already exists")  # not empty
+    assert sorted(os.listdir(tmp_path)) == ["cond.pt", "u.pt"]
 
 
 def test_init_fine_tunes_a_diffusers_folder_and_resumes_and_refuses_another_network(tmp_path, capsys):
