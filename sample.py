@@ -193,7 +193,8 @@ def build_parser():
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (a train.py "
                    "checkpoint's: a diffusers folder holds one set)")
     p.add_argument("--export-diffusers", type=path, metavar="DIR", help="instead of sampling, write the checkpoint's "
-                   "network and diffusion as a new diffusers DDPMPipeline folder DIR (unconditional, ch_mult from 1)")
+                   "network and diffusion as a diffusers DDPMPipeline folder DIR, new or empty (unconditional, "
+                   "ch_mult from 1)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
