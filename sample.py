@@ -354,6 +354,7 @@ def generate(args, world=1, rank=0):
     if args.export_diffusers:  # a conversion: no sampling flag applies
         return export(args)
     picture, grid = check_args(args, world)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.nll:
         return print_nll(args)
     if world > 1:  # torchrun: each process samples its share and writes its PNGs; rank 0 the grid
@@ -362,7 +363,6 @@ def generate(args, world=1, rank=0):
             sys.stdout = open(os.devnull, "w")
     args.n = args.n or (4 if picture else None)  # None: set with the labels below (a row per class, or 64)
     args.jump = args.jump or 10  # RePaint's published jump
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, model, diffusion, shape = network(args, picture)
     T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(ddpm.DEFAULT_STEPS, diffusion.T))
     check_steps(args, steps, T, ckpt)
@@ -427,7 +427,6 @@ def print_nll(args):
     """--nll: eq. 5's bound on -log p(x_0) (ddpm.Diffusion.nll_terms) of the folder's images read at the checkpoint's
     size and channels, each image's x_t drawn from its own generator (seeded by --seed and its place in the folder,
     so batches do not matter); progress on stderr, the mean over images on stdout."""
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, model, diffusion, shape = network(args, "nll")
     try:
         images = data.load_dataset(args.nll, shape[1:], channels=shape[0])[0]
