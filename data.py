@@ -674,8 +674,11 @@ def diffusers_model_config(path):
         refuse("up_block_types", settings.get("up_block_types"), f"Ho et al.'s network has {json.dumps(mirror)}; "
                "sample this model with diffusers")
     attention = {widths[i] for i in levels} | {widths[-1]}  # the attention layers' widths (the middle block's too)
-    same = {"attn_norm_num_groups": [32], "time_embedding_dim": [4 * widths[0]],  # what None means there, and
-            "attention_head_dim": list(attention) if len(attention) == 1 else []}  # one head as wide as the layers
+    groups = settings.get("norm_num_groups", 32)  # unet's norm_groups: any that divides every width
+    groups = groups if type(groups) is int and groups > 0 and all(w % groups == 0 for w in widths) else 32
+    same = {"attn_norm_num_groups": [groups], "time_embedding_dim": [4 * widths[0]],  # what None means there, and
+            "attention_head_dim": list(attention) if len(attention) == 1 else [],  # one head as wide as the layers
+            "norm_num_groups": [groups]}
     for key, (default, value) in UNET2D_FIXED.items():
         given = settings.get(key, default)
         if given != value and given not in same.get(key, []):
@@ -696,7 +699,8 @@ def diffusers_model_config(path):
         refuse("sample_size", settings.get("sample_size"), "give the image size it was trained at, [H, W] or one side")
     return dict(in_ch=channels, ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths), attn_res=tuple(
         min(size) // 2 ** i for i in levels), num_res_blocks=settings.get("layers_per_block", 2),
-        dropout=settings.get("dropout", 0.0), image_size=tuple(size), num_classes=0)
+        dropout=settings.get("dropout", 0.0), image_size=tuple(size), num_classes=0,
+        **({} if groups == 32 else {"norm_groups": groups}))
 
 
 def diffusers_diffusion(path):
@@ -808,7 +812,8 @@ def diffusers_files(model, diffusion, image_size, variance=None):
                "up_block_types": [kind.replace("Down", "Up") for kind in reversed(kinds)],
                "dropout": model.down[0].block[0].dropout.p, "in_channels": model.conv_in.in_channels,
                "out_channels": model.conv_out.out_channels, "layers_per_block": len(model.down[0].block),
-               "num_train_timesteps": None, "sample_size": size[0] if size[0] == size[1] else size}
+               "num_train_timesteps": None, "sample_size": size[0] if size[0] == size[1] else size,
+               "norm_num_groups": model.norm_out.num_groups}
     process = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": T,
                "beta_schedule": {v: k for k, v in SCHEDULES.items()}[diffusion.schedule], "trained_betas": None,
                "beta_start": 0.1 / T, "beta_end": 20 / T,  # the linear schedule's (squaredcos_cap_v2 has none)

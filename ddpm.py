@@ -5,10 +5,10 @@
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="ddpm")  # Algorithm 2
     nll = sum(bits for _, bits in diffusion.nll_terms(model, x0))  # eq. 5's bound on -log p(x_0), bits/dim [N]
 
-Also DDIM and DPM-Solver++(2M) with classifier-free guidance, RePaint inpainting, mixing and slerp. `model` is
-any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in [-1, 1] (any
-[N, ...] data works); timesteps are integers in [0, T). The diffusion computes in float32 at least: run a bf16 or
-fp16 network under torch.autocast. Depends on torch and scipy only.
+Also DDIM and DPM-Solver++(2M) with classifier-free guidance or autoguidance, RePaint inpainting, mixing and slerp.
+`model` is any callable model(x_t, t, y=None) -> prediction, y = -1 the null label. Images are [N, C, H, W] in
+[-1, 1] (any [N, ...] data works); timesteps are integers in [0, T). The diffusion computes in float32 at least: run a
+bf16 or fp16 network under torch.autocast. Depends on torch and scipy only.
 """
 import math
 import numbers
@@ -55,6 +55,15 @@ def randn(shape, generator=None, device="cpu"):
             raise ValueError(f"{len(generator)} generators for {shape[0]} samples: give one per sample, or one")
         return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
     return torch.randn(shape, generator=generator, device=device)
+
+
+def autoguided(model, weak, w):
+    """Autoguidance (Karras et al. 2024, arXiv 2406.02507, eq. 2 with their w = 1 + w): the model steered away from
+    a weaker one of the same task (an early snapshot of its run): out = (1 + w) model - w weak, w = 0 the model
+    alone. Linear in the output, as guidance is, so it is the same for every target. Two network calls a step."""
+    def guided(x_t, t, y=None):
+        return (1 + w) * model(x_t, t, y).float() - w * weak(x_t, t, y).float()
+    return guided
 
 
 def spaced_timesteps(T, steps):
@@ -180,12 +189,22 @@ class Diffusion:
             return _at(self.sqrt_alphas_cumprod, t, x_t) * x_t - _at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
         return out
 
+    def sample_t(self, n, device="cpu", lognormal=None):
+        """n timesteps for training: t ~ U[0, T) (Algorithm 1), or with lognormal = (P_mean, P_std) EDM's noise levels
+        (Karras et al. 2022, Table 1: ln sigma ~ N(-1.2, 1.2^2)), each snapped to the step whose sigma_t is nearest in
+        log: x_t / sqrt(alpha-bar_t) = x_0 + sigma_t eps, so sigma_t = sqrt(1 / alpha-bar_t - 1)."""
+        if lognormal is None:
+            return torch.randint(0, self.T, (n,), device=device)
+        log_sigma = self.sqrt_recipm1_alphas_cumprod.log()  # increasing in t
+        edges = ((log_sigma[1:] + log_sigma[:-1]) / 2).float().to(device)  # between neighbouring steps
+        return torch.searchsorted(edges, torch.randn(n, device=device) * lognormal[1] + lognormal[0])
+
     def training_loss(self, model, x0, y=None, t=None, noise=None, immiscible=False, perturb=0.0):
         """Algorithm 1 (eq. 14 for target 'eps'), averaged over batch and pixels; t ~ U[0, T) and noise ~ N(0, I)
         unless given. `immiscible` reassigns the noise to the images: as the input's noise and as the target.
         `perturb` gamma > 0 is Ning et al. 2023's input perturbation (DDPM-IP, eq. 9): the network sees x_t made with
         noise + gamma xi, xi ~ N(0, I), and is still asked for the target of `noise`, as sampling's errors will ask."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device) if t is None else t
+        t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         noise = immiscible_noise(x0, noise) if immiscible else noise
         target = noise if self.target == "eps" else x0 if self.target == "x0" else self.v_target(x0, t, noise)

@@ -174,6 +174,9 @@ def build_parser():
     p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
                    "eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans; diffusers' guidance_scale is 1 + w); "
                    "the null label is trained only by train.py --p-uncond above 0")
+    p.add_argument("--autoguide", type=path, metavar="WEAK", help="autoguidance (Karras et al. 2024): --guidance w "
+                   "steers away from WEAK, an early checkpoint of the same run (train.py --snapshot): (1 + w) D - w "
+                   "D_weak; two network calls a step")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm and --nll: sigma_t^2 (default beta; for "
                    "a diffusers folder, its scheduler's)")
@@ -259,6 +262,8 @@ def flag_rules(args, picture, world):
         (args.nll, args.nll == "shapes" or os.path.isdir(args.nll or ""), f"--nll {args.nll}: not a folder of images"),
         (args.steps, args.sampler != "ddpm", only("--steps", "--sampler ddim or dpm++ (ddpm takes all T steps)")),
         (args.eta, args.sampler == "ddim", only("--eta", "--sampler ddim")),
+        (args.autoguide, args.guidance, "--autoguide needs --guidance w > 0: how far to steer from the weak model"),
+        (args.autoguide, not (args.nll or fixed), only("--autoguide", "sampling, --process or --interp")),
         (args.variance, args.sampler == "ddpm" or args.nll, only("--variance", "--sampler ddpm or --nll")),
         (args.weight, picture == "mix", only("--weight", "--mix")),
         (args.mix_noise, picture == "mix", only("--mix-noise", "--mix")),
@@ -367,9 +372,10 @@ def generate(args, world=1, rank=0):
     T, steps = diffusion.T, args.steps or (None if args.sampler == "ddpm" else min(ddpm.DEFAULT_STEPS, diffusion.T))
     check_steps(args, steps, T, ckpt)
     variance = args.variance or (ckpt and args.sampler == "ddpm" and ckpt.get("variance")) or "beta"  # (a diffusers
+    guidance = 0.0 if args.autoguide else args.guidance  # classifier-free; autoguidance is in the model (network)
     loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=variance,  # folder's: its scheduler's)
-                guidance=args.guidance)
-    labels = class_labels(ckpt, args.cls, args.guidance, args.n, 1 if picture else args.nrow) if ckpt else None
+                guidance=guidance)
+    labels = class_labels(ckpt, args.cls, guidance, args.n, 1 if picture else args.nrow) if ckpt else None
     images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
     args.n = len(labels) if labels is not None else args.n or 64
@@ -391,7 +397,9 @@ def generate(args, world=1, rank=0):
     what = f"{args.sampler}{'' if args.sampler == 'ddpm' else f' {steps} steps'}, seed {args.seed}, {args.precision}"
     if labels is not None:
         chosen = f"class {args.cls}" if args.cls is not None else shown_classes(ckpt["classes"], labels, args.nrow)
-        what += f", {chosen}, guidance {args.guidance:g}"
+        what += f", {chosen}, guidance {guidance:g}"
+    if args.autoguide:
+        what += f", autoguidance {args.guidance:g} from {args.autoguide}"
     data.save_grid(samples[:GRID_MAX], grid, nrow=args.nrow)
     print(f"wrote {grid} ({min(len(samples), GRID_MAX)} of {args.n} images, {what})")
     if args.out_dir:
@@ -465,9 +473,17 @@ def network(args, picture):
         diffusion = ddpm.Diffusion(args.schedule or "linear", args.T or 1000).to(args.device)
         return None, None, diffusion, (1 if (image[:, :1] == image[:, 1:]).all() else 3, size, size)
     ckpt = data.load(args.ckpt)
-    check_null_label(ckpt, args.guidance, picture)
+    check_null_label(ckpt, 0.0 if args.autoguide else args.guidance, picture)
     model, diffusion = data.build(ckpt, not args.no_ema, args.device)
-    return ckpt, model, diffusion, (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+    shape = (model.conv_in.in_channels, *ckpt["model_config"]["image_size"])
+    if args.autoguide:  # the weak network must answer the same question: same network, diffusion and classes
+        weak = data.load(args.autoguide)
+        for key in ("model_config", "diffusion", "classes"):
+            if weak.get(key) != ckpt.get(key):
+                raise data.UserError(f"--autoguide {args.autoguide}: its {key} {weak.get(key)} is not the checkpoint's "
+                                     f"{ckpt.get(key)}; give an earlier checkpoint of the same run")
+        model = ddpm.autoguided(model, data.build(weak, not args.no_ema, args.device)[0], args.guidance)
+    return ckpt, model, diffusion, shape
 
 
 def export(args):

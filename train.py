@@ -30,6 +30,7 @@ import time
 import typing
 
 STARTED = time.time()  # a command line's --time counts from here: importing torch and decoding the data count
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
@@ -83,6 +84,19 @@ def width(text):
     return value
 
 
+def t_density(text):
+    """--t-density: "uniform", or "P_MEAN,P_STD" of ln sigma (like -1.2,1.2; "edm" is that), canonically spelt."""
+    if text.strip().lower() in ("uniform", "edm"):
+        return {"uniform": "uniform", "edm": "-1.2,1.2"}[text.strip().lower()]
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not uniform, edm or P_MEAN,P_STD like -1.2,1.2") from None
+    if not (math.isfinite(mean) and abs(mean) <= 20 and 0 < std <= 10):
+        raise argparse.ArgumentTypeError(f"{text}: P_MEAN must be in [-20, 20] and P_STD in (0, 10]")
+    return f"{mean:g},{std:g}"
+
+
 def whole_numbers(text, most, example):
     """Comma-separated whole numbers in [1, most] as a tuple (--ch-mult, --attn-res)."""
     try:
@@ -120,7 +134,8 @@ def network_flags(net):
     side, levels = min(net["image_size"]), unet.attention_levels(net["image_size"], net["ch_mult"],
                                                                  net.get("attn_res", unet.ATTN_RES))
     return dict(ch=net["ch"], ch_mult=",".join(map(str, net["ch_mult"])), num_res_blocks=net["num_res_blocks"],
-                dropout=net["dropout"], attn_res=",".join(str(side // 2 ** level) for level in levels) or "none")
+                dropout=net["dropout"], attn_res=",".join(str(side // 2 ** level) for level in levels) or "none",
+                norm_groups=net.get("norm_groups", 32))
 
 
 def build_parser(prog="train.py"):
@@ -147,11 +162,16 @@ def build_parser(prog="train.py"):
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
     a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
+    a("--t-density", type=t_density, default="uniform", help="how training draws t: uniform (Algorithm 1) or "
+      "P_MEAN,P_STD: ln sigma_t ~ N(P_MEAN, P_STD^2), sigma_t^2 = 1/alpha-bar_t - 1, at the nearest step; edm: "
+      "-1.2,1.2 (Karras et al. 2022); a negative P_MEAN takes an = sign: --t-density=-0.8,1.6")
     a("--input-perturbation", type=number(float, "[0, 1]"), default=0.0, help="DDPM-IP's gamma (Ning et al. 2023)")
     a("--ch", type=width, help="channel width of the first level, a multiple of 32 (default: the --model preset's)")
     a("--ch-mult", type=ch_mult, help="width multiplier per level (halving the image between them), like 1,2,2,2")
     a("--num-res-blocks", type=positive, help="ResNet blocks per level (default: the --model preset's)")
     a("--dropout", type=number(float, "[0, 1)"), help="dropout in the ResNet blocks (default: the --model preset's)")
+    a("--norm-groups", type=int, choices=(1, 2, 4, 8, 16, 32), help="GroupNorm's groups (default 32, the paper's; "
+      "Wu & He 2018: groups of one channel, 32 at --ch 32, normalise worst)")
     a("--attn-res", type=attn_res, help="attention at levels by shorter side: 16, 16,8 or none (default: nearest 16)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
@@ -165,6 +185,8 @@ def build_parser(prog="train.py"):
     a("--weight-decay", type=number(float, "[0, inf)"), default=0.0, help="AdamW weight decay (0: Adam, the paper's)")
     a("--grad-clip", type=number(float, "[0, inf)"), default=1.0, help="gradient norm clip (paper: 1.0; 0: none)")
     a("--ema", type=number(float, "[0, 1)"), help="EMA decay (paper: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
+    a("--ema-length", type=number(float, "(0, 0.28]"), help="instead of --ema: Karras et al. 2024's power-function EMA "
+      "of this relative length sigma_rel (EDM2's best: 0.05 to 0.15), a fixed fraction of the steps taken so far")
     a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast; auto: bf16 if faster")
     a("--compile", action="store_true", help="torch.compile the network (off: slower on CPU, docs/benchmarks.md)")
     a("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of data order, noise, t and dropout")
@@ -173,6 +195,8 @@ def build_parser(prog="train.py"):
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
     a("--init", type=path, help="start from a checkpoint's or diffusers folder's weights, network, diffusion")
+    a("--snapshot", type=number(float, "(0, 1)"), help="also keep the weights at this fraction of the run in "
+      "snapshot.pt: the weak network of autoguidance (sample.py --autoguide)")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional: up to 8 a class, a row each)")
@@ -350,6 +374,7 @@ def check_args(parser, args, ckpt, given, source):
     problems = [  # realpath: --out inside --data through links too, as the data search follows them
         (args.batch % (world * args.accum), f"--batch {args.batch} is not divisible by {world} process(es) x --accum"),
         (args.lr_min > args.lr, f"--lr-min {args.lr_min} is above --lr {args.lr}"),
+        (args.ema_length and given.ema is not UNSET, "--ema and --ema-length: choose one (a decay, or a length)"),
         (not ((betas > 0) & (betas < 1)).all(), f"--T {args.T} is too small for the {args.schedule} schedule: give 21 "
          f"or more, or --schedule cosine"),
         (not folder and max(size) > 256, f"--size {args.size}: the built-in shapes go up to 256; give --data a folder"),
@@ -796,11 +821,13 @@ def train_step(run, x0, y, step):
     sampled or saved, so a diverged run never overwrites the last good checkpoint."""
     args, micro, loss = run.args, len(x0) // run.args.accum, 0.0
     model = run.model  # the bare network (clip, EMA); the loss runs its wrapper run.train_model (DDP, torch.compile)
+    lognormal = None if args.t_density == "uniform" else tuple(map(float, args.t_density.split(",")))
     for k in range(args.accum):  # Algorithm 1, lines 3-5 (training_loss draws t and eps) on each micro-batch
         part = slice(k * micro, (k + 1) * micro)
         sync = run.world == 1 or k == args.accum - 1  # DDP all-reduces the gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast:
-            micro_loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part],
+            t = run.diffusion.sample_t(micro, x0.device, lognormal)
+            micro_loss = run.diffusion.training_loss(run.train_model, x0[part], None if y is None else y[part], t,
                                                      immiscible=args.immiscible, perturb=args.input_perturbation)
         run.scaler.scale(micro_loss / args.accum).backward()
         loss = loss + micro_loss.detach().float() / args.accum  # on the device: read with a log line, not each step
@@ -811,10 +838,22 @@ def train_step(run, x0, y, step):
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: short runs get a usable average
     with torch.no_grad():
+        decay = ema_decay(args.ema, args.ema_length, step + 1)
         torch._foreach_lerp_(list(run.ema.parameters()), list(model.parameters()), 1 - decay)
     return loss
+
+
+def ema_decay(decay, sigma_rel, t):
+    """The EMA's decay at its t-th update: --ema's decay, warmed up as min(decay, (1 + n) / (10 + n)), n = t - 1, so
+    short runs get a usable average; or with sigma_rel, Karras et al. 2024's power function EMA (eq. 3 and Algorithm
+    2): decay (1 - 1/t)^(gamma + 1), an average over a fixed fraction of the t steps, of relative std sigma_rel =
+    sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), i.e. gamma the root of gamma^3 + 7 gamma^2 + (16 - s) gamma +
+    12 - s = 0, s = sigma_rel^-2."""
+    if not sigma_rel:
+        return min(decay, t / (9 + t))
+    gamma = max(np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real)
+    return float((1 - 1 / t) ** (gamma + 1))
 
 
 def check_finite(run):
@@ -828,19 +867,24 @@ def check_finite(run):
         raise SystemExit(1)
 
 
-def checkpoint(run, step, stop):
-    """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve."""
+def checkpoint(run, step, stop, path=None):
+    """Save atomically (a kill or a full disk leaves the previous checkpoint whole), then the loss curve. With a path:
+    --snapshot's, the weights alone (for sampling; a run resumes from ckpt.pt)."""
     check_finite(run)
     state = data.checkpoint_state(step, config_of(run.args), run.model_config, run.diffusion, run.classes,
                                   run.model, run.ema, run.optimizer, run.scaler, len(run.images), run.variance)
+    if path:
+        del state["optimizer"], state["scaler"]
+    target = path or run.ckpt_path
     try:
-        data.write_atomically(run.ckpt_path, functools.partial(torch.save, state), tmp=run.ckpt_path + ".tmp")
+        data.write_atomically(target, functools.partial(torch.save, state), tmp=target + ".tmp")
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        kept = f"{run.ckpt_path}, the previous checkpoint, is untouched: free disk space, then --resume" if \
-            os.path.exists(run.ckpt_path) else "no checkpoint was written: free disk space, then start a new --out"
-        raise UserError(f"cannot write {run.ckpt_path}.tmp ({getattr(e, 'strerror', None) or data.one_line(e, True)}); {kept}")
-    stop.saved = (run.ckpt_path, step)
-    draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
+        kept = f"{target}, the previous checkpoint, is untouched: free disk space, then --resume" if \
+            os.path.exists(target) else "no checkpoint was written: free disk space, then start a new --out"
+        raise UserError(f"cannot write {target}.tmp ({getattr(e, 'strerror', None) or data.one_line(e, True)}); {kept}")
+    if not path:
+        stop.saved = (run.ckpt_path, step)
+        draw_loss_curve(run.metrics, os.path.join(run.args.out, "loss.png"))
 
 
 def ema_samples(run, n, y):
@@ -971,6 +1015,9 @@ def between_steps(run, done, stop):
             log_fid(run, done)
     if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
         checkpoint(run, done, stop)
+    if args.snapshot and done == max(1, round(args.snapshot * args.steps)):  # autoguidance's weak network
+        checkpoint(run, done, stop, os.path.join(args.out, "snapshot.pt"))
+        log(f"step {done} | wrote {os.path.join(args.out, 'snapshot.pt')} (--snapshot {args.snapshot:g})")
 
 
 def stopped_anywhere(run, stop):
@@ -1001,7 +1048,8 @@ def finish(run, done, stop, lock):
             write_grid(run, done)
             log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
         lock.close()
-    if run.world > 1:
+    if run.world > 1:  # a stopped process exits non-zero, and torchrun then ends the others: not before rank 0 is done
+        dist.barrier()
         dist.destroy_process_group()
     if stop.signal:
         raise SystemExit(128 + getattr(signal, stop.signal))
@@ -1028,8 +1076,7 @@ def log_start(run, memory, plan):
     attention = " and ".join(filter(None, [", ".join(f"{h}x{w}" for h, w in model.attn_sizes), "the middle"]))
     log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
         f"{'--init' if args.init else args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, attention at "
-        f"{attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
+        f"parameters, GroupNorm of {model.norm_out.num_groups} groups, attention at {attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
         f"{args.precision} on {run.device}, memory {memory}")
     log(recipe_line(args))
     y = grid_labels(run)[0]
@@ -1053,10 +1100,13 @@ def recipe_line(args):
         return f"{text} ({args.model} preset)" if key in args.from_preset else text
     plan = f"cosine to {args.lr_min:g}" if args.cosine else "constant"
     perturbed = f", input perturbation {args.input_perturbation:g}" if args.input_perturbation else ""
+    perturbed += "" if args.t_density == "uniform" else f", ln sigma_t ~ N({args.t_density})"
+    ema = f"EMA of length {args.ema_length:g} (power function)" if args.ema_length else \
+        marked("ema", f"EMA {args.ema:g}")
     return (f"{marked('target', f'{args.target} target')}, {marked('schedule', f'{args.schedule} schedule')}, "
             f"{args.loss} loss{perturbed}, T {args.T} | lr {marked('lr', f'{args.lr:g}')} after "
             f"{marked('warmup', f'{args.warmup} warm-up steps')}, then {marked('cosine', plan)} | "
-            f"{marked('ema', f'EMA {args.ema:g}')} | {marked('batch', f'batch {args.batch}')}")
+            f"{ema} | {marked('batch', f'batch {args.batch}')}")
 
 
 def warn_if_warmup_outlasts(args):

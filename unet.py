@@ -29,17 +29,20 @@ PAPER_SIZES = {
     128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
     256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, lr=2e-5, batch=64),
 }
-NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res")  # a preset sets all but attn_res
+NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res", "norm_groups")  # presets: all but attn_res
 ATTN_RES = (16,)  # the paper's: self-attention at 16x16
 PRESETS = {
-    "paper": dict(ch=128, num_res_blocks=2, target="eps", schedule="linear", warmup=5000, ema=0.9999, cosine=False),
+    "paper": dict(ch=128, num_res_blocks=2, norm_groups=32, target="eps", schedule="linear", warmup=5000, ema=0.9999,
+                  cosine=False),
     # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe, not
     # yet measured): v target (at large t, x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies a young
-    # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min
-    "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, target="v", schedule="cosine", lr=1e-3,
-                  batch=64, warmup=200, ema=0.999, cosine=True),
-    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, target="v", schedule="cosine", lr=2e-3,
-                 batch=32, warmup=100, ema=0.995, cosine=True),
+    # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min,
+    # GroupNorm of 8 groups (32 at tiny's 32 channels is one channel a group, which Wu & He 2018 found normalises
+    # worst; 8 took MNIST's 15-minute FID from 47.8 to 34.8, docs/benchmarks.md#quality)
+    "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, norm_groups=8, target="v",
+                  schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True),
+    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, norm_groups=8, target="v",
+                 schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True),
 }
 
 
@@ -96,19 +99,19 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def norm(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)
+def norm(ch, groups):
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """Two 3x3 convolutions with GroupNorm and swish; the timestep embedding is added between them."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout):
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, groups=32):
         super().__init__()
-        self.norm1 = norm(in_ch)
+        self.norm1 = norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = norm(out_ch)
+        self.norm2 = norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -121,9 +124,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, groups=32):
         super().__init__()
-        self.norm = norm(ch)
+        self.norm = norm(ch, groups)
         self.qkv = nn.Linear(ch, 3 * ch)  # the paper's NIN layers (dense over channels) q, k, v in one
         self.proj_out = nn.Linear(ch, ch)
 
@@ -158,19 +161,23 @@ class Resample(nn.Module):
 class UNet(nn.Module):
     """Ho et al.'s U-Net. Attention goes in the middle block and at the levels nearest each side in `attn_res` (none
     for `()`; `attention_levels` of `image_size` (H, W); `attn_sizes` lists their (H, W)). `num_classes` > 0 adds a class
-    embedding with one extra null row, selected by label -1, for classifier-free guidance."""
+    embedding with one extra null row, selected by label -1, for classifier-free guidance. `norm_groups`: GroupNorm's
+    groups in every block (the paper's 32; a checkpoint's config without the key means 32)."""
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=ATTN_RES, dropout=0.1,
-                 image_size=(32, 32), num_classes=0):
+                 image_size=(32, 32), num_classes=0, norm_groups=32):
         super().__init__()
         try:  # numpy's and tensors' integers as Python's (a uint8 ch * mult would wrap); 2.0 is no width
-            ch, num_classes, ch_mult = operator.index(ch), operator.index(num_classes), tuple(map(operator.index, ch_mult))
+            ch, num_classes, g = operator.index(ch), operator.index(num_classes), operator.index(norm_groups)
+            ch_mult = tuple(map(operator.index, ch_mult))
         except TypeError:
-            raise ValueError(f"ch {ch!r}, ch_mult {ch_mult!r}, num_classes {num_classes!r}: must be integers") from None
+            raise ValueError(f"ch {ch!r}, ch_mult {ch_mult!r}, num_classes {num_classes!r}, norm_groups "
+                             f"{norm_groups!r}: must be integers") from None
         check_size(image_size, ch_mult)
-        if num_classes < 0 or not ch_mult or any(w < 32 or w % 32 for w in (ch, *(ch * m for m in ch_mult))):
-            raise ValueError(f"ch {ch} and ch times each ch_mult {ch_mult} must be multiples of 32 (GroupNorm's "
-                             f"groups), num_classes >= 0 (got {num_classes})")
+        widths = (ch, *(ch * m for m in ch_mult))
+        if num_classes < 0 or not ch_mult or g < 1 or any(w < 32 or w % 32 or w % g for w in widths):
+            raise ValueError(f"ch {ch} and ch times each ch_mult {ch_mult} must be multiples of 32 and of norm_groups "
+                             f"{norm_groups} (GroupNorm's groups), num_classes >= 0 (got {num_classes})")
         self.ch, self.num_classes = ch, num_classes
         attn_levels = attention_levels(image_size, ch_mult, attn_res)
         self.attn_sizes = [(image_size[0] // 2 ** level, image_size[1] // 2 ** level) for level in attn_levels]
@@ -184,30 +191,30 @@ class UNet(nn.Module):
             down = nn.Module()
             down.block, down.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout))
+                down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout, g))
                 block_in = ch * mult
-                down.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
+                down.attn.append(AttnBlock(block_in, g) if level in attn_levels else nn.Identity())
                 skip_chs.append(block_in)
             if level != len(ch_mult) - 1:
                 down.downsample = Resample(block_in, up=False)
                 skip_chs.append(block_in)
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout, g)
+        self.mid.attn_1 = AttnBlock(block_in, g)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout, g)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             up = nn.Module()
             up.block, up.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout))
+                up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout, g))
                 block_in = ch * mult
-                up.attn.append(AttnBlock(block_in) if level in attn_levels else nn.Identity())
+                up.attn.append(AttnBlock(block_in, g) if level in attn_levels else nn.Identity())
             if level != 0:
                 up.upsample = Resample(block_in, up=True)
             self.up.insert(0, up)  # stored in resolution order, like the down path
-        self.norm_out = norm(block_in)
+        self.norm_out = norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, in_ch, 3, padding=1)
         self._init_weights()
 

@@ -49,6 +49,7 @@ def made(tmp_path_factory):
     (top / "dangling.png").symlink_to(top / "nowhere" / "x.png")
     (top / "link").symlink_to(images)
     ckpt = torch.load(top / "run" / "ckpt.pt", weights_only=True)
+    torch.save(dict(ckpt, diffusion=dict(ckpt["diffusion"], schedule="linear")), top / "other.pt")  # another diffusion
     ckpt["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
     (top / "nan").mkdir()
     torch.save(ckpt, top / "nan" / "ckpt.pt")
@@ -133,6 +134,13 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--ema", "1.5"], ["--ema"]),
     (["--ema", "1"], ["--ema"]),
     (["--p-uncond", "2"], ["--p-uncond"]),
+    (["--t-density", "normal"], ["--t-density", "not uniform, edm or P_MEAN,P_STD"]),
+    (["--t-density=-1.2,0"], ["--t-density", "P_STD must be in (0, 10]"]),
+    (["--t-density", "nan,1"], ["--t-density", "P_MEAN must be in [-20, 20]"]),
+    (["--ema-length", "0.5"], ["--ema-length", "(0, 0.28]"]),
+    (["--ema", "0.99", "--ema-length", "0.1"], ["--ema and --ema-length: choose one"]),
+    (["--norm-groups", "3"], ["--norm-groups", "choose from"]),
+    (["--snapshot", "1"], ["--snapshot", "(0, 1)"]),
     (["--grad-clip", "-1"], ["--grad-clip"]),
     (["--weight-decay", "inf"], ["--weight-decay"]),
     (["--seed", "-1"], ["--seed"]),
@@ -271,6 +279,10 @@ SAMPLE = [
     (["--mix", "{d}/black.png", "{d}/black.png", "--sampler", "ddim"], ["--sampler and --steps are not used"]),
     (["--forward", "{d}/black.png", "--n", "3"], ["--n is not used by --forward"]),
     (["--fid-weights", "{d}/w.pth"], ["--fid-weights is only used with --fid"]),
+    (["--autoguide", "{d}/run/ckpt.pt"], ["--autoguide needs --guidance w > 0"]),
+    (["--autoguide", "{d}/other.pt", "--guidance", "1"], ["--autoguide", "other.pt", "its diffusion", "same run"]),
+    (["--autoguide", "{d}/missing.pt", "--guidance", "1"], ["missing.pt", "no such checkpoint"]),
+    (["--forward", "{d}/black.png", "--autoguide", "{d}/run/ckpt.pt", "--guidance", "1"], ["--autoguide"]),
     (["--out-dir", "{d}/gen", "--grid", "{d}/gen/sub/g.png"], ["--grid", "inside --out-dir", "FID"]),
     (["--inpaint", "{d}/black.png", "--mask", "{d}/wide.png", "--grid", "{d}/i.png"], ["--mask", "32x16", "16x16"]),
     (["--inpaint", "{d}/black.png", "--mask", "{d}/zero_one.png", "--resample", "2", "--jump", "1000", "--grid",

@@ -187,6 +187,35 @@ def test_input_perturbation_noises_the_input_and_keeps_the_target():
     assert (seen[-1] - noise).std().item() == pytest.approx(0.1, rel=0.1)
 
 
+def test_lognormal_t_is_the_step_nearest_in_log_sigma_to_edms_draw():
+    """--t-density P_MEAN,P_STD: each t is the step whose sigma_t = sqrt(1/alpha-bar_t - 1) is nearest in log to a
+    draw of N(P_MEAN, P_STD^2), clipped to [0, T); uniform is Algorithm 1's draw, bit for bit."""
+    d = ddpm.Diffusion("cosine", 1000, "v")
+    torch.manual_seed(0)
+    t = d.sample_t(20000, lognormal=(-1.2, 1.2))
+    torch.manual_seed(0)
+    drawn = torch.randn(20000).double() * 1.2 - 1.2
+    nearest = (d.sqrt_recipm1_alphas_cumprod.log()[None] - drawn[:, None]).abs().argmin(1)
+    assert torch.equal(t, nearest)
+    assert 0.03 < (d.sqrt_recipm1_alphas_cumprod[t] > 3).double().mean() < 0.05  # sigma > 3: 20.7% of uniform t
+    assert d.sample_t(3, lognormal=(50.0, 1e-3)).tolist() == [999] * 3  # clipped at the ends
+    assert d.sample_t(3, lognormal=(-50.0, 1.0)).tolist() == [0] * 3
+    torch.manual_seed(1)
+    uniform = d.sample_t(100)
+    torch.manual_seed(1)
+    assert torch.equal(uniform, torch.randint(0, 1000, (100,)))
+
+
+def test_autoguidance_extrapolates_from_the_weak_network():
+    """Karras et al. 2024, eq. 2: (1 + w) D - w D_weak; w = 0, or a weak network equal to the model, is the model."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([1, 5, 9, 20])
+    model, weak = (lambda x_t, t, y=None: 2 * x_t), (lambda x_t, t, y=None: x_t + t.view(-1, 1, 1, 1))
+    torch.testing.assert_close(ddpm.autoguided(model, weak, 0.0)(x, t), 2 * x)
+    torch.testing.assert_close(ddpm.autoguided(model, model, 3.0)(x, t), 2 * x)
+    torch.testing.assert_close(ddpm.autoguided(model, weak, 0.5)(x, t), 3 * x - 0.5 * (x + t.view(-1, 1, 1, 1)))
+
+
 def test_spaced_timesteps():
     assert ddpm.spaced_timesteps(1000, 4) == [999, 749, 499, 249]
     assert ddpm.spaced_timesteps(1000, 1000) == list(range(999, -1, -1))

@@ -24,6 +24,7 @@ import unet
 from conftest import fid_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST_FP32 = ["--sampler", "ddim", "--precision", "fp32"]
 TINY = ["--model", "tiny", "--size", "16", "--precision", "fp32", "--batch", "4", "--log-every", "2", "--sample-every", "0", "--sample-n", "8", "--ckpt-every", "3"]
 
 
@@ -91,6 +92,49 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
                  "--fid-weights", str(weights)])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("FID ") and "(n = 4, dpm++ 2 steps" in line and float(line.split()[1]) > 0
+
+
+def test_the_quality_flags_train_and_a_snapshot_autoguides_the_samples(folder, tmp_path, capsys):
+    """--t-density, --norm-groups, --ema-length and --snapshot in one run: the network and the config record them,
+    snapshot.pt holds the weights at the fraction, and sample.py --autoguide steers away from it (from the network
+    itself: no change)."""
+    out = tmp_path / "r"
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY, "--t-density", "edm",
+                "--norm-groups", "8", "--ema-length", "0.1", "--snapshot", "0.5"])
+    log = capsys.readouterr().out
+    assert "ln sigma_t ~ N(-1.2,1.2)" in log and "EMA of length 0.1 (power function)" in log
+    assert f"step 2 | wrote {out / 'snapshot.pt'} (--snapshot 0.5)" in log
+    ckpt, snap = torch.load(out / "ckpt.pt", weights_only=True), torch.load(out / "snapshot.pt", weights_only=True)
+    assert ckpt["model_config"]["norm_groups"] == 8 and snap["step"] == 2 and "optimizer" not in snap
+    assert {k: ckpt["config"][k] for k in ("t_density", "ema_length", "snapshot")} == \
+        {"t_density": "-1.2,1.2", "ema_length": 0.1, "snapshot": 0.5}
+    grids = {}
+    for name, weak in (("plain", None), ("self", out / "ckpt.pt"), ("snapshot", out / "snapshot.pt")):
+        grid = tmp_path / f"{name}.png"
+        guide = ["--autoguide", str(weak), "--guidance", "2"] if weak else []
+        sample.main([str(out / "ckpt.pt"), "--n", "4", "--steps", "3", "--grid", str(grid), *FAST_FP32, *guide])
+        grids[name] = np.asarray(Image.open(grid), dtype=int)
+    assert "autoguidance 2 from" in capsys.readouterr().out
+    assert np.abs(grids["self"] - grids["plain"]).max() <= 1  # (1 + w) D - w D: D, up to rounding
+    assert np.abs(grids["snapshot"] - grids["plain"]).max() > 10
+
+
+def test_power_ema_averages_a_fixed_fraction_of_the_steps_taken():
+    """Karras et al. 2024, eq. 3: after t updates with decay (1 - 1/k)^(gamma + 1) at update k, step i's weight in
+    the average grows as i^gamma, a profile whose standard deviation is sigma_rel t; --ema's decay warms up as
+    min(decay, (1 + n) / (10 + n))."""
+    t = 3000
+    for sigma_rel in (0.05, 0.1, 0.2):
+        weight = np.zeros(t)  # of each step's weights in the average
+        for k in range(1, t + 1):
+            decay = train.ema_decay(0.999, sigma_rel, k)
+            weight *= decay
+            weight[k - 1] += 1 - decay
+        age = np.arange(1, t + 1) / t
+        mean = (weight * age).sum()
+        assert weight.sum() == pytest.approx(1) and np.sqrt((weight * (age - mean) ** 2).sum()) == pytest.approx(
+            sigma_rel, rel=0.01)
+    assert [train.ema_decay(0.995, None, k) for k in (1, 2, 1000)] == [0.1, 2 / 11, 0.995]
 
 
 def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch, capsys):

@@ -155,3 +155,17 @@ def test_checkpoints_with_attention_as_1x1_convolutions_still_load():
     loaded.load_state_dict(old)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
     torch.testing.assert_close(loaded(x, t), m(x, t), rtol=0, atol=0)
+
+
+def test_norm_groups_sets_every_groupnorm_and_a_config_without_it_has_the_papers_32():
+    """Wu & He 2018: a group of one channel (32 groups at tiny's 32 channels) normalises worst; norm_groups sets them
+    all, and a checkpoint written before the setting existed (no key) builds the 32 it was trained with."""
+    groups = lambda m: {g.num_groups for g in m.modules() if isinstance(g, torch.nn.GroupNorm)}
+    tiny = unet.model_config("tiny", (16, 16), 3)
+    assert tiny["norm_groups"] == 8 and groups(unet.UNet(**tiny)) == {8}  # the CPU presets' (docs/benchmarks.md)
+    assert groups(unet.UNet(**unet.model_config("tiny", (16, 16), 3, norm_groups=2))) == {2}
+    assert groups(unet.UNet(**unet.model_config("paper", (32, 32), 3))) == {32}
+    del tiny["norm_groups"]  # a checkpoint of the tiny preset written before it had 8
+    assert groups(unet.UNet(**tiny)) == {32}
+    with pytest.raises(ValueError, match="norm_groups 64"):
+        unet.UNet(ch=32, ch_mult=(1, 2), image_size=(16, 16), norm_groups=64)
