@@ -170,8 +170,8 @@ def build_parser(prog="train.py"):
     a("--ch-mult", type=ch_mult, help="width multiplier per level (halving the image between them), like 1,2,2,2")
     a("--num-res-blocks", type=positive, help="ResNet blocks per level (default: the --model preset's)")
     a("--dropout", type=number(float, "[0, 1)"), help="dropout in the ResNet blocks (default: the --model preset's)")
-    a("--norm-groups", type=int, choices=(1, 2, 4, 8, 16, 32), help="GroupNorm's groups (default 32, the paper's; "
-      "Wu & He 2018: groups of one channel, 32 at --ch 32, normalise worst)")
+    a("--norm-groups", type=int, choices=(1, 2, 4, 8, 16, 32), help="GroupNorm's groups (default: the --model "
+      "preset's: paper 32; small and tiny 8, as one channel a group, 32 at --ch 32, normalises worst: Wu & He 2018)")
     a("--attn-res", type=attn_res, help="attention at levels by shorter side: 16, 16,8 or none (default: nearest 16)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
@@ -1015,7 +1015,7 @@ def between_steps(run, done, stop):
             log_fid(run, done)
     if done % args.ckpt_every == 0 and done != args.steps and not stop.signal:
         checkpoint(run, done, stop)
-    if args.snapshot and done == max(1, round(args.snapshot * args.steps)):  # autoguidance's weak network
+    if args.snapshot and done == max(1, round(args.snapshot * args.steps)) != args.steps:  # autoguidance's weak one
         checkpoint(run, done, stop, os.path.join(args.out, "snapshot.pt"))
         log(f"step {done} | wrote {os.path.join(args.out, 'snapshot.pt')} (--snapshot {args.snapshot:g})")
 
@@ -1047,6 +1047,10 @@ def finish(run, done, stop, lock):
         else:
             write_grid(run, done)
             log(f"done: {run.ckpt_path} (step {done}), samples in {os.path.join(run.args.out, 'samples')}")
+            weak = os.path.join(run.args.out, "snapshot.pt")
+            if run.args.snapshot and os.path.exists(weak):
+                log(f"autoguided samples (two network calls a step): python sample.py {run.ckpt_path} --autoguide "
+                    f"{weak} --guidance 1")
         lock.close()
     if run.world > 1:  # a stopped process exits non-zero, and torchrun then ends the others: not before rank 0 is done
         dist.barrier()
@@ -1106,7 +1110,8 @@ def recipe_line(args):
     return (f"{marked('target', f'{args.target} target')}, {marked('schedule', f'{args.schedule} schedule')}, "
             f"{args.loss} loss{perturbed}, T {args.T} | lr {marked('lr', f'{args.lr:g}')} after "
             f"{marked('warmup', f'{args.warmup} warm-up steps')}, then {marked('cosine', plan)} | "
-            f"{ema} | {marked('batch', f'batch {args.batch}')}")
+            f"{ema} | {marked('batch', f'batch {args.batch}')}" +
+            (f" | {marked('snapshot', f'snapshot at {args.snapshot:g}')}" if args.snapshot else ""))
 
 
 def warn_if_warmup_outlasts(args):

@@ -38,11 +38,12 @@ PRESETS = {
     # yet measured): v target (at large t, x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies a young
     # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min,
     # GroupNorm of 8 groups (32 at tiny's 32 channels is one channel a group, which Wu & He 2018 found normalises
-    # worst; 8 took MNIST's 15-minute FID from 47.8 to 34.8, docs/benchmarks.md#quality)
+    # worst; 8 took MNIST's 15-minute FID from 47.8 to 34.8), and a snapshot at a quarter of the run for autoguidance
+    # (sample.py --autoguide; 35.3 to 27.5 there): docs/benchmarks.md#quality
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, norm_groups=8, target="v",
-                  schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True),
+                  schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True, snapshot=0.25),
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, norm_groups=8, target="v",
-                 schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True),
+                 schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True, snapshot=0.25),
 }
 
 

@@ -8,7 +8,8 @@ The MNIST digits of ../shared/data/mnist.npz are exported once as 32x32 PNGs (28
 pixels, as LeNet did): train in one folder per class, test flat. train.py runs on the train folder without
 horizontal flips (a mirrored digit is not a digit); after
 --minutes it gets Ctrl-C (SIGINT), which saves the checkpoint, the same path a user takes. Then sample.py
-writes a 64-image grid and the FID (fid.py, --fid-n samples against the first --fid-n test digits).
+writes a 64-image grid and the FID (fid.py, --fid-n samples against a seeded uniform random --fid-n of the 10,000
+test digits, as sample.py --fid draws a reference folder).
 Everything, with the loss curve, lands in --out; the last line is a JSON summary.
 """
 import argparse
@@ -36,7 +37,7 @@ def export(folder, mnist=MNIST):
         for split in ("train", "test"):
             images, labels = f[f"x_{split}"], f[f"y_{split}"]
             for i, (im, y) in enumerate(zip(images, labels)):
-                # train: a folder per class (for --cond); test: flat, so its first n images are a fair sample
+                # train: a folder per class (for --cond); test: flat
                 sub = os.path.join(folder, split, str(y) if split == "train" else "")
                 os.makedirs(sub, exist_ok=True)
                 Image.fromarray(np.pad(im, 2)).save(os.path.join(sub, f"{i:05d}.png"))
