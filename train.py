@@ -92,8 +92,10 @@ def t_density(text):
         mean, std = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not uniform, edm or P_MEAN,P_STD like -1.2,1.2") from None
-    if not (math.isfinite(mean) and abs(mean) <= 20 and 0 < std <= 10):
-        raise argparse.ArgumentTypeError(f"{text}: P_MEAN must be in [-20, 20] and P_STD in (0, 10]")
+    if not (math.isfinite(mean) and abs(mean) <= 20):
+        raise argparse.ArgumentTypeError(f"{text}: P_MEAN must be in [-20, 20]")
+    if not 0 < std <= 10:
+        raise argparse.ArgumentTypeError(f"{text}: P_STD must be in (0, 10]")
     return f"{mean:g},{std:g}"
 
 

@@ -197,7 +197,7 @@ def test_lognormal_t_is_the_step_nearest_in_log_sigma_to_edms_draw():
     drawn = torch.randn(20000).double() * 1.2 - 1.2
     nearest = (d.sqrt_recipm1_alphas_cumprod.log()[None] - drawn[:, None]).abs().argmin(1)
     assert torch.equal(t, nearest)
-    assert 0.03 < (d.sqrt_recipm1_alphas_cumprod[t] > 3).double().mean() < 0.05  # sigma > 3: 20.7% of uniform t
+    assert 0.02 < (d.sqrt_recipm1_alphas_cumprod[t] > 3).double().mean() < 0.04  # sigma > 3: 20.7% of uniform t
     assert d.sample_t(3, lognormal=(50.0, 1e-3)).tolist() == [999] * 3  # clipped at the ends
     assert d.sample_t(3, lognormal=(-50.0, 1.0)).tolist() == [0] * 3
     torch.manual_seed(1)

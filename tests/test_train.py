@@ -99,7 +99,7 @@ def test_the_quality_flags_train_and_a_snapshot_autoguides_the_samples(folder, t
     snapshot.pt holds the weights at the fraction, and sample.py --autoguide steers away from it (from the network
     itself: no change)."""
     out = tmp_path / "r"
-    train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY, "--t-density", "edm",
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY, "--warmup", "0", "--t-density", "edm",
                 "--norm-groups", "8", "--ema-length", "0.1", "--snapshot", "0.5"])
     log = capsys.readouterr().out
     assert "ln sigma_t ~ N(-1.2,1.2)" in log and "EMA of length 0.1 (power function)" in log
@@ -111,10 +111,10 @@ def test_the_quality_flags_train_and_a_snapshot_autoguides_the_samples(folder, t
     grids = {}
     for name, weak in (("plain", None), ("self", out / "ckpt.pt"), ("snapshot", out / "snapshot.pt")):
         grid = tmp_path / f"{name}.png"
-        guide = ["--autoguide", str(weak), "--guidance", "2"] if weak else []
+        guide = ["--autoguide", str(weak), "--guidance", "5"] if weak else []
         sample.main([str(out / "ckpt.pt"), "--n", "4", "--steps", "3", "--grid", str(grid), *FAST_FP32, *guide])
         grids[name] = np.asarray(Image.open(grid), dtype=int)
-    assert "autoguidance 2 from" in capsys.readouterr().out
+    assert "autoguidance 5 from" in capsys.readouterr().out
     assert np.abs(grids["self"] - grids["plain"]).max() <= 1  # (1 + w) D - w D: D, up to rounding
     assert np.abs(grids["snapshot"] - grids["plain"]).max() > 10
 
@@ -134,7 +134,7 @@ def test_power_ema_averages_a_fixed_fraction_of_the_steps_taken():
         mean = (weight * age).sum()
         assert weight.sum() == pytest.approx(1) and np.sqrt((weight * (age - mean) ** 2).sum()) == pytest.approx(
             sigma_rel, rel=0.01)
-    assert [train.ema_decay(0.995, None, k) for k in (1, 2, 1000)] == [0.1, 2 / 11, 0.995]
+    assert [train.ema_decay(0.995, None, k) for k in (1, 2, 1000, 5000)] == [0.1, 2 / 11, 1000 / 1009, 0.995]
 
 
 def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch, capsys):
@@ -679,7 +679,7 @@ def test_the_second_line_names_the_recipe_and_marks_what_the_preset_chose(folder
     assert not any(line.startswith("warning") for line in out)
     train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])  # the checkpoint gives them all
     assert "v target, cosine schedule, l1 loss, T 1000 | lr 0.002 after 1 warm-up steps, then cosine to 0 | EMA " \
-           "0.995 | batch 4" in capsys.readouterr().out.splitlines()
+           "0.995 | batch 4 | snapshot at 0.25" in capsys.readouterr().out.splitlines()
     args, *_ = train.parse_args(["--model", "paper", "--steps", "40", "--out", str(tmp_path / "p")])
     assert train.recipe_line(args) == (
         "eps target (paper preset), linear schedule (paper preset), mse loss, T 1000 | lr 0.0002 (paper preset) after "
