@@ -197,8 +197,9 @@ def build_parser(prog="train.py"):
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--config", type=path, help="a run's config.json to repeat; flags override it, and its out is not used")
     a("--init", type=path, help="start from a checkpoint's or diffusers folder's weights, network, diffusion")
-    a("--snapshot", type=number(float, "(0, 1)"), help="also keep the weights at this fraction of the run in "
-      "snapshot.pt: the weak network of autoguidance (sample.py --autoguide)")
+    a("--snapshot", type=number(float, "[0, 1)"), help="also keep the weights at this fraction of the run in "
+      "snapshot.pt: the weak network of autoguidance (sample.py --autoguide); 0: none (default: the --model "
+      "preset's: 0.25 for small and tiny)")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional: up to 8 a class, a row each)")

@@ -140,7 +140,7 @@ TRAIN = [  # (flags, words the error line must hold); the run folder {d}/run hol
     (["--ema-length", "0.5"], ["--ema-length", "(0, 0.28]"]),
     (["--ema", "0.99", "--ema-length", "0.1"], ["--ema and --ema-length: choose one"]),
     (["--norm-groups", "3"], ["--norm-groups", "choose from"]),
-    (["--snapshot", "1"], ["--snapshot", "(0, 1)"]),
+    (["--snapshot", "1"], ["--snapshot", "[0, 1)"]),
     (["--grad-clip", "-1"], ["--grad-clip"]),
     (["--weight-decay", "inf"], ["--weight-decay"]),
     (["--seed", "-1"], ["--seed"]),
