@@ -855,8 +855,12 @@ def ema_decay(decay, sigma_rel, t):
     12 - s = 0, s = sigma_rel^-2."""
     if not sigma_rel:
         return min(decay, t / (9 + t))
-    gamma = max(np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real)
-    return float((1 - 1 / t) ** (gamma + 1))
+    return float((1 - 1 / t) ** (power_ema_gamma(sigma_rel) + 1))
+
+
+@functools.cache  # once a run, not at every step
+def power_ema_gamma(sigma_rel):
+    return max(np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real)
 
 
 def check_finite(run):
