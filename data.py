@@ -831,16 +831,20 @@ def diffusers_files(model, diffusion, image_size, variance=None):
 def export_diffusers(ckpt, folder, ema=True):
     """Write a checkpoint's network (EMA or raw weights) and diffusion as a diffusers DDPMPipeline folder, made under a
     temporary name beside `folder` and renamed: no reader sees half of one. UserError where UNet2DModel has no form of
-    the network: a class embedding, or a first level wider than conv_in (ch_mult not starting at 1)."""
+    the network: a class embedding, a first level wider than conv_in (ch_mult not starting at 1), or AdaGN (its
+    "scale_shift" drops the middle attention's GroupNorm)."""
     empty = os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)  # renamed over: POSIX
     if (os.path.lexists(folder) and not empty) or not os.path.isdir(os.path.dirname(os.path.abspath(folder))):
         why = "already exists" if os.path.lexists(folder) else "its folder does not exist"
         raise UserError(f"--export-diffusers {folder}: {why}; give the path of a new or empty folder")
     model, diffusion = build(ckpt, ema)
     first = model.down[0].block[0].conv2.out_channels
-    if model.class_emb is not None or first != model.ch:
-        raise UserError("--export-diffusers: UNet2DModel has no " + ("class labels (this checkpoint is conditional)" if
-                        model.class_emb is not None else f"ch_mult starting at {first // model.ch}, only at 1"))
+    why = ["class labels (this checkpoint is conditional)" if model.class_emb is not None else "",
+           f"ch_mult starting at {first // model.ch}, only at 1" if first != model.ch else "",
+           "form of --scale-shift (AdaGN): its scale_shift blocks have no GroupNorm before the middle attention"
+           if model.mid.block_1.scale_shift else ""]
+    if any(why):
+        raise UserError("--export-diffusers: UNet2DModel has no " + next(filter(None, why)))
     weights = {}
     for name, w in model.state_dict().items():
         parts = diffusers_names(name, len(model.down))

@@ -141,6 +141,7 @@ class Diffusion:
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        self.lambdas = (self.sqrt_alphas_cumprod / self.sqrt_one_minus_alphas_cumprod).log()  # half the log-SNR
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t I), eqs. 6-7
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
@@ -303,40 +304,69 @@ class Diffusion:
                 x = x + sigma * randn(x.shape, generator, x.device)
             yield t, x, x0
 
-    def dpm_solver_loop(self, model, x, steps=None, y=None, guidance=0.0):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, r = h_prev / h): multistep, second order in the data
-        prediction x_0, with lambda_t = log(alpha_t / sigma_t). The first step is first order (DDIM); the last
-        lands on sigma = 0, where the first-order update is x_0 itself, as in DDIM. steps: default 20, or T if fewer."""
-        ts = spaced_timesteps(self.T, min(20, self.T) if steps is None else steps)
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        lam = (alpha / sigma).log()
-        x0_prev, h_prev = None, None
+    def logsnr_timesteps(self, steps):
+        """`steps` timesteps from T-1 down whose lambda_t are evenly spaced, as DPM-Solver's authors space them for
+        small images (Lu et al. 2022, sec. 3.3): the grid runs from lambda at T-1 (at 0.9946 T for the cosine
+        schedule, their truncated end: its clipped last steps drop lambda from -4.9 to -9.9) up to lambda_0, and the
+        first step starts from pure noise at T-1. Fewer when two would round to the same step."""
+        start = self.lambdas[int(0.9946 * self.T) if self.schedule == "cosine" else self.T - 1].item()
+        grid = torch.linspace(start, self.lambdas[0].item(), steps + 1, dtype=torch.float64)[1:-1]  # the last: x_0
+        ts = [self.T - 1] + (grid[:, None] - self.lambdas.cpu()[None]).abs().argmin(1).tolist()
+        return sorted(set(ts), reverse=True)
+
+    def dpm_solver_step(self, x, t, preds, order=2):
+        """One step of DPM-Solver++ (Lu et al. 2022) from x at step s to step t < s, given `preds`, the (step, x_0)
+        predicted at s and the steps before it, newest first: order 1 (or one prediction) is DDIM; 2, their 2M
+        (Algorithm 2, r = h_prev / h); 3, 3M: x_t = sigma_t / sigma_s x_s + sigma_t int e^lambda x_0(lambda) dlambda
+        with x_0 expanded to second order in lambda, its derivatives from the last three predictions, integrated
+        exactly (phi_k below), so the step is exact for x_0 quadratic in lambda."""
+        sigma, lam = self.sqrt_one_minus_alphas_cumprod, self.lambdas
+        (s, x0), order = preds[0], min(order, len(preds))
+        h, a_t = (lam[t] - lam[s]).item(), self.sqrt_alphas_cumprod[t].item()
+        phi1 = math.expm1(-h)
+        x = (sigma[t] / sigma[s]).item() * x - a_t * phi1 * x0
+        if order == 1:
+            return x
+        h0 = (lam[s] - lam[preds[1][0]]).item()
+        d1 = (x0 - preds[1][1]) * h / h0  # h x_0', at the middle of the last step
+        if order == 2:
+            return x - a_t * phi1 * d1 / 2
+        h1 = (lam[preds[1][0]] - lam[preds[2][0]]).item()
+        d2 = (d1 - (preds[1][1] - preds[2][1]) * h / h1) * 2 * h / (h0 + h1)  # h^2 x_0''
+        d1 = d1 + d2 * h0 / (2 * h)  # h x_0' at s: moved from the middle of the last step
+        phi2 = phi1 / h + 1
+        return x + a_t * phi2 * d1 - a_t * (phi2 / h - 0.5) * d2
+
+    def dpm_solver_loop(self, model, x, steps=None, y=None, guidance=0.0, order=2, spacing="time"):
+        """DPM-Solver++ of `order` (`dpm_solver_step`) on `steps` (default 20, or T if fewer) timesteps spaced evenly in
+        t ('time', trailing) or in lambda ('logsnr'). The first steps are of lower order, the first DDIM; the last
+        lands on sigma = 0, where the update is x_0 itself."""
+        if order not in (1, 2, 3) or spacing not in ("time", "logsnr"):
+            raise ValueError(f"order must be 1, 2 or 3 and spacing 'time' or 'logsnr', got {order} and {spacing!r}")
+        steps = min(20, self.T) if steps is None else steps
+        ts = spaced_timesteps(self.T, steps) if spacing == "time" else self.logsnr_timesteps(steps)
+        preds = []
         for i, s in enumerate(ts):
             _, x0 = self.predict(model, x, s, y, guidance)
-            if i == len(ts) - 1:
-                x = x0
-            else:
-                t = ts[i + 1]
-                h = (lam[t] - lam[s]).item()
-                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
-                x = (sigma[t] / sigma[s]).item() * x - (alpha[t] * math.expm1(-h)).item() * d
-                x0_prev, h_prev = x0, h
+            preds = [(s, x0)] + preds[:order - 1]
+            x = x0 if i == len(ts) - 1 else self.dpm_solver_step(x, ts[i + 1], preds, order)
             yield s, x, x0
 
     def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
-             generator=None):
+             generator=None, order=2, spacing="time"):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
         if sampler not in ("ddpm", "ddim", "dpm++"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
         if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim") or \
-                (variance != "beta" and sampler != "ddpm"):
-            raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}, variance {variance!r}: eta is ddim's, "
-                             "variance ddpm's, and ddpm takes all T steps")
+                (variance != "beta" and sampler != "ddpm") or ((order, spacing) != (2, "time") and sampler != "dpm++"):
+            raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}, variance {variance!r}, order {order}, "
+                             f"spacing {spacing!r}: eta is ddim's, variance ddpm's, order and spacing dpm++'s, and "
+                             "ddpm takes all T steps")
         if sampler == "ddpm":
             return self.ddpm_loop(model, x, y, guidance, variance, generator)
         if sampler == "ddim":
             return self.ddim_loop(model, x, steps, eta, y, guidance, generator)
-        return self.dpm_solver_loop(model, x, steps, y, guidance)
+        return self.dpm_solver_loop(model, x, steps, y, guidance, order, spacing)
 
     @torch.no_grad()
     def sample(self, model, shape, device="cpu", generator=None, **kwargs):

@@ -168,7 +168,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
     p.add_argument("--seed", type=number(int, "[0, 4294967295]"), default=0, help="seed of initial and sampler noise")
     p.add_argument("--sampler", default=ddpm.DEFAULT_SAMPLER, choices=("ddpm", "ddim", "dpm++"),
-                   help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++(2M)")
+                   help="ddpm: ancestral, all T steps (paper); ddim: Song et al.; dpm++: DPM-Solver++ (Lu et al.)")
     p.add_argument("--steps", type=positive, help=f"steps for ddim and dpm++ (default {ddpm.DEFAULT_STEPS}, or T if fewer)")
     p.add_argument("--class", dest="cls", metavar="CLASS", help="conditional: a class, by name (subfolder) or index")
     p.add_argument("--guidance", type=number(float, "[0, 1000]"), default=0.0, help="classifier-free guidance w: "
@@ -177,6 +177,9 @@ def build_parser():
     p.add_argument("--autoguide", type=path, metavar="WEAK", help="autoguidance (Karras et al. 2024): --guidance w "
                    "steers away from WEAK, an early checkpoint of the same run (train.py --snapshot): (1 + w) D - w "
                    "D_weak; two network calls a step")
+    p.add_argument("--order", type=int, choices=(1, 2, 3), help="dpm++: 2M (default), 3M, or 1 (DDIM)")
+    p.add_argument("--spacing", choices=("time", "logsnr"), help="dpm++: steps evenly spaced in t (default) or in "
+                   "lambda = log(alpha / sigma), DPM-Solver's for small images")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm and --nll: sigma_t^2 (default beta; for "
                    "a diffusers folder, its scheduler's)")
@@ -197,7 +200,7 @@ def build_parser():
                    "checkpoint's: a diffusers folder holds one set)")
     p.add_argument("--export-diffusers", type=path, metavar="DIR", help="instead of sampling, write the checkpoint's "
                    "network and diffusion as a diffusers DDPMPipeline folder DIR, new or empty (unconditional, "
-                   "ch_mult from 1)")
+                   "ch_mult from 1, no --scale-shift)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast precision; auto: bf16 where timed faster at start (may differ run to run), else fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
@@ -254,14 +257,15 @@ def flag_rules(args, picture, world):
          "holds one set of weights)")),
         (picture or args.out_dir or args.fid or args.grid, not args.nll,
          "--nll writes no samples or picture: leave out --out-dir, --fid, --grid and the picture flags"),
-        (args.steps or args.eta or args.sampler != ddpm.DEFAULT_SAMPLER, not args.nll,
-         "--sampler, --steps and --eta are not used by --nll: the bound takes all T steps"),
+        (args.steps or args.eta or args.order or args.spacing or args.sampler != ddpm.DEFAULT_SAMPLER, not args.nll,
+         "--sampler, --steps, --eta, --order and --spacing are not used by --nll: the bound takes all T steps"),
         (args.cls is not None or args.guidance, not args.nll,
          "--class and --guidance are not used by --nll: it bounds the model without labels (the null label)"),
         (args.nll, world == 1, "--nll runs in one process: leave out torchrun"),
         (args.nll, args.nll == "shapes" or os.path.isdir(args.nll or ""), f"--nll {args.nll}: not a folder of images"),
         (args.steps, args.sampler != "ddpm", only("--steps", "--sampler ddim or dpm++ (ddpm takes all T steps)")),
         (args.eta, args.sampler == "ddim", only("--eta", "--sampler ddim")),
+        (args.order or args.spacing, args.sampler == "dpm++", only("--order or --spacing", "--sampler dpm++")),
         (args.autoguide, args.guidance, "--autoguide needs --guidance w > 0: how far to steer from the weak model"),
         (args.autoguide, not (args.nll or fixed), only("--autoguide", "sampling, --process or --interp")),
         (args.variance, args.sampler == "ddpm" or args.nll, only("--variance", "--sampler ddpm or --nll")),
@@ -287,8 +291,9 @@ def flag_rules(args, picture, world):
          "--process: give a .gif or .png path"),
         (args.grid, os.path.splitext(args.grid or "")[1].lower() == ".png", f"--grid {args.grid}: give a .png path"),
         (args.cls is not None or args.guidance, not fixed, f"--class and --guidance are not used by --{picture}"),
-        (args.steps or args.sampler != ddpm.DEFAULT_SAMPLER, not fixed,
-         f"--sampler and --steps are not used by --{picture}: it samples with ddpm (ancestral), or not at all"),
+        (args.steps or args.order or args.spacing or args.sampler != ddpm.DEFAULT_SAMPLER, not fixed,
+         f"--sampler, --steps, --order and --spacing are not used by --{picture}: it samples with ddpm (ancestral), "
+         "or not at all"),
         (args.n, picture not in ("forward", "mix"), "--n is not used by --forward or --mix: they draw one picture"),
     ]
 
@@ -374,7 +379,7 @@ def generate(args, world=1, rank=0):
     variance = args.variance or (ckpt and args.sampler == "ddpm" and ckpt.get("variance")) or "beta"  # (a diffusers
     guidance = 0.0 if args.autoguide else args.guidance  # classifier-free; autoguidance is in the model (network)
     loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=variance,  # folder's: its scheduler's)
-                guidance=guidance)
+                guidance=guidance, order=args.order or 2, spacing=args.spacing or "time")
     labels = class_labels(ckpt, args.cls, guidance, args.n, 1 if picture else args.nrow) if ckpt else None
     images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None

@@ -137,7 +137,7 @@ def network_flags(net):
                                                                  net.get("attn_res", unet.ATTN_RES))
     return dict(ch=net["ch"], ch_mult=",".join(map(str, net["ch_mult"])), num_res_blocks=net["num_res_blocks"],
                 dropout=net["dropout"], attn_res=",".join(str(side // 2 ** level) for level in levels) or "none",
-                norm_groups=net.get("norm_groups", 32))
+                norm_groups=net.get("norm_groups", 32), scale_shift=net.get("scale_shift", False))
 
 
 def build_parser(prog="train.py"):
@@ -174,6 +174,8 @@ def build_parser(prog="train.py"):
     a("--dropout", type=number(float, "[0, 1)"), help="dropout in the ResNet blocks (default: the --model preset's)")
     a("--norm-groups", type=int, choices=(1, 2, 4, 8, 16, 32), help="GroupNorm's groups (default: the --model "
       "preset's: paper 32; small and tiny 8, as one channel a group, 32 at --ch 32, normalises worst: Wu & He 2018)")
+    a("--scale-shift", action="store_true", default=None, help="AdaGN time conditioning: the timestep scales and "
+      "shifts each ResNet block's second GroupNorm (Dhariwal & Nichol 2021) instead of adding to it (the paper's)")
     a("--attn-res", type=attn_res, help="attention at levels by shorter side: 16, 16,8 or none (default: nearest 16)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")
@@ -1087,7 +1089,7 @@ def log_start(run, memory, plan):
     attention = " and ".join(filter(None, [", ".join(f"{h}x{w}" for h, w in model.attn_sizes), "the middle"]))
     log(f"{len(run.images)} images {args.channels}x{run.size[0]}x{run.size[1]}, {len(run.classes) or 'no'} classes | "
         f"{'--init' if args.init else args.model} network, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, GroupNorm of {model.norm_out.num_groups} groups, attention at {attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
+        f"parameters, GroupNorm of {model.norm_out.num_groups} groups{', AdaGN' if model.mid.block_1.scale_shift else ''}, attention at {attention} | batch {args.batch} = {run.world} process(es) x {args.accum} accumulation x {micro} | "
         f"{args.precision} on {run.device}, memory {memory}")
     log(recipe_line(args))
     y = grid_labels(run)[0]

@@ -29,7 +29,8 @@ PAPER_SIZES = {
     128: dict(ch_mult=(1, 1, 2, 3, 4), dropout=0.0, lr=1e-4, batch=128),
     256: dict(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, lr=2e-5, batch=64),
 }
-NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res", "norm_groups")  # presets: all but attn_res
+# the network's settings in a model_config; the presets set all but attn_res and scale_shift
+NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res", "norm_groups", "scale_shift")
 ATTN_RES = (16,)  # the paper's: self-attention at 16x16
 PRESETS = {
     "paper": dict(ch=128, num_res_blocks=2, norm_groups=32, target="eps", schedule="linear", warmup=5000, ema=0.9999,
@@ -105,21 +106,29 @@ def norm(ch, groups):
 
 
 class ResnetBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and swish; the timestep embedding is added between them."""
+    """Two 3x3 convolutions with GroupNorm and swish; the timestep embedding is added between them, or with
+    `scale_shift` scales and shifts the second GroupNorm's output: AdaGN (Dhariwal & Nichol 2021, sec. 3),
+    GroupNorm(h) (1 + scale) + shift, as diffusers' resnet_time_scale_shift "scale_shift"."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, groups=32):
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, groups=32, scale_shift=False):
         super().__init__()
         self.norm1 = norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.scale_shift = scale_shift
+        self.temb_proj = nn.Linear(temb_ch, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
-        return self.nin_shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h, emb = self.conv1(F.silu(self.norm1(x))), self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        return self.nin_shortcut(x) + self.conv2(self.dropout(F.silu(h)))
 
 
 class AttnBlock(nn.Module):
@@ -163,10 +172,11 @@ class UNet(nn.Module):
     """Ho et al.'s U-Net. Attention goes in the middle block and at the levels nearest each side in `attn_res` (none
     for `()`; `attention_levels` of `image_size` (H, W); `attn_sizes` lists their (H, W)). `num_classes` > 0 adds a class
     embedding with one extra null row, selected by label -1, for classifier-free guidance. `norm_groups`: GroupNorm's
-    groups in every block (the paper's 32; a checkpoint's config without the key means 32)."""
+    groups in every block (the paper's 32; a checkpoint's config without the key means 32); `scale_shift`: AdaGN time
+    conditioning in every ResNet block (off in the paper and when a config lacks the key)."""
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=ATTN_RES, dropout=0.1,
-                 image_size=(32, 32), num_classes=0, norm_groups=32):
+                 image_size=(32, 32), num_classes=0, norm_groups=32, scale_shift=False):
         super().__init__()
         try:  # numpy's and tensors' integers as Python's (a uint8 ch * mult would wrap); 2.0 is no width
             ch, num_classes, g = operator.index(ch), operator.index(num_classes), operator.index(norm_groups)
@@ -179,7 +189,7 @@ class UNet(nn.Module):
         if num_classes < 0 or not ch_mult or g < 1 or any(w < 32 or w % 32 or w % g for w in widths):
             raise ValueError(f"ch {ch} and ch times each ch_mult {ch_mult} must be multiples of 32 and of norm_groups "
                              f"{norm_groups} (GroupNorm's groups), num_classes >= 0 (got {num_classes})")
-        self.ch, self.num_classes = ch, num_classes
+        self.ch, self.num_classes, adagn = ch, num_classes, bool(scale_shift)
         attn_levels = attention_levels(image_size, ch_mult, attn_res)
         self.attn_sizes = [(image_size[0] // 2 ** level, image_size[1] // 2 ** level) for level in attn_levels]
         temb_ch = 4 * ch
@@ -192,7 +202,7 @@ class UNet(nn.Module):
             down = nn.Module()
             down.block, down.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout, g))
+                down.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout, g, adagn))
                 block_in = ch * mult
                 down.attn.append(AttnBlock(block_in, g) if level in attn_levels else nn.Identity())
                 skip_chs.append(block_in)
@@ -201,15 +211,15 @@ class UNet(nn.Module):
                 skip_chs.append(block_in)
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout, g)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout, g, adagn)
         self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout, g)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout, g, adagn)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             up = nn.Module()
             up.block, up.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout, g))
+                up.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout, g, adagn))
                 block_in = ch * mult
                 up.attn.append(AttnBlock(block_in, g) if level in attn_levels else nn.Identity())
             if level != 0:

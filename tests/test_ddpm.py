@@ -79,13 +79,14 @@ def test_training_loss_is_zero_for_the_exact_denoiser(target):
     assert d.training_loss(lambda x, t, y=None: torch.zeros_like(x), x0, t=t).item() > 0.05
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 20), ("dpm++", 10), ("dpm++", 2)])
+@pytest.mark.parametrize("sampler,steps,dpm", [("ddpm", 1000, {}), ("ddim", 20, {}), ("dpm++", 10, {}), ("dpm++", 2, {}),
+                                               ("dpm++", 10, dict(order=3, spacing="logsnr")), ("dpm++", 4, dict(order=3))])
 @pytest.mark.parametrize("target", ["eps", "v"])
-def test_samplers_land_on_the_data_with_the_exact_denoiser(sampler, steps, target):
+def test_samplers_land_on_the_data_with_the_exact_denoiser(sampler, steps, dpm, target):
     d = ddpm.Diffusion(target=target)
     x_star = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
     x = d.sample(oracle(d, x_star, target), (3, 3, 4, 4), sampler=sampler, steps=steps,
-                 generator=torch.Generator().manual_seed(0))
+                 generator=torch.Generator().manual_seed(0), **dpm)
     assert (x - x_star).abs().max().item() < 1e-4
 
 
@@ -126,6 +127,9 @@ def test_settings_that_would_be_ignored_or_misread_are_refused():
                           (dict(sampler="dpm++", eta=1.0), "ddim's"), (dict(sampler="ddim", eta=2.0), "eta must be in"),
                           (dict(sampler="ddpm", variance="fixedlarge"), "'beta' or 'beta_tilde'"),
                           (dict(sampler="ddim", variance="beta_tilde"), "variance ddpm's"),
+                          (dict(sampler="ddim", order=3), "order and spacing dpm\\+\\+'s"),
+                          (dict(sampler="dpm++", order=4), "order must be 1, 2 or 3"),
+                          (dict(sampler="dpm++", spacing="karras"), "spacing 'time' or 'logsnr'"),
                           (dict(sampler="DDPM", variance="beta_tilde"), "unknown sampler 'DDPM'")):
         with pytest.raises(ValueError, match=words):
             d.sample(zero, (1, 1, 4, 4), **kwargs)
@@ -221,6 +225,36 @@ def test_spaced_timesteps():
     assert ddpm.spaced_timesteps(1000, 1000) == list(range(999, -1, -1))
     with pytest.raises(ValueError):
         ddpm.spaced_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("order, degree", [(1, 0), (3, 2)])
+def test_a_dpm_solver_step_is_exact_where_x0_is_a_polynomial_of_its_order_minus_one_in_lambda(order, degree):
+    """x_t = sigma_t / sigma_s x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x_0(lambda) dlambda for a network whose
+    x_0 is a function of lambda alone (Lu et al. 2022, eq. 3.4 for the data prediction): DDIM is exact for a constant,
+    3M for a quadratic, integrated here by scipy's quadrature, at uneven step sizes."""
+    from scipy.integrate import quad
+    d = ddpm.Diffusion("cosine", 1000)
+    lam, sigma = d.lambdas.tolist(), d.sqrt_one_minus_alphas_cumprod.tolist()
+    x0 = lambda l: [0.4, 0.4 - 0.3 * l, 0.4 - 0.3 * l + 0.05 * l * l][degree]
+    s2, s1, s, t = 900, 700, 620, 400
+    preds = [(k, torch.tensor([x0(lam[k])], dtype=torch.float64)) for k in (s, s1, s2)]
+    x_s = torch.tensor([0.7], dtype=torch.float64)
+    exact = sigma[t] / sigma[s] * 0.7 + sigma[t] * quad(lambda l: math.exp(l) * x0(l), lam[s], lam[t])[0]
+    assert d.dpm_solver_step(x_s, t, preds, order).item() == pytest.approx(exact, rel=1e-9)
+    if degree:  # and the lower orders are not: the test can tell
+        assert d.dpm_solver_step(x_s, t, preds, 2).item() != pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule, start", [("cosine", 994), ("linear", 999)])
+def test_logsnr_steps_are_evenly_spaced_in_lambda_from_the_truncated_end(schedule, start):
+    d = ddpm.Diffusion(schedule, 1000)
+    ts = d.logsnr_timesteps(20)
+    assert ts[0] == 999 and len(ts) == 20 and ts == sorted(set(ts), reverse=True)
+    lam = d.lambdas
+    h = (lam[0] - lam[start]).item() / 20  # the grid's step; each t is the nearest step to its grid point
+    for i, t in enumerate(ts[1:], 1):
+        assert abs(lam[t].item() - (lam[start].item() + i * h)) <= (lam[t - 1] - lam[t + 1]).item() / 2
+    assert len(d.logsnr_timesteps(1000)) < 1000  # steps that would share a timestep are made once
 
 
 def test_slerp_ends_and_keeps_the_norm():

@@ -112,11 +112,11 @@ def test_a_written_folder_is_the_fixture_byte_for_byte(tmp_path, capsys):
     assert [name for name in os.listdir(tmp_path) if name != "out"] == []  # no temporary folder left
 
 
-def tiny_checkpoint(path, classes=()):
-    """An 8x8 tiny-preset checkpoint (cosine, T = 50, v target) with random weights, its EMA weights other ones: an
-    untrained network's last layers are zero, and it would predict 0 whatever the mapping."""
+def tiny_checkpoint(path, classes=(), **network):
+    """An 8x8 tiny-preset checkpoint (cosine, T = 50, v target; `network` over the preset's) with random weights, its
+    EMA weights other ones: an untrained network's last layers are zero, and it would predict 0 whatever the mapping."""
     torch.manual_seed(0)
-    model_config = unet.model_config("tiny", (8, 8), 3, len(classes))
+    model_config = unet.model_config("tiny", (8, 8), 3, len(classes), **network)
     model, ema = unet.UNet(**model_config), unet.UNet(**model_config)
     with torch.no_grad():
         for w in [*model.parameters(), *ema.parameters()]:
@@ -207,9 +207,12 @@ def test_what_has_no_diffusers_form_is_not_exported(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "cond.pt", classes=("a", "b"))
     refused(capsys, [ckpt, "--export-diffusers", tmp_path / "out"], "conditional")
     refused(capsys, [ckpt, "--export-diffusers", tmp_path / "out", "--n", "4"], "leave out --n")
+    # diffusers' "scale_shift" blocks leave the middle attention without its GroupNorm: another network
+    refused(capsys, [tiny_checkpoint(tmp_path / "adagn.pt", scale_shift=True), "--export-diffusers", tmp_path / "out"],
+            "no form of --scale-shift")
     refused(capsys, [CIFAR, "--no-ema"], "--no-ema", "a diffusers folder holds one set of weights")
     refused(capsys, [tiny_checkpoint(tmp_path / "u.pt"), "--export-diffusers", tmp_path], "already exists")  # not empty
-    assert sorted(os.listdir(tmp_path)) == ["cond.pt", "u.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["adagn.pt", "cond.pt", "u.pt"]
 
 
 def test_init_fine_tunes_a_diffusers_folder_and_resumes_and_refuses_another_network(tmp_path, capsys):

@@ -211,7 +211,8 @@ def test_nll_prints_the_bound_of_a_folder_whatever_the_batches(made, tmp_path, c
     (["--nll", "nowhere"], "--nll nowhere: not a folder of images"),
     (["--nll", "{top}", "--fid", "{top}"], "--nll writes no samples or picture"),
     (["--nll", "{top}", "--grid", "g.png"], "--nll writes no samples or picture"),
-    (["--nll", "{top}", "--sampler", "ddim"], "--sampler, --steps and --eta are not used by --nll"),
+    (["--nll", "{top}", "--sampler", "ddim"], "--sampler, --steps, --eta, --order and --spacing are not used by --nll"),
+    (["--nll", "{top}", "--order", "3"], "--sampler, --steps, --eta, --order and --spacing are not used by --nll"),
     (["--nll", "{top}", "--guidance", "2"], "--class and --guidance are not used by --nll"),
     (["--nll", "{top}/empty"], "--nll {top}/empty: no images found"),
 ])

@@ -95,28 +95,30 @@ def test_train_resume_and_sample_end_to_end(folder, tmp_path, capsys):
 
 
 def test_the_quality_flags_train_and_a_snapshot_autoguides_the_samples(folder, tmp_path, capsys):
-    """--t-density, --norm-groups, --ema-length and --snapshot in one run: the network and the config record them,
-    snapshot.pt holds the weights at the fraction, and sample.py --autoguide steers away from it (from the network
-    itself: no change)."""
+    """--t-density, --norm-groups, --scale-shift, --ema-length and --snapshot in one run: the network and the config
+    record them, snapshot.pt holds the weights at the fraction, and sample.py --autoguide steers away from it (from the
+    network itself: no change); sample.py's 3M solver on log-SNR steps samples it too."""
     out = tmp_path / "r"
     train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY, "--warmup", "0", "--t-density", "edm",
-                "--norm-groups", "8", "--ema-length", "0.1", "--snapshot", "0.5"])
+                "--norm-groups", "8", "--scale-shift", "--ema-length", "0.1", "--snapshot", "0.5"])
     log = capsys.readouterr().out
     assert "ln sigma_t ~ N(-1.2,1.2)" in log and "EMA of length 0.1 (power function)" in log
-    assert f"step 2 | wrote {out / 'snapshot.pt'} (--snapshot 0.5)" in log
+    assert "GroupNorm of 8 groups, AdaGN," in log and f"step 2 | wrote {out / 'snapshot.pt'} (--snapshot 0.5)" in log
     ckpt, snap = torch.load(out / "ckpt.pt", weights_only=True), torch.load(out / "snapshot.pt", weights_only=True)
-    assert ckpt["model_config"]["norm_groups"] == 8 and snap["step"] == 2 and "optimizer" not in snap
+    assert ckpt["model_config"]["norm_groups"] == 8 and ckpt["model_config"]["scale_shift"] is True
+    assert snap["step"] == 2 and "optimizer" not in snap
     assert {k: ckpt["config"][k] for k in ("t_density", "ema_length", "snapshot")} == \
         {"t_density": "-1.2,1.2", "ema_length": 0.1, "snapshot": 0.5}
     grids = {}
-    for name, weak in (("plain", None), ("self", out / "ckpt.pt"), ("snapshot", out / "snapshot.pt")):
+    for name, flags in (("plain", []), ("self", ["--autoguide", str(out / "ckpt.pt"), "--guidance", "5"]),
+                        ("snapshot", ["--autoguide", str(out / "snapshot.pt"), "--guidance", "5"]),
+                        ("2m", ["--sampler", "dpm++"]), ("3m", ["--sampler", "dpm++", "--order", "3", "--spacing", "logsnr"])):
         grid = tmp_path / f"{name}.png"
-        guide = ["--autoguide", str(weak), "--guidance", "5"] if weak else []
-        sample.main([str(out / "ckpt.pt"), "--n", "4", "--steps", "3", "--grid", str(grid), *FAST_FP32, *guide])
+        sample.main([str(out / "ckpt.pt"), "--n", "4", "--steps", "3", "--grid", str(grid), *FAST_FP32, *flags])
         grids[name] = np.asarray(Image.open(grid), dtype=int)
     assert "autoguidance 5 from" in capsys.readouterr().out
     assert np.abs(grids["self"] - grids["plain"]).max() <= 1  # (1 + w) D - w D: D, up to rounding
-    assert np.abs(grids["snapshot"] - grids["plain"]).max() > 10
+    assert np.abs(grids["snapshot"] - grids["plain"]).max() > 10 and np.abs(grids["3m"] - grids["2m"]).max() > 10
 
 
 def test_power_ema_averages_a_fixed_fraction_of_the_steps_taken():

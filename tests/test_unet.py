@@ -3,6 +3,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unet
 
@@ -169,3 +170,20 @@ def test_norm_groups_sets_every_groupnorm_and_a_config_without_it_has_the_papers
     assert groups(unet.UNet(**tiny)) == {32}
     with pytest.raises(ValueError, match="norm_groups 64"):
         unet.UNet(ch=32, ch_mult=(1, 2), image_size=(16, 16), norm_groups=64)
+
+
+def test_scale_shift_is_adagn_in_every_resnet_block_and_off_without_the_key():
+    """Dhariwal & Nichol 2021, sec. 3: AdaGN(h, y) = y_s GroupNorm(h) + y_b with [y_s - 1, y_b] the projected timestep
+    embedding; without the setting (the paper's, and every config written before it) the embedding is added."""
+    cfg = unet.model_config("tiny", (8, 8), 1, scale_shift=True)
+    blocks = [m for m in unet.UNet(**cfg).modules() if isinstance(m, unet.ResnetBlock)]
+    assert blocks and all(b.scale_shift and b.temb_proj.out_features == 2 * b.conv1.out_channels for b in blocks)
+    assert not any(m.scale_shift for m in unet.UNet(**unet.model_config("tiny", (8, 8), 1)).modules()
+                   if isinstance(m, unet.ResnetBlock))
+    torch.manual_seed(0)
+    block, x, temb = unet.ResnetBlock(32, 64, 16, 0.0, 8, scale_shift=True), torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)  # conv2 starts at zero: the residual branch would hide the formula
+    scale, shift = block.temb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+    h = block.norm2(block.conv1(F.silu(block.norm1(x)))) * (1 + scale) + shift
+    torch.testing.assert_close(block(x, temb), block.nin_shortcut(x) + block.conv2(F.silu(h)))
