@@ -11,8 +11,11 @@
 Each configuration runs in a fresh subprocess (so peak RSS is its own): Adam, the eps-MSE loss of
 ddpm.py, batch at 32x32x3, --warmup untimed steps (compilation happens there), then --steps timed steps.
 With --repeat the configurations take turns, so a slow spell of a shared machine hits them alike.
-A run is NETWORK:PRECISION:MODE with NETWORK a unet.py preset or `diffusers`, PRECISION fp32 or bf16
-(autocast), MODE eager or compile.
+A run is NETWORK:PRECISION:MODE[:BATCH] with NETWORK a unet.py preset or `diffusers`, PRECISION fp32 or bf16
+(autocast), MODE eager, compile or channels_last (network and input in that memory format), BATCH over --batch.
+
+    python bench/bench_train.py --channels 1 --repeat 3 --steps 20 --runs tiny:bf16:eager tiny:bf16:channels_last \
+        tiny:bf16:eager:64 tiny:bf16:compile   # issue 32's candidate 7, MNIST's shape
 """
 import argparse
 import datetime
@@ -39,7 +42,7 @@ def diffusers_paper_unet():
                        attention_head_dim=None, downsample_padding=0)  # one head, as in the paper
 
 
-def one(preset, precision, mode, batch, warmup, steps):
+def one(preset, precision, mode, batch, warmup, steps, channels):
     import torch
     import ddpm
     import unet
@@ -48,12 +51,14 @@ def one(preset, precision, mode, batch, warmup, steps):
         model = diffusers_paper_unet()
         forward = lambda x, t, y=None: model(x, t).sample
     else:
-        model = unet.UNet(**unet.model_config(preset, (32, 32), 3))
+        model = unet.UNet(**unet.model_config(preset, (32, 32), channels))
         forward = model
     diffusion = ddpm.Diffusion()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     net = torch.compile(forward) if mode == "compile" else forward
-    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    x = torch.rand(batch, channels, 32, 32) * 2 - 1
+    if mode == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -64,7 +69,7 @@ def one(preset, precision, mode, batch, warmup, steps):
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     timed = sum(times[warmup:])
-    return {"run": f"{preset}:{precision}:{mode}", "params": sum(p.numel() for p in model.parameters()), "img_per_s": batch * steps / timed, "first_steps_s": times[:2],
+    return {"run": f"{preset}:{precision}:{mode}:{batch}", "params": sum(p.numel() for p in model.parameters()), "img_per_s": batch * steps / timed, "first_steps_s": times[:2],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batch": batch, "steps": steps}
 
 
@@ -72,7 +77,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["tiny:fp32:eager", "tiny:fp32:compile", "tiny:bf16:eager",
                                                    "small:fp32:eager", "paper:fp32:eager"])
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="images a step, unless the run gives its own")
+    p.add_argument("--channels", type=int, default=3, help="image channels (MNIST: 1)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation; glibc's allocator "
                    "returns large freed blocks to the OS until its threshold adapts, about 4 steps)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
@@ -80,7 +86,8 @@ def main():
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(one(*args.child.split(":"), args.batch, args.warmup, args.steps)))
+        preset, precision, mode, batch = (args.child + f":{args.batch}").split(":")[:4]
+        print(json.dumps(one(preset, precision, mode, int(batch), args.warmup, args.steps, args.channels)))
         return
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     import torch
@@ -89,8 +96,9 @@ def main():
     results = {run: [] for run in args.runs}
     for _ in range(args.repeat):
         for run in args.runs:
-            out = subprocess.run([sys.executable, __file__, "--child", run, "--batch", str(args.batch),
-                                  "--warmup", str(args.warmup), "--steps", str(args.steps)], capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--child", run, "--batch", str(args.batch), "--warmup",
+                                  str(args.warmup), "--steps", str(args.steps), "--channels", str(args.channels)],
+                                 capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{run} failed: {out.stderr.strip().splitlines()[-1]}")
             results[run].append(json.loads(out.stdout.strip().splitlines()[-1]))
