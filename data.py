@@ -841,7 +841,8 @@ def export_diffusers(ckpt, folder, ema=True):
     first = model.down[0].block[0].conv2.out_channels
     why = ["class labels (this checkpoint is conditional)" if model.class_emb is not None else "",
            f"ch_mult starting at {first // model.ch}, only at 1" if first != model.ch else "",
-           "form of --scale-shift (AdaGN): its scale_shift blocks have no GroupNorm before the middle attention"
+           "form of --scale-shift (AdaGN; the small and tiny presets' default): its scale_shift blocks have no GroupNorm "
+           "before the middle attention; train with --no-scale-shift to export"
            if model.mid.block_1.scale_shift else ""]
     if any(why):
         raise UserError("--export-diffusers: UNet2DModel has no " + next(filter(None, why)))

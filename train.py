@@ -174,8 +174,9 @@ def build_parser(prog="train.py"):
     a("--dropout", type=number(float, "[0, 1)"), help="dropout in the ResNet blocks (default: the --model preset's)")
     a("--norm-groups", type=int, choices=(1, 2, 4, 8, 16, 32), help="GroupNorm's groups (default: the --model "
       "preset's: paper 32; small and tiny 8, as one channel a group, 32 at --ch 32, normalises worst: Wu & He 2018)")
-    a("--scale-shift", action="store_true", default=None, help="AdaGN time conditioning: the timestep scales and "
-      "shifts each ResNet block's second GroupNorm (Dhariwal & Nichol 2021) instead of adding to it (the paper's)")
+    a("--scale-shift", action=argparse.BooleanOptionalAction, help="AdaGN time conditioning: the timestep scales "
+      "and shifts each ResNet block's second GroupNorm (Dhariwal & Nichol 2021) instead of adding to it (default: the "
+      "--model preset's: on for small and tiny, off for paper; diffusers has no form of it, see --export-diffusers)")
     a("--attn-res", type=attn_res, help="attention at levels by shorter side: 16, 16,8 or none (default: nearest 16)")
     # optimisation (unset: the --model preset's value)
     a("--steps", type=positive, default=10000, help="optimizer steps of the whole run")

@@ -113,10 +113,11 @@ def test_a_written_folder_is_the_fixture_byte_for_byte(tmp_path, capsys):
 
 
 def tiny_checkpoint(path, classes=(), **network):
-    """An 8x8 tiny-preset checkpoint (cosine, T = 50, v target; `network` over the preset's) with random weights, its
+    """An 8x8 tiny-preset checkpoint without AdaGN, which diffusers lacks (cosine, T = 50, v target; `network` over
+    those) with random weights, its
     EMA weights other ones: an untrained network's last layers are zero, and it would predict 0 whatever the mapping."""
     torch.manual_seed(0)
-    model_config = unet.model_config("tiny", (8, 8), 3, len(classes), **network)
+    model_config = unet.model_config("tiny", (8, 8), 3, len(classes), **{"scale_shift": False, **network})
     model, ema = unet.UNet(**model_config), unet.UNet(**model_config)
     with torch.no_grad():
         for w in [*model.parameters(), *ema.parameters()]:

@@ -645,11 +645,11 @@ def test_the_network_flags_build_the_network_over_the_preset_and_are_recorded(fo
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model_config"] == expected
     model = unet.UNet(**expected)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    assert f"tiny network, {millions:.2f}M parameters, GroupNorm of 8 groups, attention at the middle |" in \
+    assert f"tiny network, {millions:.2f}M parameters, GroupNorm of 8 groups, AdaGN, attention at the middle |" in \
         capsys.readouterr().out
     assert model.attn_sizes == [] and millions > 2  # tiny's own network has 0.5M
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert [cfg[k] for k in unet.NETWORK_KEYS] == [64, "1,2", 2, 0.1, "none", 8]
+    assert [cfg[k] for k in unet.NETWORK_KEYS] == [64, "1,2", 2, 0.1, "none", 8, True]
     train.main(["--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--steps", "1"])
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model_config"] == expected  # repeated
     train.main(["--out", str(tmp_path / "a"), "--resume", "--steps", "2", "--ch-mult", "1, 2"])  # the same: no change
@@ -658,14 +658,16 @@ def test_the_network_flags_build_the_network_over_the_preset_and_are_recorded(fo
 def test_the_network_keywords_of_model_config_and_the_flags_defaults_are_the_presets():
     assert unet.model_config("tiny", (32, 32), 3, ch=64) == dict(unet.model_config("tiny", (32, 32), 3), ch=64)
     assert unet.model_config("paper", (32, 32), 3) == dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1,
-                                                          norm_groups=32, in_ch=3, image_size=(32, 32),
+                                                          norm_groups=32, scale_shift=False, in_ch=3,
+                                                          image_size=(32, 32),
                                                           num_classes=0)  # the paper's
     assert unet.UNet(**unet.model_config("paper", (32, 32), 3, ch=32, attn_res=(16, 8))).attn_sizes == [(16, 16), (8, 8)]
     with pytest.raises(TypeError, match="unknown network setting.*dim"):
         unet.model_config("tiny", (32, 32), 3, dim=64)  # lucidrains' name
-    for argv, network in [(["--size", "32"], [128, "1,2,2,2", 2, 0.1, "16", 32]),
-                          (["--size", "24", "--model", "tiny"], [32, "1,2,2", 1, 0.0, "12", 8]),
-                          (["--size", "32", "--attn-res", "8,16", "--ch", "32"], [32, "1,2,2,2", 2, 0.1, "16,8", 32])]:
+    for argv, network in [(["--size", "32"], [128, "1,2,2,2", 2, 0.1, "16", 32, False]),
+                          (["--size", "24", "--model", "tiny"], [32, "1,2,2", 1, 0.0, "12", 8, True]),
+                          (["--size", "32", "--attn-res", "8,16", "--ch", "32"], [32, "1,2,2,2", 2, 0.1, "16,8", 32, False]),
+                          (["--size", "24", "--model", "tiny", "--no-scale-shift"], [32, "1,2,2", 1, 0.0, "12", 8, False])]:
         args, *_ = train.parse_args(argv)
         assert [getattr(args, k) for k in unet.NETWORK_KEYS] == network, argv
 
