@@ -188,8 +188,10 @@ def test_is_flag_scores_each_folder_from_the_fids_pass(model, mnist, tmp_path, m
 @pytest.mark.parametrize('delay', [5.0])  # while the network runs (or still loading)
 def test_ctrl_c_is_one_line_and_saves_nothing(mnist, tmp_path, delay):
     folder = write_pngs(tmp_path / 'digits', mnist[0][:300])
+    # (SIG_DFL first: a shell's background job inherits SIGINT ignored, and Python then keeps ignoring it)
     proc = subprocess.Popen([sys.executable, ROOT / 'fid.py', folder, '--save-stats', tmp_path / 's.npz'],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'FID_WEIGHTS': str(fid_weights())})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'FID_WEIGHTS': str(fid_weights())},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
