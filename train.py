@@ -164,9 +164,10 @@ def build_parser(prog="train.py"):
     a("--target", choices=("eps", "x0", "v"), help="what the network predicts (default: the --model preset's)")
     a("--loss", default="mse", choices=("mse", "l1"), help="loss on the prediction")
     a("--immiscible", action="store_true", help="immiscible noise assignment (Li et al. 2024)")
-    a("--t-density", type=t_density, default="uniform", help="how training draws t: uniform (Algorithm 1) or "
-      "P_MEAN,P_STD: ln sigma_t ~ N(P_MEAN, P_STD^2), sigma_t^2 = 1/alpha-bar_t - 1, at the nearest step; edm: "
-      "-1.2,1.2 (Karras et al. 2022); a negative P_MEAN takes an = sign: --t-density=-0.8,1.6")
+    a("--t-density", type=t_density, help="how training draws t: uniform (Algorithm 1) or P_MEAN,P_STD: ln "
+      "sigma_t ~ N(P_MEAN, P_STD^2), sigma_t^2 = 1/alpha-bar_t - 1, at the nearest step; edm: -1.2,1.2 (Karras et al. "
+      "2022); a negative P_MEAN takes an = sign: --t-density=-0.8,1.6 (default: the --model preset's: paper uniform, "
+      "small and tiny 0,1.2)")
     a("--input-perturbation", type=number(float, "[0, 1]"), default=0.0, help="DDPM-IP's gamma (Ning et al. 2023)")
     a("--ch", type=width, help="channel width of the first level, a multiple of 32 (default: the --model preset's)")
     a("--ch-mult", type=ch_mult, help="width multiplier per level (halving the image between them), like 1,2,2,2")
@@ -202,7 +203,7 @@ def build_parser(prog="train.py"):
     a("--init", type=path, help="start from a checkpoint's or diffusers folder's weights, network, diffusion")
     a("--snapshot", type=number(float, "[0, 1)"), help="also keep the weights at this fraction of the run in "
       "snapshot.pt: the weak network of autoguidance (sample.py --autoguide); 0: none (default: the --model "
-      "preset's: 0.25 for small and tiny)")
+      "preset's: 0.35 for small and tiny)")
     a("--log-every", type=positive, default=50, help="steps between metrics lines")
     a("--sample-every", type=count, default=1000, help="steps between EMA sample grids (0: only at the end)")
     a("--sample-n", type=positive, default=64, help="images per sample grid (conditional: up to 8 a class, a row each)")
@@ -344,6 +345,8 @@ def complete(parser, args, given, ckpt, source):
                 only = data.only_used_with("it", flag(needs))
                 log(f"{source}: {flag(k)} {getattr(args, k)} is dropped: {only}, which the command line turned off")
             setattr(args, k, parser.get_default(k))
+    if ckpt and args.t_density is None:  # a checkpoint from before --t-density drew t uniformly
+        args.t_density = "uniform"
     size = parse_size(args.size)
     preset = unet.preset(args.model, size)
     args.from_preset = [k for k, v in preset.items() if k not in unet.NETWORK_KEYS and getattr(args, k) is None]
@@ -938,7 +941,7 @@ def log_fid(run, step):
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
         return log(f"step {step} | no FID: {e}")
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_ref": f"{args.fid_ref}: {run.fid_ref}",
-         "fid_sampler": f"{ddpm.DEFAULT_SAMPLER} {run.sample_steps} steps"}
+         "fid_sampler": f"{ddpm.DEFAULT_SAMPLER} {run.sample_steps} steps, {ddpm.default_spacing(run.size)} spacing"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 
@@ -1114,7 +1117,7 @@ def recipe_line(args):
         return f"{text} ({args.model} preset)" if key in args.from_preset else text
     plan = f"cosine to {args.lr_min:g}" if args.cosine else "constant"
     perturbed = f", input perturbation {args.input_perturbation:g}" if args.input_perturbation else ""
-    perturbed += "" if args.t_density == "uniform" else f", ln sigma_t ~ N({args.t_density})"
+    perturbed += "" if args.t_density == "uniform" else marked("t_density", f", ln sigma_t ~ N({args.t_density})")
     ema = f"EMA of length {args.ema_length:g} (power function)" if args.ema_length else \
         marked("ema", f"EMA {args.ema:g}")
     return (f"{marked('target', f'{args.target} target')}, {marked('schedule', f'{args.schedule} schedule')}, "

@@ -34,18 +34,21 @@ NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res", "norm_
 ATTN_RES = (16,)  # the paper's: self-attention at 16x16
 PRESETS = {
     "paper": dict(ch=128, num_res_blocks=2, norm_groups=32, scale_shift=False, target="eps", schedule="linear", warmup=5000, ema=0.9999,
-                  cosine=False),
+                  cosine=False, t_density="uniform"),
     # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe, not
     # yet measured): v target (at large t, x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies a young
     # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min,
     # GroupNorm of 8 groups (32 at tiny's 32 channels is one channel a group, which Wu & He 2018 found normalises
     # worst; 8 took MNIST's 15-minute FID from 47.8 to 34.8), AdaGN time conditioning (34.8 to 31.4 and 40.9 to
-    # 35.1 on two seeds), and a snapshot at a quarter of the run for autoguidance (sample.py --autoguide; 35.3 to
-    # 27.5): docs/benchmarks.md#quality
+    # 35.1 on two seeds), t drawn so that ln sigma_t ~ N(0, 1.2^2), uniform t's centre without its tails (31.4 to
+    # 29.4 and 35.1 to 32.3), and a snapshot at 35% of the run for autoguidance (sample.py --autoguide; 35.3 to
+    # 26.4 and 40.9 to 30.2, where a quarter gave 27.5 and 32.5): docs/benchmarks.md#quality3
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, norm_groups=8, scale_shift=True, target="v",
-                  schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True, snapshot=0.25),
+                  schedule="cosine", lr=1e-3, batch=64, warmup=200, ema=0.999, cosine=True, snapshot=0.35,
+                  t_density="0,1.2"),
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, norm_groups=8, scale_shift=True, target="v",
-                 schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True, snapshot=0.25),
+                 schedule="cosine", lr=2e-3, batch=32, warmup=100, ema=0.995, cosine=True, snapshot=0.35,
+                 t_density="0,1.2"),
 }
 
 

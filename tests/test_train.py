@@ -112,7 +112,8 @@ def test_the_quality_flags_train_and_a_snapshot_autoguides_the_samples(folder, t
     grids = {}
     for name, flags in (("plain", []), ("self", ["--autoguide", str(out / "ckpt.pt"), "--guidance", "5"]),
                         ("snapshot", ["--autoguide", str(out / "snapshot.pt"), "--guidance", "5"]),
-                        ("2m", ["--sampler", "dpm++"]), ("3m", ["--sampler", "dpm++", "--order", "3", "--spacing", "logsnr"])):
+                        ("2m", ["--sampler", "dpm++", "--steps", "5"]),  # 3M's own steps: the third and fourth
+                        ("3m", ["--sampler", "dpm++", "--steps", "5", "--order", "3", "--spacing", "logsnr"])):
         grid = tmp_path / f"{name}.png"
         sample.main([str(out / "ckpt.pt"), "--n", "4", "--steps", "3", "--grid", str(grid), *FAST_FP32, *flags])
         grids[name] = np.asarray(Image.open(grid), dtype=int)
@@ -157,7 +158,7 @@ def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch,
     assert sizes == {(16, 16)} and all(m["fid_ref"] == f"{folder}: {which}" for m in fids)
     out = capsys.readouterr().out
     assert f"FID every 2 steps: 4 EMA samples against {folder}, {which}" in out and "biased upward" in out
-    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps"
+    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps, logsnr spacing"
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
     assert (tmp_path / "r" / "loss.png").exists()
 
@@ -677,13 +678,19 @@ def test_the_second_line_names_the_recipe_and_marks_what_the_preset_chose(folder
                 "--warmup", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[out.index(next(line for line in out if "M parameters" in line)) + 1] == (
-        "v target (tiny preset), cosine schedule (tiny preset), l1 loss, T 1000 | lr 0.002 (tiny preset) after 1 "
-        "warm-up steps, then cosine to 0 (tiny preset) | EMA 0.995 (tiny preset) | batch 4 | snapshot at 0.25 (tiny "
-        "preset)")
+        "v target (tiny preset), cosine schedule (tiny preset), l1 loss, ln sigma_t ~ N(0,1.2) (tiny preset), T 1000 "
+        "| lr 0.002 (tiny preset) after 1 warm-up steps, then cosine to 0 (tiny preset) | EMA 0.995 (tiny preset) | "
+        "batch 4 | snapshot at 0.35 (tiny preset)")
     assert not any(line.startswith("warning") for line in out)
     train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "3"])  # the checkpoint gives them all
+    assert "v target, cosine schedule, l1 loss, ln sigma_t ~ N(0,1.2), T 1000 | lr 0.002 after 1 warm-up steps, then " \
+           "cosine to 0 | EMA 0.995 | batch 4 | snapshot at 0.35" in capsys.readouterr().out.splitlines()
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["t_density"]  # as checkpoints were written before --t-density: they drew t uniformly
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    train.main(["--out", str(tmp_path / "r"), "--resume", "--steps", "4"])
     assert "v target, cosine schedule, l1 loss, T 1000 | lr 0.002 after 1 warm-up steps, then cosine to 0 | EMA " \
-           "0.995 | batch 4 | snapshot at 0.25" in capsys.readouterr().out.splitlines()
+           "0.995 | batch 4 | snapshot at 0.35" in capsys.readouterr().out.splitlines()
     args, *_ = train.parse_args(["--model", "paper", "--steps", "40", "--out", str(tmp_path / "p")])
     assert train.recipe_line(args) == (
         "eps target (paper preset), linear schedule (paper preset), mse loss, T 1000 | lr 0.0002 (paper preset) after "
