@@ -21,15 +21,6 @@ from scipy.optimize import linear_sum_assignment
 # The default sampler and its steps (sample.py's, and training's sample grids and FIDs): the best quality for the time
 # we measured (docs/benchmarks.md, "Samplers").
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++", 20
-LOGSNR_MAX_SIDE = 64  # dpm++ spaces its steps evenly in log-SNR up to this image side, evenly in t above (default_spacing)
-
-
-def default_spacing(size):
-    """dpm++'s step spacing for images of `size` (H, W; a sample's shape past N and C) when none is asked: 'logsnr' up to LOGSNR_MAX_SIDE pixels a
-    side, 'time' above. DPM-Solver's authors found log-SNR best for low-resolution images such as CIFAR-10 and uniform
-    t for high-resolution ones; here log-SNR steps took MNIST's 15-minute FID from 34.8 to 27.8 and 40.9 to 30.6 on
-    two seeds (docs/benchmarks.md#quality2) and won on the shapes at 32 and 64 (#quality3)."""
-    return "logsnr" if max(size, default=0) <= LOGSNR_MAX_SIDE else "time"
 
 
 def beta_schedule(name, T):
@@ -346,11 +337,10 @@ class Diffusion:
         phi2 = phi1 / h + 1
         return x + a_t * phi2 * d1 - a_t * (phi2 / h - 0.5) * d2
 
-    def dpm_solver_loop(self, model, x, steps=None, y=None, guidance=0.0, order=2, spacing=None):
+    def dpm_solver_loop(self, model, x, steps=None, y=None, guidance=0.0, order=2, spacing="time"):
         """DPM-Solver++ of `order` (`dpm_solver_step`) on `steps` (default 20, or T if fewer) timesteps spaced evenly in
-        t ('time', trailing) or in lambda ('logsnr'; default: `default_spacing` of x's size). The first steps are of
-        lower order, the first DDIM; the last lands on sigma = 0, where the update is x_0 itself."""
-        spacing = spacing or default_spacing(x.shape[2:])
+        t ('time', trailing) or in lambda ('logsnr'). The first steps are of lower order, the first DDIM; the last
+        lands on sigma = 0, where the update is x_0 itself."""
         if order not in (1, 2, 3) or spacing not in ("time", "logsnr"):
             raise ValueError(f"order must be 1, 2 or 3 and spacing 'time' or 'logsnr', got {order} and {spacing!r}")
         steps = min(20, self.T) if steps is None else steps
@@ -363,12 +353,12 @@ class Diffusion:
             yield s, x, x0
 
     def loop(self, model, x, sampler="ddim", steps=None, eta=0.0, variance="beta", y=None, guidance=0.0,
-             generator=None, order=2, spacing=None):
+             generator=None, order=2, spacing="time"):
         """The named sampler's steps from x_T = x, each yielding (t, x after the step, predicted x_0)."""
         if sampler not in ("ddpm", "ddim", "dpm++"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
         if (sampler == "ddpm" and steps not in (None, self.T)) or (eta and sampler != "ddim") or \
-                (variance != "beta" and sampler != "ddpm") or ((order != 2 or spacing) and sampler != "dpm++"):
+                (variance != "beta" and sampler != "ddpm") or ((order, spacing) != (2, "time") and sampler != "dpm++"):
             raise ValueError(f"sampler {sampler!r}, steps {steps}, eta {eta}, variance {variance!r}, order {order}, "
                              f"spacing {spacing!r}: eta is ddim's, variance ddpm's, order and spacing dpm++'s, and "
                              "ddpm takes all T steps")

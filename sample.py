@@ -178,9 +178,9 @@ def build_parser():
                    "steers away from WEAK, an early checkpoint of the same run (train.py --snapshot): (1 + w) D - w "
                    "D_weak; two network calls a step")
     p.add_argument("--order", type=int, choices=(1, 2, 3), help="dpm++: 2M (default), 3M, or 1 (DDIM)")
-    p.add_argument("--spacing", choices=("time", "logsnr"), help="dpm++: steps evenly spaced in t or in lambda = "
-                   f"log(alpha / sigma) (default: logsnr for images up to {ddpm.LOGSNR_MAX_SIDE} pixels a side, as "
-                   "DPM-Solver's authors advise for small images, time above)")
+    p.add_argument("--spacing", choices=("time", "logsnr"), help="dpm++: steps evenly spaced in t (default) or in "
+                   "lambda = log(alpha / sigma), DPM-Solver's for small images (better on MNIST, worse on the shapes: "
+                   "docs/benchmarks.md#quality3)")
     p.add_argument("--eta", type=number(float, "[0, 1]"), help="ddim noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", choices=("beta", "beta_tilde"), help="ddpm and --nll: sigma_t^2 (default beta; for "
                    "a diffusers folder, its scheduler's)")
@@ -380,7 +380,7 @@ def generate(args, world=1, rank=0):
     variance = args.variance or (ckpt and args.sampler == "ddpm" and ckpt.get("variance")) or "beta"  # (a diffusers
     guidance = 0.0 if args.autoguide else args.guidance  # classifier-free; autoguidance is in the model (network)
     loop = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0, variance=variance,  # folder's: its scheduler's)
-                guidance=guidance, order=args.order or 2, spacing=args.spacing)
+                guidance=guidance, order=args.order or 2, spacing=args.spacing or "time")
     labels = class_labels(ckpt, args.cls, guidance, args.n, 1 if picture else args.nrow) if ckpt else None
     images = [load_image(f, shape[0], shape[1:]).to(args.device) for f in args.mix or [args.forward, args.inpaint] if f]
     hole = load_mask(args.mask, shape[1:], args.inpaint).to(args.device) if args.mask else None
@@ -401,8 +401,7 @@ def generate(args, world=1, rank=0):
     if rank:
         return
     what = args.sampler if args.sampler == "ddpm" else f"{args.sampler} {steps} steps"
-    spacing = args.spacing or ddpm.default_spacing(shape[1:])
-    what += f" even in {'log-SNR' if spacing == 'logsnr' else 't'}" if args.sampler == "dpm++" else ""
+    what += " even in log-SNR" if loop["spacing"] == "logsnr" else ""
     what += f", seed {args.seed}, {args.precision}"
     if labels is not None:
         chosen = f"class {args.cls}" if args.cls is not None else shown_classes(ckpt["classes"], labels, args.nrow)

@@ -941,7 +941,7 @@ def log_fid(run, step):
     except ValueError as e:  # no FID at this step (too few samples for a real square root, say): training goes on
         return log(f"step {step} | no FID: {e}")
     m = {"step": step, "fid": value, "fid_n": args.fid_n, "fid_ref": f"{args.fid_ref}: {run.fid_ref}",
-         "fid_sampler": f"{ddpm.DEFAULT_SAMPLER} {run.sample_steps} steps, {ddpm.default_spacing(run.size)} spacing"}
+         "fid_sampler": f"{ddpm.DEFAULT_SAMPLER} {run.sample_steps} steps"}
     record(run, m)
     log(f"step {step} | FID {value:.3f} (n = {args.fid_n}, EMA, {m['fid_sampler']}, against {args.fid_ref})")
 

@@ -158,7 +158,7 @@ def test_fid_during_training_is_logged_with_its_n(folder, tmp_path, monkeypatch,
     assert sizes == {(16, 16)} and all(m["fid_ref"] == f"{folder}: {which}" for m in fids)
     out = capsys.readouterr().out
     assert f"FID every 2 steps: 4 EMA samples against {folder}, {which}" in out and "biased upward" in out
-    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps, logsnr spacing"
+    assert all(np.isfinite(m["fid"]) and m["fid"] > 0 for m in fids) and fids[0]["fid_sampler"] == "dpm++ 20 steps"
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
     assert (tmp_path / "r" / "loss.png").exists()
 
