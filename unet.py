@@ -33,8 +33,8 @@ PAPER_SIZES = {
 NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "dropout", "attn_res", "norm_groups", "scale_shift")
 ATTN_RES = (16,)  # the paper's: self-attention at 16x16
 PRESETS = {
-    "paper": dict(ch=128, num_res_blocks=2, norm_groups=32, scale_shift=False, target="eps", schedule="linear", warmup=5000, ema=0.9999,
-                  cosine=False, t_density="uniform"),
+    "paper": dict(ch=128, num_res_blocks=2, norm_groups=32, scale_shift=False, target="eps", schedule="linear",
+                  warmup=5000, ema=0.9999, cosine=False, t_density="uniform"),
     # for CPUs, trained for minutes (docs/benchmarks.md, "Choosing the CPU presets"; small shares tiny's recipe, not
     # yet measured): v target (at large t, x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) magnifies a young
     # eps net's error ~150x), cosine schedule (fewer near-pure-noise steps at low resolution), lr annealed to --lr-min,
